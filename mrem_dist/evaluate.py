@@ -1,0 +1,65 @@
+"""Score a model on held-out data: the task metric for a classifier, fidelity to the
+full-precision model for a bare encoder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from mrem_dist.data import Batch, compute_metrics, fidelity_metrics, mean_pool
+from mrem_dist.models.adapters import ModelAdapter
+
+
+@dataclass
+class EvalSet:
+    batches: list[Batch]
+    labels: Optional[list]  # None for unlabeled text
+    metric_names: tuple[str, ...]  # task metrics; empty for fidelity-only evaluation
+    regression: bool = False
+
+
+def run_batch(model: nn.Module, adapter: ModelAdapter, batch: Batch) -> torch.Tensor:
+    return adapter.forward(model, batch.input_ids, batch.attention_mask, batch.token_type_ids)
+
+
+@torch.no_grad()
+def model_outputs(model: nn.Module, adapter: ModelAdapter, batches: list[Batch]) -> torch.Tensor:
+    """Logits of a task model, or mean-pooled sentence embeddings of a bare encoder."""
+    outs = []
+    for batch in batches:
+        out = run_batch(model, adapter, batch)
+        if not adapter.is_task_model(model):
+            out = mean_pool(out, batch.attention_mask)
+        if not torch.isfinite(out).all():
+            raise FloatingPointError(
+                "the model produced NaN/inf outputs on the evaluation data: check the quantization settings "
+                "(e.g. a too-low activation bit width) and the input data"
+            )
+        outs.append(out.float())
+    return torch.cat(outs)
+
+
+def task_metrics(outputs: torch.Tensor, evalset: EvalSet) -> dict[str, float]:
+    if evalset.regression:
+        preds = outputs.squeeze(-1).tolist()
+    else:
+        preds = outputs.argmax(-1).tolist()
+    return compute_metrics(evalset.metric_names, preds, evalset.labels)
+
+
+def compare(fp_outputs: torch.Tensor, q_outputs: torch.Tensor, evalset: EvalSet) -> tuple[dict, dict]:
+    """Metrics of the full-precision and the quantized model on the same data.
+
+    With labels, both get the task metrics; the quantized model also gets its fidelity to the
+    full-precision outputs (how closely it reproduces them, label-free)."""
+    fidelity = fidelity_metrics(fp_outputs, q_outputs)
+    if evalset.labels is None or not evalset.metric_names:
+        identity = fidelity_metrics(fp_outputs, fp_outputs)
+        return identity, fidelity
+    fp = task_metrics(fp_outputs, evalset)
+    q = task_metrics(q_outputs, evalset)
+    q.update({f"fidelity_{k}": v for k, v in fidelity.items()})
+    return fp, q

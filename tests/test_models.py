@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from conftest import build_tiny, save_tiny
+from mrem_dist.models import ADAPTERS, adapter_for, load_model, resolve_model_path
+
+
+def _inputs(batch=3, seq=12, vocab=30522, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, vocab, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1, 7:] = 0  # a padded row, so the mask matters
+    mask[2, 4:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", sorted(ADAPTERS))
+@pytest.mark.parametrize("head", [False, True])
+def test_adapter_forward_matches_hf_forward(family, head):
+    model = build_tiny(family, head)
+    adapter = ADAPTERS[family]
+    ids, mask = _inputs()
+    with torch.no_grad():
+        hf = model(input_ids=ids, attention_mask=mask)
+        ref = hf.logits if head else hf.last_hidden_state
+        ours = adapter.forward(model, ids, mask)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+    assert len(adapter.layers(model)) == model.config.num_hidden_layers if family != "distilbert" else 3
+    assert adapter.is_task_model(model) == head
+    assert isinstance(adapter.word_embeddings(model), torch.nn.Embedding)
+
+
+def test_layer_prefix_names_real_modules():
+    for head in (False, True):
+        model = build_tiny("bert", head)
+        prefix = ADAPTERS["bert"].layer_prefix(model)
+        assert model.get_submodule(prefix + ".0") is ADAPTERS["bert"].layers(model)[0]
+
+
+def test_unknown_family_error_names_fix():
+    with pytest.raises(ValueError, match="has no adapter.*mrem_dist/models/adapters.py"):
+        adapter_for("t5")
+
+
+def test_load_builtin_minilm_is_encoder():
+    loaded = load_model("builtin:all-MiniLM-L6-v2")
+    assert loaded.kind == "encoder" and loaded.adapter.family == "bert"
+    assert len(loaded.adapter.layers(loaded.model)) == 6
+    assert loaded.model.config.hidden_size == 384
+
+
+def test_load_local_classifier(tiny_classifier_dir):
+    loaded = load_model(tiny_classifier_dir)
+    assert loaded.kind == "classifier" and loaded.num_labels == 2
+
+
+def test_classifier_kind_without_head_is_refused(tiny_encoder_dir):
+    with pytest.raises(ValueError, match="no fine-tuned sequence-classification head.*model.kind=encoder"):
+        load_model(tiny_encoder_dir, kind="classifier")
+
+
+def test_missing_local_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        resolve_model_path(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        resolve_model_path(str(tmp_path))
+
+
+def test_unknown_hub_id_offline_is_clear():
+    # conftest sets HF_HUB_OFFLINE=1, the same failure a machine without network gives.
+    with pytest.raises(OSError, match="could not load model 'bert-base-uncased'.*model.path=<local folder"):
+        load_model("bert-base-uncased")
+
+
+def test_missing_tokenizer_is_clear(tmp_path):
+    model = build_tiny("bert", head=True)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(OSError, match="has no tokenizer files"):
+        load_model(str(tmp_path))

@@ -1,0 +1,133 @@
+"""End to end: the PTQ method on tiny seeded models and local files, through the same `run()` the
+entry point calls; the entry point itself in a subprocess; bad inputs fail before long work and
+leave no report behind."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import REPO
+from mrem_dist.config import register_configs, validate
+from mrem_dist.pipeline import run
+
+register_configs()
+
+
+def _cfg(run_dir, *overrides):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        dcfg = compose("config", overrides=[f"run_dir={run_dir}", *overrides])
+    return validate(OmegaConf.to_object(dcfg))
+
+
+def _small_data(train, dev):
+    return ["data=local", f"data.train_file={train}", f"data.validation_file={dev}", "data.max_length=16",
+            "data.calib_samples=16", "data.eval_samples=16", "data.batch_size=8"]
+
+
+def test_ptq_classifier_reports_task_metric(tmp_path, tiny_classifier_dir, sst_like_csv):
+    cfg = _cfg(tmp_path, f"model.path={tiny_classifier_dir}", "quant=w8a8", *_small_data(*sst_like_csv))
+    report = run(cfg)
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["metrics"] == report["metrics"]
+    fp, q = report["metrics"]["full_precision"], report["metrics"]["quantized"]
+    assert set(fp) == {"accuracy"} and 0 <= q["accuracy"] <= 1
+    # W8A8 of a model reproduces its FP logits closely (label-free fidelity).
+    assert q["fidelity_cosine"] > 0.99
+    assert report["model"]["kind"] == "classifier"
+    assert (tmp_path / "summary.md").read_text().startswith("# mrem-dist: ptq w8a8")
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("quant,extra", [("w4a8", ["clip=aciq"]), ("w2a8", ["clip=mse"]), ("w3a8", ["clip=ocs"]),
+                                         ("w4a8_fg", ["quant.w_groups=16"]), ("w2e2a8", ["quant.ternary=true"])])
+def test_ptq_encoder_fidelity_orders_by_bits(tmp_path, tiny_encoder_dir, sst_like_csv, quant, extra):
+    cfg = _cfg(tmp_path, f"model.path={tiny_encoder_dir}", f"quant={quant}", *extra, *_small_data(*sst_like_csv))
+    report = run(cfg)
+    fp, q = report["metrics"]["full_precision"], report["metrics"]["quantized"]
+    assert fp["cosine"] == pytest.approx(1.0) and fp["rank_agreement"] == pytest.approx(1.0)
+    assert 0 < q["cosine"] < 1 and math.isfinite(q["rank_agreement"])
+
+
+def test_more_bits_is_more_faithful(tmp_path, tiny_encoder_dir, sst_like_csv):
+    cos = {}
+    for quant in ("w8a8", "w2a8"):
+        cfg = _cfg(tmp_path / quant, f"model.path={tiny_encoder_dir}", f"quant={quant}", *_small_data(*sst_like_csv))
+        cos[quant] = run(cfg)["metrics"]["quantized"]["cosine"]
+    assert cos["w8a8"] > cos["w2a8"]
+
+
+@pytest.mark.parametrize(
+    "overrides,exc,match",
+    [
+        (["quant=w4a8_fg", "quant.w_groups=5"], ValueError, r"groups=5 does not divide"),
+        (["data.text_fields=[review]"], ValueError, r"review"),
+        (["data.label_field=stars"], ValueError, r"stars"),
+        (["model.path=/does/not/exist"], FileNotFoundError, r"is not a directory"),
+    ],
+)
+def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, tiny_classifier_dir, sst_like_csv, overrides, exc, match):
+    run_dir = tmp_path / "run"
+    cfg = _cfg(run_dir, f"model.path={tiny_classifier_dir}", *_small_data(*sst_like_csv), *overrides)
+    with pytest.raises(exc, match=match):
+        run(cfg)
+    assert not run_dir.exists() or not any(run_dir.iterdir())
+
+
+def test_nan_in_calibration_is_named(tmp_path, tiny_encoder_dir, sst_like_csv):
+    import torch
+
+    from mrem_dist.models import loading
+
+    real = loading.load_model
+
+    def poisoned(*a, **k):
+        loaded = real(*a, **k)
+        with torch.no_grad():
+            loaded.model.embeddings.LayerNorm.weight[3] = float("nan")
+        return loaded
+
+    cfg = _cfg(tmp_path / "run", f"model.path={tiny_encoder_dir}", *_small_data(*sst_like_csv))
+    import mrem_dist.pipeline as pipeline
+
+    pipeline.load_model, orig = poisoned, pipeline.load_model
+    try:
+        with pytest.raises(FloatingPointError, match=r"encoder.layer.0.attention"):
+            run(cfg)
+    finally:
+        pipeline.load_model = orig
+    assert not (tmp_path / "run" / "report.json").exists()
+
+
+def test_nan_weight_is_named(tmp_path, tiny_encoder_dir):
+    import torch
+
+    from mrem_dist.models import load_model
+    from mrem_dist.quantize import quantize_model
+
+    loaded = load_model(tiny_encoder_dir)
+    with torch.no_grad():
+        loaded.model.encoder.layer[2].output.dense.weight[0, 0] = float("inf")
+    cfg = _cfg(tmp_path)
+    with pytest.raises(ValueError, match=r"encoder.layer.2.output.dense.*NaN/inf"):
+        quantize_model(loaded.model, loaded.adapter, cfg.quant)
+
+
+def test_entry_point_runs_and_rejects_bad_bits(tmp_path, tiny_encoder_dir, sst_like_csv):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    base = [sys.executable, "-m", "mrem_dist", f"model.path={tiny_encoder_dir}", *_small_data(*sst_like_csv)]
+    ok = subprocess.run(base + [f"hydra.run.dir={tmp_path / 'ok'}"], env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    report = json.loads((tmp_path / "ok" / "report.json").read_text())
+    assert report["config"]["run_dir"] == str(tmp_path / "ok")
+    assert "[rank 0]" in ok.stdout + ok.stderr
+    bad = subprocess.run(base + ["quant.w_bits=9", f"hydra.run.dir={tmp_path / 'bad'}"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0
+    assert "quant.w_bits=9 is outside 2..8" in bad.stdout + bad.stderr
+    assert not (tmp_path / "bad" / "report.json").exists()

@@ -1,0 +1,322 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mrem_dist.quant import (
+    ActQuantizer,
+    QuantEmbedding,
+    QuantLinear,
+    WeightQuantizer,
+    calibrating,
+    dequantize,
+    expand_to_rows,
+    group_view,
+    iter_quantizers,
+    qrange,
+)
+
+
+def _w(out=8, n_in=12, seed=0):
+    return torch.randn(out, n_in, generator=torch.Generator().manual_seed(seed))
+
+
+def _sqnr_db(y, yq):
+    return 20 * math.log10(y.norm().item() / (y - yq).norm().item())
+
+
+# ---------------------------------------------------------------- group-wise / WeightQuantizer
+
+
+def test_group_view_consecutive_rows():
+    w = torch.arange(24.0).reshape(6, 4)
+    g = group_view(w, 3)
+    assert g.shape == (3, 8)
+    assert torch.equal(g[1], torch.cat([w[2], w[3]]))
+
+
+def test_groupwise_scales_by_hand():
+    w = _w(8, 4)
+    q = WeightQuantizer(4, granularity="group", groups=2, learnable=False).init_from(w)
+    scale, zp = q.dequant_params()
+    assert zp is None and scale.shape == (2, 1)
+    expected = torch.stack([w[:4].abs().max(), w[4:].abs().max()]).reshape(2, 1) / 7
+    assert torch.equal(scale, expected)
+
+
+def test_groups_not_dividing_rows():
+    with pytest.raises(ValueError, match="384 rows") as e:
+        WeightQuantizer(4, granularity="group", groups=5).init_from(torch.randn(384, 2))
+    assert "divisor of 384" in str(e.value) and "1, 2, 3, 4, 6, 8" in str(e.value)
+    with pytest.raises(ValueError, match="groups > 0"):
+        WeightQuantizer(4, granularity="group")
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="bits=9"):
+        WeightQuantizer(9)
+    with pytest.raises(ValueError, match="granularity='channel'"):
+        WeightQuantizer(4, granularity="channel")
+    with pytest.raises(ValueError, match="ternary=True needs bits=2"):
+        WeightQuantizer(4, ternary=True)
+    with pytest.raises(ValueError, match="dynamic"):
+        ActQuantizer(8, mode="dynamic", symmetric=False)
+    with pytest.raises(ValueError, match="mode='per_token'"):
+        ActQuantizer(8, mode="per_token")
+
+
+def test_uninitialised_weight_quantizer():
+    with pytest.raises(RuntimeError, match="init_from"):
+        WeightQuantizer(4)(_w())
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row", "group"])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_codes_in_range_and_dequant_invariant(bits, symmetric, granularity):
+    w = _w(8, 12, seed=bits)
+    for clip in ("minmax", "aciq", "mse") if bits in (3, 8) else ("minmax",):
+        q = WeightQuantizer(bits, symmetric, granularity, groups=4, clip=clip).init_from(w)
+        codes = q.codes(w)
+        assert codes.dtype == torch.int32 and codes.shape == w.shape
+        assert (q.qmin, q.qmax) == qrange(bits, symmetric)
+        assert codes.min() >= q.qmin and codes.max() <= q.qmax
+        scale, zp = q.dequant_params()
+        zp_rows = None if zp is None else expand_to_rows(zp, 8)
+        assert torch.equal(dequantize(codes, expand_to_rows(scale, 8), zp_rows), q(w))
+
+
+def test_weight_quantizer_8bit_is_accurate_and_lsq_learnable():
+    w = _w(16, 32).requires_grad_()
+    q = WeightQuantizer(8).init_from(w)
+    assert isinstance(q.scale, nn.Parameter)
+    wq = q(w)
+    assert _sqnr_db(w.detach(), wq.detach()) > 40
+    (wq * torch.randn_like(wq)).sum().backward()
+    assert w.grad is not None and q.scale.grad is not None and q.scale.grad.abs().sum() > 0
+
+
+def test_reinit_keeps_parameter_identity():
+    q = WeightQuantizer(4).init_from(_w())
+    p = q.scale
+    q.init_from(_w(seed=1) * 3)
+    assert q.scale is p
+    torch.testing.assert_close(q.scale, (_w(seed=1) * 3).abs().amax(1, keepdim=True) / 7)
+
+
+def test_ternary_twn():
+    w = _w(6, 10).requires_grad_()
+    q = WeightQuantizer(2, granularity="row", ternary=True).init_from(w)
+    out = q(w)
+    a = w.detach().abs()
+    delta = 0.7 * a.mean(1, keepdim=True)
+    mask = a > delta
+    alpha = (a * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True)
+    codes = q.codes(w)
+    assert set(codes.unique().tolist()) <= {-1, 0, 1}
+    assert torch.equal(codes, (torch.sign(w.detach()) * mask).int())
+    torch.testing.assert_close(q.dequant_params()[0], alpha)
+    assert torch.equal(out, dequantize(codes, expand_to_rows(q.scale, 6), None))
+    assert not isinstance(q.scale, nn.Parameter)
+    out.sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))  # STE: identity gradient
+    # alpha follows the current weight on every forward
+    with torch.no_grad():
+        w.mul_(2)
+    q(w)
+    torch.testing.assert_close(q.scale, 2 * alpha)
+
+
+def test_weight_quantizer_state_dict_round_trip():
+    w = _w()
+    for kwargs in ({}, {"symmetric": False, "granularity": "group", "groups": 2}, {"bits": 2, "ternary": True}):
+        kwargs = {"bits": 4, **kwargs}
+        q = WeightQuantizer(**kwargs).init_from(w)
+        sd = q.state_dict()
+        fresh = WeightQuantizer(**kwargs).init_from(_w(seed=5))
+        fresh.load_state_dict(sd)
+        assert torch.equal(fresh.scale, q.scale) and torch.equal(fresh(w), q(w))
+        never_init = WeightQuantizer(**kwargs)
+        never_init.load_state_dict(sd)
+        assert torch.equal(never_init(w), q(w))
+
+
+# ---------------------------------------------------------------- ActQuantizer
+
+
+def test_static_not_calibrated():
+    with pytest.raises(RuntimeError, match="was not calibrated: run calibration batches first"):
+        ActQuantizer(8)(torch.randn(2, 3))
+
+
+def test_observing_nan_names_the_quantizer():
+    q = ActQuantizer(8, name="layer.3.attn.q")
+    q.start_observing()
+    with pytest.raises(FloatingPointError, match="layer.3.attn.q") as e:
+        q(torch.tensor([1.0, float("nan")]))
+    assert "non-finite activations" in str(e.value)
+
+
+@pytest.mark.parametrize("learnable", [True, False])
+def test_static_minmax_calibration(learnable):
+    q = ActQuantizer(8, learnable=learnable)
+    q.start_observing()
+    xs = [torch.randn(4, 5, 16) * (i + 1) for i in range(3)]
+    for x in xs:
+        assert torch.equal(q(x), x)  # pass-through while observing
+    q.stop_observing()
+    amax = max(x.abs().max() for x in xs)
+    assert torch.equal(q.scale.detach(), (amax / 127).reshape(1))
+    y = q(xs[0])
+    assert not torch.equal(y, xs[0]) and _sqnr_db(xs[0], y) > 30
+
+
+def test_static_asymmetric_and_clipped_calibration():
+    torch.manual_seed(0)
+    x = torch.distributions.Laplace(0.0, 1.0).sample((64, 128, 32))  # 262144 values > SAMPLE_SIZE
+    for clip in ("minmax", "aciq", "mse"):
+        q = ActQuantizer(4, symmetric=False, clip=clip)
+        q.start_observing()
+        for chunk in x.split(16):
+            q(chunk)
+        assert clip == "minmax" or q._sample.numel() <= 2**16
+        q.stop_observing()
+        assert q.zero_point is not None and 0 <= q.zero_point.item() <= 15
+        if clip == "minmax":
+            torch.testing.assert_close(q.scale, ((x.max() - x.min()) / 15).reshape(1))
+        else:  # clipped: a narrower range than minmax on heavy-tailed data
+            assert q.scale.item() < ((x.max() - x.min()) / 15).item()
+
+
+def test_dynamic_per_token_scales():
+    q = ActQuantizer(8, mode="dynamic")
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    y = q(x)  # no calibration needed
+    scale = x.detach().abs().amax(-1, keepdim=True) / 127
+    assert torch.equal(y, torch.clamp(torch.round(x.detach() / scale), -127, 127) * scale)
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_act_quantizer_state_dict_round_trip():
+    for kwargs in ({}, {"symmetric": False, "learnable": False}):
+        q = ActQuantizer(8, **kwargs)
+        q.start_observing()
+        q(torch.randn(3, 8) + 0.5)
+        q.stop_observing()
+        fresh = ActQuantizer(8, **kwargs)
+        fresh.load_state_dict(q.state_dict())
+        x = torch.randn(3, 8)
+        assert torch.equal(fresh(x), q(x))
+
+
+# ---------------------------------------------------------------- QuantLinear / QuantEmbedding
+
+
+def _linear(n_in=32, out=24, seed=0, outlier=True):
+    torch.manual_seed(seed)
+    lin = nn.Linear(n_in, out)
+    if outlier:
+        with torch.no_grad():
+            lin.weight[:, 5] *= 20
+    return lin
+
+
+def test_quant_linear_without_quantizers_is_exact():
+    lin = _linear()
+    x = torch.randn(4, 7, 32)
+    assert torch.equal(QuantLinear(lin, None, None)(x), lin(x))
+
+
+def test_quant_linear_ocs_without_quantizers():
+    lin = _linear()
+    ql = QuantLinear(lin, None, None, ocs_ratio=0.1)
+    assert ql.weight.shape == (24, 32 + 4) and ql.in_index.shape == (36,) and ql.ocs_extra == 4
+    x = torch.randn(4, 7, 32)
+    # same function; only the summation order differs
+    torch.testing.assert_close(ql(x), lin(x), rtol=1e-5, atol=1e-5)
+    assert "in_index" in ql.state_dict() and "in_index" not in QuantLinear(lin, None, None).state_dict()
+
+
+@pytest.mark.parametrize("ocs_ratio,quant_aware", [(0.0, True), (0.05, False), (0.05, True)])
+@pytest.mark.parametrize("a_mode", ["static", "dynamic"])
+def test_quant_linear_w8a8_close_and_trainable(ocs_ratio, quant_aware, a_mode):
+    lin = _linear()
+    wq, aq = WeightQuantizer(8), ActQuantizer(8, mode=a_mode)
+    ql = QuantLinear(lin, wq, aq, ocs_ratio=ocs_ratio, ocs_quant_aware=quant_aware)
+    x = torch.randn(4, 7, 32)
+    with torch.no_grad(), calibrating(ql):
+        ql(x)
+    y, yq = lin(x), ql(x)
+    assert _sqnr_db(y.detach(), yq.detach()) > 30
+    yq.pow(2).sum().backward()
+    assert ql.weight.grad is not None and ql.weight.grad.abs().sum() > 0
+    assert ql.weight_quantizer.scale.grad is not None and ql.weight_quantizer.scale.grad.abs().sum() > 0
+    assert lin.weight.grad is None  # the FP Linear is untouched
+
+
+def test_quant_linear_ocs_quant_aware_uses_quantizer_step():
+    lin = _linear()
+    ql = QuantLinear(lin, WeightQuantizer(4), None, ocs_ratio=0.05)
+    plain = QuantLinear(lin, WeightQuantizer(4), None, ocs_ratio=0.05, ocs_quant_aware=False)
+    assert torch.equal(ql.in_index, plain.in_index)
+    assert not torch.equal(ql.weight, plain.weight)
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(x[:, ql.in_index] @ ql.weight.T, x @ lin.weight.T, rtol=1e-5, atol=1e-4)
+    # the quantizer was re-initialised on the final (quant-aware) weight
+    torch.testing.assert_close(ql.weight_quantizer.scale.detach(), ql.weight.detach().abs().amax(1, keepdim=True) / 7)
+
+
+def test_quant_embedding():
+    emb = nn.Embedding(50, 16, padding_idx=0)
+    ids = torch.randint(0, 50, (3, 9))
+    assert torch.equal(QuantEmbedding(emb, None)(ids), emb(ids))
+    qe = QuantEmbedding(emb, WeightQuantizer(8))
+    assert qe.weight_quantizer.scale.shape == (50, 1)  # per row
+    assert (qe.num_embeddings, qe.embedding_dim, qe.padding_idx) == (50, 16, 0)
+    assert _sqnr_db(emb(ids).detach(), qe(ids).detach()) > 30
+
+
+def test_iter_quantizers_and_calibrating():
+    model = nn.Sequential(
+        QuantLinear(_linear(), WeightQuantizer(8), ActQuantizer(8)),
+        nn.ReLU(),
+        QuantLinear(_linear(24, 8, outlier=False), WeightQuantizer(8), ActQuantizer(8, mode="dynamic")),
+    )
+    names = [n for n, _ in iter_quantizers(model)]
+    assert names == ["0.weight_quantizer", "0.act_quantizer", "2.weight_quantizer", "2.act_quantizer"]
+    x = torch.randn(4, 32)
+    with pytest.raises(RuntimeError, match="was not calibrated"):
+        model(x)
+    # an exception inside the block cancels observation and leaves the quantizer uncalibrated
+    with pytest.raises(KeyError):
+        with calibrating(model):
+            model(x)
+            raise KeyError("boom")
+    assert not model[0].act_quantizer.observing
+    with pytest.raises(RuntimeError, match="was not calibrated"):
+        model(x)
+    with torch.no_grad(), calibrating(model):
+        model(x)
+    assert model[0].act_quantizer.name == "0.act_quantizer"
+    assert torch.equal(model[0].act_quantizer.scale.detach(), (x.abs().max() / 127).reshape(1))
+    model(x)
+
+
+def test_calibrating_reports_quantizers_that_saw_nothing():
+    model = nn.ModuleDict(
+        {"used": QuantLinear(_linear(), None, ActQuantizer(8)), "unused": QuantLinear(_linear(), None, ActQuantizer(8))}
+    )
+    with pytest.raises(RuntimeError, match="unused.act_quantizer"):
+        with calibrating(model):
+            model["used"](torch.randn(2, 32))
+    model["used"](torch.randn(2, 32))  # the one that saw data is calibrated
+
+
+def test_reprs():
+    wq = WeightQuantizer(4, granularity="group", groups=4)
+    ql = QuantLinear(_linear(), wq, ActQuantizer(8, name="fc"), ocs_ratio=0.05)
+    text = repr(ql)
+    for part in ("bits=4", "granularity=group", "groups=4", "clip=minmax", "ternary=False", "ocs_extra=2", "name='fc'"):
+        assert part in text
