@@ -20,8 +20,13 @@ CLIP_METHODS = ("minmax", "aciq", "mse")
 ACIQ_PRIORS = ("laplace", "gauss")
 ACT_MODES = ("static", "dynamic")
 MODEL_KINDS = ("auto", "encoder", "classifier")
-# Methods that have landed (rem, lkd, mrem_s, mrem_p, prequant join as their engines land).
-METHODS = ("ptq",)
+# Methods that have landed (mrem_p and prequant join as their engines land).
+METHODS = ("ptq", "rem", "lkd", "mrem_s")
+RECONSTRUCTION_METHODS = ("rem", "lkd", "mrem_s")
+LAM_SCHEDULES = ("zero", "one", "anneal")
+LOSSES = ("module_output", "every_layer")
+BALANCES = ("cost", "params")
+CACHE_MODES = ("auto", "memory", "disk")
 
 
 class ConfigError(ValueError):
@@ -83,7 +88,40 @@ class QuantConfig:
 
 @dataclass
 class MethodConfig:
+    """The method and, for the reconstruction methods, the engine settings (ignored by ptq).
+
+    rem / lkd / mrem_s are presets of these fields (conf/method/*.yaml), not separate code."""
+
     name: str = "ptq"
+    # Number of module partitions; 0 = one transformer layer per module (REM, LKD).
+    modules: int = 4
+    # How the layers are cut: cost (estimated compute, the default) or params (memory).
+    balance: str = "cost"
+    # Training steps per module.
+    steps: int = 2000
+    # Input of module n: lam * full-precision + (1 - lam) * quantized upstream output.
+    # zero: quantized inputs (REM, MREM-S); one: full-precision inputs (LKD); anneal: max(1 - t/t0, 0).
+    lam: str = "zero"
+    # Anneal length in steps; 0 = half of the steps.
+    t0: int = 0
+    # module_output: MSE of the module's output; every_layer: mean MSE over its layers' outputs.
+    loss: str = "every_layer"
+    # Weight of a KL distillation term on the logits (last module of a task model).
+    kd_weight: float = 0.0
+    # Adam(W) learning rates: latent weights (through the STE) and quantizer step sizes (LSQ).
+    lr_weight: float = 1e-4
+    lr_scale: float = 1e-3
+    weight_decay: float = 0.0
+    train_weights: bool = True
+    train_scales: bool = True
+    # Biases and LayerNorm stay at their full-precision values unless these are set.
+    train_bias: bool = False
+    train_layernorm: bool = False
+    # Calibration activations: memory, disk, or auto (disk above cache_memory_gb).
+    cache: str = "auto"
+    cache_memory_gb: float = 4.0
+    # Progress line every N steps when not on a terminal; 0 = ten per module.
+    log_every: int = 0
 
 
 @dataclass
@@ -161,6 +199,19 @@ def validate(cfg: RunConfig) -> RunConfig:
 
     _check_choice("model.kind", cfg.model.kind, MODEL_KINDS)
     _check_choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
-    _check_choice("method.name", cfg.method.name, METHODS)
+    m = cfg.method
+    _check_choice("method.name", m.name, METHODS)
+    if m.name in RECONSTRUCTION_METHODS:
+        _check(m.modules >= 0, f"method.modules={m.modules} must be >= 0 (0 = one layer per module)")
+        _check(m.steps > 0, f"method.steps={m.steps} must be positive (the paper uses 2000 steps per module)")
+        _check(m.t0 >= 0, f"method.t0={m.t0} must be >= 0 (0 = half of method.steps)")
+        _check_choice("method.lam", m.lam, LAM_SCHEDULES)
+        _check_choice("method.loss", m.loss, LOSSES)
+        _check_choice("method.balance", m.balance, BALANCES)
+        _check_choice("method.cache", m.cache, CACHE_MODES)
+        _check(m.lr_weight >= 0 and m.lr_scale >= 0, "method.lr_weight and method.lr_scale must be >= 0")
+        _check(m.kd_weight >= 0, f"method.kd_weight={m.kd_weight} must be >= 0")
+        _check(m.cache_memory_gb > 0, f"method.cache_memory_gb={m.cache_memory_gb} must be positive")
+        _check(m.train_weights or m.train_scales, "method.train_weights and method.train_scales are both false: nothing would be trained")
     _check(cfg.threads >= 0, f"threads={cfg.threads} must be >= 0 (0 keeps torch's default)")
     return cfg

@@ -19,3 +19,26 @@ def env_rank() -> int:
 
 def is_main_process() -> bool:
     return env_rank() == 0
+
+
+def resolve_device(name: str):
+    """`auto` picks CUDA when there is a GPU (the local rank's one under torchrun/SLURM), else CPU."""
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{env_local_rank() % max(torch.cuda.device_count(), 1)}"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name} was asked for but this machine has no CUDA device: use device=cpu or device=auto")
+    return device
+
+
+def env_local_rank() -> int:
+    """Rank within the node: torchrun's LOCAL_RANK, then SLURM_LOCALID, else 0."""
+    for key in ("LOCAL_RANK", "SLURM_LOCALID"):
+        value = os.environ.get(key)
+        if value is not None and value.strip().isdigit():
+            return int(value)
+    return 0

@@ -63,3 +63,25 @@ def compare(fp_outputs: torch.Tensor, q_outputs: torch.Tensor, evalset: EvalSet)
     q = task_metrics(q_outputs, evalset)
     q.update({f"fidelity_{k}": v for k, v in fidelity.items()})
     return fp, q
+
+
+@torch.no_grad()
+def layer_errors(fp_model: nn.Module, q_model: nn.Module, adapter: ModelAdapter, batches: list[Batch]) -> list[float]:
+    """Relative error ||h_q - h_fp||^2 / ||h_fp||^2 of every layer's output (real tokens only),
+    with each model run end to end: the quantized layer k sees the quantized layers before it,
+    so this is the error that accumulates through the network."""
+    config = adapter.encoder(fp_model).config
+    num, den = None, None
+    for batch in batches:
+        m = batch.attention_mask.unsqueeze(-1).float()
+        h_fp = adapter.embed(fp_model, batch.input_ids, batch.token_type_ids)
+        h_q = adapter.embed(q_model, batch.input_ids, batch.token_type_ids)
+        mask = adapter.layer_mask(config, h_fp, batch.attention_mask)
+        diffs, norms = [], []
+        for l_fp, l_q in zip(adapter.layers(fp_model), adapter.layers(q_model)):
+            h_fp, h_q = adapter.run_layer(l_fp, h_fp, mask), adapter.run_layer(l_q, h_q, mask)
+            diffs.append((((h_q - h_fp) ** 2) * m).sum().item())
+            norms.append(((h_fp**2) * m).sum().item())
+        num = diffs if num is None else [a + b for a, b in zip(num, diffs)]
+        den = norms if den is None else [a + b for a, b in zip(den, norms)]
+    return [a / max(b, 1e-30) for a, b in zip(num or [], den or [])]

@@ -19,8 +19,10 @@ from typing import Optional
 import torch
 
 from mrem_dist import data as D
-from mrem_dist.config import BUILTIN_DATA, RunConfig
-from mrem_dist.evaluate import EvalSet, compare, model_outputs, run_batch
+from mrem_dist.config import BUILTIN_DATA, RECONSTRUCTION_METHODS, MethodConfig, RunConfig
+from mrem_dist.distributed import resolve_device
+from mrem_dist.engine import ReconSettings, partition, reconstruct_sequential
+from mrem_dist.evaluate import EvalSet, compare, layer_errors, model_outputs, run_batch
 from mrem_dist.log import get_logger
 from mrem_dist.models import LoadedModel, load_model
 from mrem_dist.quantize import calibrate_activations, needs_calibration, quantize_model
@@ -103,7 +105,18 @@ class Timer:
         try:
             yield
         finally:
-            self.seconds[name] = round(time.perf_counter() - start, 3)
+            # Accumulates: a stage may run in several pieces (evaluate before and after).
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+
+
+def recon_settings(m: MethodConfig) -> ReconSettings:
+    """The engine's flat settings from the method config (rem / lkd / mrem_s are presets of it)."""
+    return ReconSettings(
+        steps=m.steps, lam=m.lam, t0=m.t0, loss=m.loss, kd_weight=m.kd_weight,
+        lr_weight=m.lr_weight, lr_scale=m.lr_scale, weight_decay=m.weight_decay,
+        train_weights=m.train_weights, train_scales=m.train_scales,
+        train_bias=m.train_bias, train_layernorm=m.train_layernorm, log_every=m.log_every,
+    )
 
 
 def run(cfg: RunConfig) -> dict:
@@ -111,6 +124,8 @@ def run(cfg: RunConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    reconstruct = cfg.method.name in RECONSTRUCTION_METHODS
     timer = Timer()
     t0 = time.perf_counter()
 
@@ -121,19 +136,47 @@ def run(cfg: RunConfig) -> dict:
         log.info("data %s: %d calibration / %d evaluation samples", cfg.data.name,
                  prepared.description["calibration_samples"], prepared.description["evaluation_samples"])
 
-    model, adapter = loaded.model, loaded.adapter
+    model, adapter = loaded.model.to(device), loaded.adapter
+    calib = [b.to(device) for b in prepared.calib]
+    eval_batches = [b.to(device) for b in prepared.evalset.batches]
     # Building the quantized copy validates the scheme against the real shapes (group counts,
-    # OCS) before any long forward pass.
+    # OCS) before any long forward pass; so does the partition.
     with timer("quantize"):
-        qmodel = quantize_model(copy.deepcopy(model), adapter, cfg.quant, learnable=False)
+        qmodel = quantize_model(copy.deepcopy(model), adapter, cfg.quant, learnable=reconstruct)
+        specs = partition(model, adapter, cfg.method.modules, cfg.method.balance, cfg.data.max_length) if reconstruct else []
     with timer("calibrate"):
         if needs_calibration(qmodel):
-            calibrate_activations(qmodel, lambda m, b: run_batch(m, adapter, b), prepared.calib)
-            log.info("calibrated static activation ranges on %d batches", len(prepared.calib))
+            calibrate_activations(qmodel, lambda m, b: run_batch(m, adapter, b), calib)
+            log.info("calibrated static activation ranges on %d batches", len(calib))
+
+    extra: dict = {}
+    with timer("evaluate"):
+        fp_out = model_outputs(model, adapter, eval_batches)
+    if reconstruct:
+        probe = eval_batches[:4]
+        with timer("evaluate"):
+            _, init_metrics = compare(fp_out, model_outputs(qmodel, adapter, eval_batches), prepared.evalset)
+            before = layer_errors(model, qmodel, adapter, probe)
+        log.info("before reconstruction: %s", _fmt_metrics(init_metrics))
+        with timer("reconstruct"):
+            engine = reconstruct_sequential(
+                model, qmodel, adapter, specs, calib, recon_settings(cfg.method),
+                cache=cfg.method.cache, cache_memory_gb=cfg.method.cache_memory_gb, seed=cfg.seed, device=device,
+            )
+        with timer("evaluate"):
+            after = layer_errors(model, qmodel, adapter, probe)
+        extra = {
+            "initial_metrics": init_metrics,
+            "reconstruction": {
+                "partition": [s.describe() for s in specs],
+                "cache": engine.cache,
+                "modules": engine.modules,
+            },
+            "layer_error": {"before": before, "after": after},
+        }
 
     with timer("evaluate"):
-        fp_out = model_outputs(model, adapter, prepared.evalset.batches)
-        q_out = model_outputs(qmodel, adapter, prepared.evalset.batches)
+        q_out = model_outputs(qmodel, adapter, eval_batches)
         fp_metrics, q_metrics = compare(fp_out, q_out, prepared.evalset)
     timer.seconds["total"] = round(time.perf_counter() - t0, 3)
 
@@ -149,9 +192,12 @@ def run(cfg: RunConfig) -> dict:
         },
         "data": prepared.description,
         "metrics": {"full_precision": fp_metrics, "quantized": q_metrics},
+        **({"metrics_before_reconstruction": extra.pop("initial_metrics")} if extra else {}),
+        **extra,
         "timings_s": timer.seconds,
         "environment": {
             "torch": torch.__version__,
+            "device": str(device),
             "threads": torch.get_num_threads(),
             "python": platform.python_version(),
             "machine": platform.machine(),
@@ -160,3 +206,7 @@ def run(cfg: RunConfig) -> dict:
     }
     write_report(Path(cfg.run_dir), report)
     return report
+
+
+def _fmt_metrics(metrics: dict) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())

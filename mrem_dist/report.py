@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mrem_dist.io import atomic_write_json, atomic_write_text
+from mrem_dist.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 
 def _fmt(value) -> str:
@@ -34,11 +34,29 @@ def summary_markdown(report: dict) -> str:
     ]
     for name in qm:
         lines.append(f"| {name} | {_fmt(fp.get(name, '-'))} | {_fmt(qm[name])} |")
+    if "reconstruction" in report:
+        before = report["metrics_before_reconstruction"]
+        lines += ["", f"Before reconstruction (the PTQ initialisation): " + ", ".join(f"{k} {_fmt(v)}" for k, v in before.items()), ""]
+        rec = report["reconstruction"]
+        lines += [f"Reconstruction ({rec['cache']} activation cache): module error before -> after", "",
+                  "| module | layers | error before | error after | seconds |", "|---|---|---|---|---|"]
+        for m in rec["modules"]:
+            lines.append(f"| {m['index']} | {m['layers'][0]}-{m['layers'][1] - 1} | {m['error_before']:.4g} | {m['error_after']:.4g} | {m['seconds']:.1f} |")
+        err = report["layer_error"]
+        lines += ["", "| layer | relative error before | after |", "|---|---|---|"]
+        lines += [f"| {i} | {b:.4g} | {a:.4g} |" for i, (b, a) in enumerate(zip(err["before"], err["after"]))]
+        lines += ["", "![reconstruction](reconstruction.png)"]
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in report["timings_s"].items()]
     return "\n".join(lines) + "\n"
 
 
 def write_report(run_dir: Path, report: dict) -> None:
+    if "reconstruction" in report:
+        from mrem_dist.plots import reconstruction_png
+
+        title = f"{report['method']} {report['quant']['name']} on {report['model']['path']}"
+        atomic_write_bytes(run_dir / "reconstruction.png",
+                           reconstruction_png(report["reconstruction"]["modules"], report["layer_error"], title))
     atomic_write_json(run_dir / "report.json", report)
     atomic_write_text(run_dir / "summary.md", summary_markdown(report))

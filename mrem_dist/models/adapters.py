@@ -55,16 +55,18 @@ class ModelAdapter:
 
     # -- running it piece by piece -------------------------------------------------------------
     def embed(self, model: nn.Module, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor]) -> torch.Tensor:
-        emb = self.embeddings(model)
-        if self.family == "distilbert" or token_type_ids is None:
-            return emb(input_ids=input_ids)
-        return emb(input_ids=input_ids, token_type_ids=token_type_ids)
+        return self.embed_with(self.embeddings(model), input_ids, token_type_ids)
 
-    def layer_mask(self, model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor):
-        """The mask object the layers expect (built once per batch, shared by all layers)."""
-        return create_bidirectional_mask(
-            config=self.encoder(model).config, inputs_embeds=hidden, attention_mask=attention_mask
-        )
+    def embed_with(self, embeddings: nn.Module, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        """Run the embeddings module itself (a partition may hold it without the whole model)."""
+        if self.family == "distilbert" or token_type_ids is None:
+            return embeddings(input_ids=input_ids)
+        return embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+
+    def layer_mask(self, config, hidden: torch.Tensor, attention_mask: torch.Tensor):
+        """The mask object the layers expect (built once per batch, shared by all layers). Takes the
+        model config, not the model, so that a partition holding a few layers can build it."""
+        return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
 
     def run_layer(self, layer: nn.Module, hidden: torch.Tensor, mask) -> torch.Tensor:
         out = layer(hidden, attention_mask=mask)
@@ -80,7 +82,7 @@ class ModelAdapter:
     def forward(self, model: nn.Module, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         """The whole model through the pieces; equals the HF forward (tested)."""
         hidden = self.embed(model, input_ids, token_type_ids)
-        mask = self.layer_mask(model, hidden, attention_mask)
+        mask = self.layer_mask(self.encoder(model).config, hidden, attention_mask)
         for layer in self.layers(model):
             hidden = self.run_layer(layer, hidden, mask)
         return self.head(model, hidden)

@@ -1,0 +1,254 @@
+"""Train one quantized module to reproduce its full-precision twin.
+
+`reconstruct_module` knows nothing of where its inputs come from: it pulls (batch, fp_input,
+q_input) triples from a feed. The sequential driver feeds it from cached activations; the
+distributed driver feeds it from the rank-to-rank streams. Every method (REM, LKD, MREM-S,
+MREM-P) is this same loop with different settings.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mrem_dist.config import LAM_SCHEDULES, LOSSES
+from mrem_dist.data import Batch
+from mrem_dist.log import get_logger
+from mrem_dist.quant import ActQuantizer, QuantEmbedding, QuantLinear, WeightQuantizer
+from mrem_dist.quant.clipping import SCALE_EPS
+
+from .stage import Stage, StageOutput
+
+log = get_logger(__name__)
+
+
+# (batch, full-precision input, quantized input); inputs are None for the first module.
+Feed = Iterable[tuple[Batch, Optional[Tensor], Optional[Tensor]]]
+
+
+@dataclass(frozen=True)
+class ReconSettings:
+    """Flat settings of the per-module training loop (built from the method config)."""
+
+    steps: int = 2000
+    lam: str = "zero"  # input mix lam*fp + (1-lam)*q: zero (REM, MREM-S), one (LKD), anneal (MREM-P)
+    t0: int = 0  # anneal: lam_t = max(1 - t/t0, 0); 0 means half of the steps
+    loss: str = "every_layer"
+    kd_weight: float = 0.0  # distillation on the logits, last module of a task model only
+    lr_weight: float = 1e-4
+    lr_scale: float = 1e-3  # relative to each step size's magnitude
+    weight_decay: float = 0.0
+    train_weights: bool = True
+    train_scales: bool = True
+    train_bias: bool = False
+    train_layernorm: bool = False
+    log_every: int = 0  # 0: ten progress lines per module
+
+
+def lam_at(schedule: str, t: int, steps: int, t0: int = 0) -> float:
+    """Teacher-forcing weight of the full-precision input at step t (0-based)."""
+    if schedule == "zero":
+        return 0.0
+    if schedule == "one":
+        return 1.0
+    if schedule == "anneal":
+        horizon = t0 if t0 > 0 else max(steps // 2, 1)
+        return max(1.0 - t / horizon, 0.0)
+    raise ValueError(f"lam schedule {schedule!r} is not one of {', '.join(LAM_SCHEDULES)}")
+
+
+def mix_inputs(lam: float, fp_in: Optional[Tensor], q_in: Optional[Tensor]) -> Optional[Tensor]:
+    if fp_in is None and q_in is None:
+        return None  # first module: token ids
+    if lam >= 1.0 or q_in is None:
+        return fp_in
+    if lam <= 0.0:
+        return q_in
+    return lam * fp_in + (1.0 - lam) * q_in
+
+
+def masked_mse(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
+    """Mean squared error over the real (non-padding) tokens."""
+    m = mask.to(student.dtype).unsqueeze(-1)
+    return ((student - teacher) ** 2 * m).sum() / (m.sum() * student.shape[-1]).clamp_min(1.0)
+
+
+def reconstruction_loss(s: StageOutput, t: StageOutput, mask: Tensor, loss: str, kd_weight: float) -> Tensor:
+    if loss == "every_layer":
+        value = sum(masked_mse(a, b, mask) for a, b in zip(s.hidden, t.hidden)) / len(s.hidden)
+    else:
+        value = masked_mse(s.hidden[-1], t.hidden[-1], mask)
+    if kd_weight and s.logits is not None:
+        if s.logits.shape[-1] == 1:  # regression head
+            kd = F.mse_loss(s.logits, t.logits)
+        else:
+            kd = F.kl_div(F.log_softmax(s.logits, -1), F.log_softmax(t.logits, -1), log_target=True, reduction="batchmean")
+        value = value + kd_weight * kd
+    return value
+
+
+def trainable_groups(stage: Stage, settings: ReconSettings) -> list[dict]:
+    """Set requires_grad on the student stage and return the optimizer parameter groups:
+    latent weights (STE) at lr_weight, quantizer step sizes (LSQ) at lr_scale."""
+    weights, scales = [], []
+    for p in stage.parameters():
+        p.requires_grad_(False)
+    for module in stage.modules():
+        if isinstance(module, (QuantLinear, QuantEmbedding)) and settings.train_weights:
+            weights.append(module.weight)
+        if isinstance(module, QuantLinear) and settings.train_bias and module.bias is not None:
+            weights.append(module.bias)
+        if isinstance(module, nn.LayerNorm) and settings.train_layernorm:
+            weights.extend(p for p in module.parameters())
+        if isinstance(module, (WeightQuantizer, ActQuantizer)) and settings.train_scales:
+            scale = getattr(module, "scale", None)
+            if isinstance(scale, nn.Parameter):
+                scales.append(scale)
+    groups = []
+    if weights:
+        groups.append({"params": weights, "lr": settings.lr_weight, "weight_decay": settings.weight_decay, "name": "weights"})
+    # Step sizes span orders of magnitude (a 2-bit weight step ~1e-2, an 8-bit activation step
+    # ~1e-1) and Adam's update is ~lr whatever the gradient, so each scale tensor gets its own
+    # group with lr relative to its magnitude: lr_scale is a relative change per step.
+    for scale in scales:
+        magnitude = scale.detach().abs().mean().item()
+        groups.append({"params": [scale], "lr": settings.lr_scale * magnitude, "weight_decay": 0.0, "name": "scales"})
+    for g in groups:
+        for p in g["params"]:
+            p.requires_grad_(True)
+    return groups
+
+
+@dataclass
+class ModuleResult:
+    index: int
+    losses: list[float]  # training loss at every step
+    lams: list[float]
+    seconds: float
+    wait_seconds: float  # time spent waiting for the feed (input I/O or upstream ranks)
+
+
+class _Progress:
+    """A tqdm bar on a terminal, periodic log lines otherwise (SLURM logs, CI)."""
+
+    def __init__(self, desc: str, total: int, every: int) -> None:
+        import sys
+
+        self.total, self.every, self.desc = total, every, desc
+        self.start = time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
+
+    def update(self, t: int, loss: float, lam: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4g}", lam=f"{lam:.2f}", refresh=False)
+            return
+        done = t + 1
+        if done % self.every == 0 or done == self.total:
+            elapsed = time.perf_counter() - self.start
+            eta = elapsed / done * (self.total - done)
+            log.info("%s step %d/%d loss %.4g lam %.2f (%.1fs, eta %.0fs)", self.desc, done, self.total, loss, lam, elapsed, eta)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def reconstruct_module(
+    student: Stage,
+    teacher: Stage,
+    feed: Feed,
+    settings: ReconSettings,
+    on_step: Optional[Callable[[int, StageOutput, float], None]] = None,
+) -> ModuleResult:
+    """Train `student` for settings.steps steps on the feed. The teacher stage is frozen and run on
+    the full-precision input of each step for the targets. `on_step(t, student_output, lam)` lets a
+    caller forward the student's output (MREM-P's student stream)."""
+    groups = trainable_groups(student, settings)
+    if not groups:
+        raise ValueError("nothing to train in this module: enable method.train_weights or method.train_scales")
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    scales = [p for g in groups if g["name"] == "scales" for p in g["params"]]
+    freeze_stage(teacher)
+    every = settings.log_every or max(settings.steps // 10, 1)
+    progress = _Progress(f"module {student.spec.index}", settings.steps, every)
+    losses, lams, waited = [], [], 0.0
+    start = time.perf_counter()
+    it = iter(feed)
+    try:
+        for t in range(settings.steps):
+            t_wait = time.perf_counter()
+            batch, fp_in, q_in = next(it)
+            waited += time.perf_counter() - t_wait
+            lam = lam_at(settings.lam, t, settings.steps, settings.t0)
+            # Cosine decay: large early moves to escape the rounding init, small late ones to settle.
+            for g, lr in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * t / settings.steps))
+            out, loss = step(student, teacher, optimizer, batch, fp_in, q_in, lam, settings)
+            with torch.no_grad():
+                for s in scales:  # a learned step size must stay positive
+                    s.clamp_(min=SCALE_EPS)
+            losses.append(loss)
+            lams.append(lam)
+            if on_step is not None:
+                on_step(t, out, lam)
+            progress.update(t, loss, lam)
+    finally:
+        progress.close()
+    for g in groups:
+        for p in g["params"]:
+            p.requires_grad_(False)
+    return ModuleResult(student.spec.index, losses, lams, time.perf_counter() - start, waited)
+
+
+def step(
+    student: Stage,
+    teacher: Stage,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    fp_in: Optional[Tensor],
+    q_in: Optional[Tensor],
+    lam: float,
+    settings: ReconSettings,
+) -> tuple[StageOutput, float]:
+    with torch.no_grad():
+        target = teacher(fp_in, batch)
+    out = student(mix_inputs(lam, fp_in, q_in), batch)
+    loss = reconstruction_loss(out, target, batch.attention_mask, settings.loss, settings.kd_weight)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"{student.spec.describe()}: the reconstruction loss became {loss.item()} (lam={lam:.2f}): "
+            "lower method.lr_weight / method.lr_scale, or check the calibration data for NaN/inf"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return out, loss.item()
+
+
+@torch.no_grad()
+def module_error(student: Stage, teacher: Stage, feed: Feed, lam: float, loss: str) -> float:
+    """Mean reconstruction loss (no KD term) of the student on the given inputs."""
+    total, n = 0.0, 0
+    for batch, fp_in, q_in in feed:
+        s = student(mix_inputs(lam, fp_in, q_in), batch)
+        t = teacher(fp_in, batch)
+        total += reconstruction_loss(s, t, batch.attention_mask, loss, 0.0).item()
+        n += 1
+    return total / max(n, 1)
+
+
+def freeze_stage(stage: Stage) -> None:
+    for p in stage.parameters():
+        p.requires_grad_(False)
