@@ -69,6 +69,7 @@ def test_more_bits_is_more_faithful(tmp_path, tiny_encoder_dir, sst_like_csv):
         (["data.text_fields=[review]"], ValueError, r"review"),
         (["data.label_field=stars"], ValueError, r"stars"),
         (["model.path=/does/not/exist"], FileNotFoundError, r"is not a directory"),
+        (["method=mrem_s", "method.modules=9"], ValueError, r"cannot cut 4 layers into 9 modules.*method.modules<=4"),
     ],
 )
 def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, tiny_classifier_dir, sst_like_csv, overrides, exc, match):
@@ -131,3 +132,33 @@ def test_entry_point_runs_and_rejects_bad_bits(tmp_path, tiny_encoder_dir, sst_l
     assert bad.returncode != 0
     assert "quant.w_bits=9 is outside 2..8" in bad.stdout + bad.stderr
     assert not (tmp_path / "bad" / "report.json").exists()
+
+
+@pytest.mark.parametrize("method", ["rem", "lkd", "mrem_s"])
+def test_reconstruction_methods_end_to_end(tmp_path, tiny_encoder_dir, sst_like_csv, method):
+    cfg = _cfg(tmp_path, f"model.path={tiny_encoder_dir}", "quant=w2a8", "clip=mse", f"method={method}",
+               "method.steps=30", *_small_data(*sst_like_csv))
+    report = run(cfg)
+    rec = report["reconstruction"]
+    assert len(rec["modules"]) == 4  # tiny model: 4 layers; mrem_s's default of 4 modules = one each
+    assert rec["cache"] == "memory" and rec["partition"][0].startswith("module 0: embeddings")
+    before, after = report["metrics_before_reconstruction"], report["metrics"]["quantized"]
+    assert after["rel_error"] < before["rel_error"]
+    assert sum(m["error_after"] for m in rec["modules"]) < sum(m["error_before"] for m in rec["modules"])
+    assert len(report["layer_error"]["before"]) == len(report["layer_error"]["after"]) == 4
+    assert (tmp_path / "reconstruction.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (tmp_path / "summary.md").read_text()
+    assert f"# mrem-dist: {method} w2a8" in summary and "error before" in summary
+    assert report["timings_s"]["reconstruct"] > 0
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [("method.steps=0", "method.steps=0 must be positive"), ("method.lam=half", "method.lam='half' is not one of"),
+     ("method.loss=l1", "method.loss='l1'"), ("method.modules=-1", "method.modules=-1 must be >= 0")],
+)
+def test_bad_method_settings_are_rejected(tmp_path, override, match):
+    from mrem_dist.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        _cfg(tmp_path, "method=mrem_s", override)

@@ -13,6 +13,7 @@ from torch import nn
 
 from mrem_dist.config import BALANCES
 from mrem_dist.models.adapters import ModelAdapter
+from mrem_dist.quant import QuantLinear
 
 
 
@@ -97,10 +98,11 @@ def layer_costs(model: nn.Module, adapter: ModelAdapter, balance: str, seq_len: 
         costs[0] += sum(p.numel() for p in embeddings.parameters())
         costs[-1] += head_params
         return costs
+    hidden = adapter.encoder(model).config.hidden_size
     costs = []
     for layer in layers:
-        linear = sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear))
-        hidden = next(m.in_features for m in layer.modules() if isinstance(m, nn.Linear))
+        # Counted on the module's layer shape, so a quantized copy gives the same cut.
+        linear = sum(m.in_features * m.out_features for m in layer.modules() if isinstance(m, (nn.Linear, QuantLinear)))
         costs.append(2.0 * linear + 4.0 * seq_len * hidden)
     # Rows of the embedding table touched per token: one lookup of `hidden` values.
     costs[0] += 2.0 * adapter.word_embeddings(model).embedding_dim

@@ -1,0 +1,262 @@
+"""The reconstruction engine: partition arithmetic, the lam schedule, stages, and that training
+really lowers the module error; REM, LKD and MREM-S are one code path with different settings."""
+
+import copy
+import itertools
+import json
+import math
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import build_tiny
+from mrem_dist.config import MethodConfig, QuantConfig
+from mrem_dist.data import Batch
+from mrem_dist.engine import (
+    ActivationStore,
+    ReconSettings,
+    Stage,
+    choose_cache,
+    epoch_order,
+    lam_at,
+    layer_costs,
+    mix_inputs,
+    partition,
+    reconstruct_sequential,
+    split_contiguous,
+    trainable_groups,
+)
+from mrem_dist.models.adapters import ADAPTERS
+from mrem_dist.pipeline import recon_settings
+from mrem_dist.quantize import calibrate_activations, quantize_model
+from mrem_dist.evaluate import run_batch
+
+# -- partition --------------------------------------------------------------------------------
+
+
+def _sizes(ranges):
+    return [b - a for a, b in ranges]
+
+
+def test_equal_costs_split_evenly_with_smaller_modules_first():
+    assert _sizes(split_contiguous([1.0] * 12, 4)) == [3, 3, 3, 3]
+    assert _sizes(split_contiguous([1.0] * 6, 4)) == [1, 1, 2, 2]
+    assert _sizes(split_contiguous([1.0] * 6, 6)) == [1] * 6
+    assert split_contiguous([1.0] * 5, 1) == [(0, 5)]
+
+
+def test_split_is_optimal_against_brute_force():
+    rng = random.Random(0)
+    for _ in range(50):
+        L, n = rng.randint(1, 9), None
+        n = rng.randint(1, L)
+        costs = [rng.uniform(0.1, 10) for _ in range(L)]
+        ranges = split_contiguous(costs, n)
+        assert ranges[0][0] == 0 and ranges[-1][1] == L and all(a < b for a, b in ranges)
+        assert all(ranges[i][1] == ranges[i + 1][0] for i in range(n - 1))
+        got = max(sum(costs[a:b]) for a, b in ranges)
+        best = min(
+            max(sum(costs[a:b]) for a, b in zip((0, *cuts), (*cuts, L)))
+            for cuts in itertools.combinations(range(1, L), n - 1)
+        )
+        assert got == pytest.approx(best)
+
+
+def test_heavy_first_layer_gets_its_own_module():
+    assert split_contiguous([10, 1, 1, 1, 1], 2) == [(0, 1), (1, 5)]
+
+
+def test_more_modules_than_layers_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"cannot cut 4 layers into 5 modules.*method.modules<=4"):
+        split_contiguous([1.0] * 4, 5)
+    model = build_tiny("bert", head=False)  # 4 layers
+    with pytest.raises(ValueError, match="cannot cut 4 layers into 7 modules"):
+        partition(model, ADAPTERS["bert"], 7)
+
+
+def test_partition_specs_cover_the_model():
+    model = build_tiny("bert", head=True)
+    specs = partition(model, ADAPTERS["bert"], 0)
+    assert [(s.start, s.stop) for s in specs] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert specs[0].first and not specs[0].last and specs[-1].last
+    assert specs[0].describe() == "module 0: embeddings + layers 0-0"
+    assert specs[-1].describe() == "module 3: layers 3-3 + head"
+    two = partition(model, ADAPTERS["bert"], 2)
+    assert [(s.start, s.stop) for s in two] == [(0, 2), (2, 4)]
+
+
+def test_param_balance_charges_the_embeddings_to_the_first_layer():
+    model = build_tiny("bert", head=False)
+    adapter = ADAPTERS["bert"]
+    by_params = layer_costs(model, adapter, "params")
+    emb = sum(p.numel() for p in adapter.embeddings(model).parameters())
+    assert by_params[0] == pytest.approx(by_params[1] + emb)
+    # The table is huge in parameters but a lookup in compute: the cost balance keeps layers even.
+    assert _sizes([(s.start, s.stop) for s in partition(model, adapter, 2, "cost")]) == [2, 2]
+    assert _sizes([(s.start, s.stop) for s in partition(model, adapter, 2, "params")]) == [1, 3]
+
+
+# -- schedule ---------------------------------------------------------------------------------
+
+
+def test_lam_schedules():
+    assert [lam_at("zero", t, 10) for t in (0, 5, 9)] == [0.0, 0.0, 0.0]
+    assert [lam_at("one", t, 10) for t in (0, 5, 9)] == [1.0, 1.0, 1.0]
+    assert [lam_at("anneal", t, 100, 40) for t in (0, 10, 20, 40, 99)] == [1.0, 0.75, 0.5, 0.0, 0.0]
+    assert lam_at("anneal", 25, 100) == 0.5  # t0=0: half of the steps
+    with pytest.raises(ValueError, match="not one of"):
+        lam_at("linear", 0, 10)
+
+
+def test_mix_inputs():
+    fp, q = torch.ones(2, 3), torch.zeros(2, 3)
+    assert mix_inputs(0.25, fp, q).eq(0.25).all()
+    assert mix_inputs(1.0, fp, q) is fp and mix_inputs(0.0, fp, q) is q
+    assert mix_inputs(0.5, None, None) is None
+
+
+def test_epoch_order_visits_every_batch_once_per_epoch():
+    order = list(epoch_order(5, 12, seed=3))
+    assert len(order) == 12
+    assert sorted(order[:5]) == list(range(5)) and sorted(order[5:10]) == list(range(5))
+    assert order == list(epoch_order(5, 12, seed=3)) and order != list(epoch_order(5, 12, seed=4))
+
+
+# -- stages -----------------------------------------------------------------------------------
+
+
+def _batches(n=3, b=4, s=12, seed=0, vocab=30522):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1000, vocab, (b, s), generator=g)
+        mask = torch.ones(b, s, dtype=torch.long)
+        mask[0, s // 2:] = 0  # one padded sequence
+        out.append(Batch(ids, mask, torch.zeros_like(ids)))
+    return out
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+@pytest.mark.parametrize("head", [False, True])
+def test_chained_stages_equal_the_whole_model(family, head):
+    model = build_tiny(family, head=head)
+    adapter = ADAPTERS[family]
+    batch = _batches(1)[0]
+    if family == "distilbert":
+        batch = Batch(batch.input_ids, batch.attention_mask)
+    with torch.no_grad():
+        whole = run_batch(model, adapter, batch)
+        hidden = None
+        for spec in partition(model, adapter, 2):
+            out = Stage(model, adapter, spec)(hidden, batch)
+            hidden = out.hidden[-1]
+        result = out.logits if head else hidden
+    assert torch.equal(result, whole)
+
+
+# -- training ---------------------------------------------------------------------------------
+
+
+def _setup(head=False, w_bits=2, seed=0, family="bert"):
+    model = build_tiny(family, head=head, seed=seed)
+    adapter = ADAPTERS[family]
+    q = quantize_model(copy.deepcopy(model), adapter, QuantConfig(name="t", w_bits=w_bits, w_clip="mse"), learnable=True)
+    batches = _batches(4)
+    calibrate_activations(q, lambda m, b: run_batch(m, adapter, b), batches)
+    return model, q, adapter, batches
+
+
+def _run(method: MethodConfig, head=False, **kw):
+    model, q, adapter, batches = _setup(head=head)
+    specs = partition(model, adapter, method.modules)
+    result = reconstruct_sequential(model, q, adapter, specs, batches, recon_settings(method), seed=0, **kw)
+    return q, result
+
+
+def test_reconstruction_lowers_every_module_error():
+    q, result = _run(MethodConfig(name="mrem_s", modules=2, steps=60, lam="zero"))
+    assert result.cache == "memory" and len(result.modules) == 2
+    for m in result.modules:
+        assert m["error_after"] < 0.5 * m["error_before"], m
+        assert len(m["losses"]) == 60 and all(math.isfinite(x) for x in m["losses"])
+        assert sum(m["losses"][-10:]) < sum(m["losses"][:10])
+
+
+def test_reconstruction_with_a_head_and_kd():
+    q, result = _run(MethodConfig(name="mrem_s", modules=2, steps=30, kd_weight=1.0), head=True)
+    assert all(m["error_after"] < m["error_before"] for m in result.modules)
+
+
+def _quant_state(q):
+    return {k: v.clone() for k, v in q.state_dict().items()}
+
+
+def test_methods_are_settings_of_one_engine():
+    rem, lkd, mrem = (recon_settings(MethodConfig(name=n, modules=m, lam=lam, steps=20))
+                      for n, m, lam in (("rem", 0, "zero"), ("lkd", 0, "one"), ("mrem_s", 2, "zero")))
+    assert rem == ReconSettings(steps=20, lam="zero") and lkd == ReconSettings(steps=20, lam="one")
+    # MREM-S with one layer per module *is* REM: the same weights, bit for bit.
+    q_rem, _ = _run(MethodConfig(name="rem", modules=0, steps=15, lam="zero"))
+    q_ms, _ = _run(MethodConfig(name="mrem_s", modules=4, steps=15, lam="zero"))
+    a, b = _quant_state(q_rem), _quant_state(q_ms)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # LKD differs from REM only in where the inputs come from: from module 1 on the weights differ.
+    q_lkd, _ = _run(MethodConfig(name="lkd", modules=0, steps=15, lam="one"))
+    c = _quant_state(q_lkd)
+    layer0 = [k for k in a if ".layer.0." in k or "embeddings" in k]
+    layer2 = [k for k in a if ".layer.2." in k and k.endswith("weight")]
+    assert all(torch.equal(a[k], c[k]) for k in layer0)
+    assert not all(torch.equal(a[k], c[k]) for k in layer2)
+
+
+def test_disk_cache_gives_the_same_result_and_cleans_up(tmp_path):
+    q_mem, res_mem = _run(MethodConfig(name="mrem_s", modules=2, steps=10), cache="memory")
+    q_disk, res_disk = _run(MethodConfig(name="mrem_s", modules=2, steps=10), cache="disk", cache_dir=tmp_path)
+    assert res_disk.cache == "disk"
+    a, b = _quant_state(q_mem), _quant_state(q_disk)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_auto_cache_spills_to_disk_over_the_budget():
+    assert choose_cache("auto", 2**30, 2.0) == "memory"
+    assert choose_cache("auto", 3 * 2**30, 2.0) == "disk"
+    assert choose_cache("disk", 1, 2.0) == "disk"
+    with pytest.raises(ValueError, match="not one of"):
+        choose_cache("ram", 1, 1.0)
+    _, res = _run(MethodConfig(name="mrem_s", modules=2, steps=2), cache_memory_gb=1e-9)
+    assert res.cache == "disk"
+
+
+def test_activation_store_round_trip(tmp_path):
+    store = ActivationStore("disk", tmp_path)
+    t = torch.randn(2, 3, 4)
+    store.put(0, t)
+    assert torch.equal(store.get(0), t) and len(store) == 1
+    store.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_only_weights_and_scales_train_by_default():
+    model, q, adapter, _ = _setup()
+    stage = Stage(q, adapter, partition(q, adapter, 2)[1])
+    names = {id(p): n for n, p in stage.named_parameters()}
+    default = [names[id(p)] for g in trainable_groups(stage, ReconSettings()) for p in g["params"]]
+    assert default and all(n.endswith(".weight") and "LayerNorm" not in n or n.endswith(".scale") for n in default)
+    assert not any(n.endswith(".bias") for n in default)
+    more = [names[id(p)] for g in trainable_groups(stage, ReconSettings(train_bias=True, train_layernorm=True)) for p in g["params"]]
+    assert any("LayerNorm" in n for n in more) and any(n.endswith(".bias") for n in more)
+
+
+def test_learned_scales_stay_positive():
+    # A huge scale learning rate would drive step sizes negative without the clamp.
+    q, _ = _run(MethodConfig(name="mrem_s", modules=2, steps=5, lr_scale=50.0))
+    scales = [p for n, p in q.named_parameters() if n.endswith(".scale")]
+    assert scales and all((s > 0).all() for s in scales)
+
+
+def test_diverging_training_names_the_module():
+    with pytest.raises(FloatingPointError, match=r"module 0: embeddings \+ layers 0-1.*lower method.lr_weight"):
+        _run(MethodConfig(name="mrem_s", modules=2, steps=20, lr_weight=float("inf")))
