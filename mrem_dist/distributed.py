@@ -8,13 +8,18 @@ from __future__ import annotations
 import os
 
 
-def env_rank() -> int:
-    """Global rank as set by the launcher: torchrun first, then SLURM, else 0 (single process)."""
-    for key in ("RANK", "SLURM_PROCID"):
+def _env_int(*keys: str) -> int:
+    """The first of `keys` set to an integer in the environment, else 0 (single process)."""
+    for key in keys:
         value = os.environ.get(key)
         if value is not None and value.strip().isdigit():
             return int(value)
     return 0
+
+
+def env_rank() -> int:
+    """Global rank as set by the launcher: torchrun first, then SLURM, else 0 (single process)."""
+    return _env_int("RANK", "SLURM_PROCID")
 
 
 def is_main_process() -> bool:
@@ -37,8 +42,4 @@ def resolve_device(name: str):
 
 def env_local_rank() -> int:
     """Rank within the node: torchrun's LOCAL_RANK, then SLURM_LOCALID, else 0."""
-    for key in ("LOCAL_RANK", "SLURM_LOCALID"):
-        value = os.environ.get(key)
-        if value is not None and value.strip().isdigit():
-            return int(value)
-    return 0
+    return _env_int("LOCAL_RANK", "SLURM_LOCALID")

@@ -38,7 +38,7 @@ def model_outputs(model: nn.Module, adapter: ModelAdapter, batches: list[Batch])
                 "the model produced NaN/inf outputs on the evaluation data: check the quantization settings "
                 "(e.g. a too-low activation bit width) and the input data"
             )
-        outs.append(out.float())
+        outs.append(out.float().cpu())
     return torch.cat(outs)
 
 

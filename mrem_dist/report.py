@@ -36,7 +36,7 @@ def summary_markdown(report: dict) -> str:
         lines.append(f"| {name} | {_fmt(fp.get(name, '-'))} | {_fmt(qm[name])} |")
     if "reconstruction" in report:
         before = report["metrics_before_reconstruction"]
-        lines += ["", f"Before reconstruction (the PTQ initialisation): " + ", ".join(f"{k} {_fmt(v)}" for k, v in before.items()), ""]
+        lines += ["", "Before reconstruction (the PTQ initialisation): " + ", ".join(f"{k} {_fmt(v)}" for k, v in before.items()), ""]
         rec = report["reconstruction"]
         lines += [f"Reconstruction ({rec['cache']} activation cache): module error before -> after", "",
                   "| module | layers | error before | error after | seconds |", "|---|---|---|---|---|"]

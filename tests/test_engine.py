@@ -3,13 +3,11 @@ really lowers the module error; REM, LKD and MREM-S are one code path with diffe
 
 import copy
 import itertools
-import json
 import math
 import random
 
 import pytest
 import torch
-from torch import nn
 
 from conftest import build_tiny
 from mrem_dist.config import MethodConfig, QuantConfig

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import build_tiny, save_tiny
+from conftest import build_tiny
 from mrem_dist.models import ADAPTERS, adapter_for, load_model, resolve_model_path
 
 

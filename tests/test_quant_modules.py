@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mrem_dist.quant import (
@@ -320,3 +321,22 @@ def test_reprs():
     text = repr(ql)
     for part in ("bits=4", "granularity=group", "groups=4", "clip=minmax", "ternary=False", "ocs_extra=2", "name='fc'"):
         assert part in text
+
+
+@pytest.mark.parametrize("bits,learnable", [(8, False), (4, True), (2, True)])
+def test_embedding_quantizes_only_looked_up_rows_with_identical_values_and_gradients(bits, learnable):
+    torch.manual_seed(0)
+    emb = nn.Embedding(100, 16, padding_idx=0)
+    fast = QuantEmbedding(emb, WeightQuantizer(bits, learnable=learnable))
+    ref = QuantEmbedding(emb, WeightQuantizer(bits, learnable=learnable))
+    ids = torch.randint(0, 100, (3, 7))
+    ids[0, 0] = 0  # the padding row gets no gradient, as in F.embedding
+    y = fast(ids)
+    y_ref = F.embedding(ids, ref.weight_quantizer(ref.weight), 0)
+    assert torch.equal(y, y_ref)
+    (y**2).sum().backward()
+    (y_ref**2).sum().backward()
+    assert torch.allclose(fast.weight.grad, ref.weight.grad, atol=1e-6)
+    assert fast.weight.grad[0].abs().sum() == 0
+    if learnable:
+        assert torch.allclose(fast.weight_quantizer.scale.grad, ref.weight_quantizer.scale.grad, atol=1e-6)

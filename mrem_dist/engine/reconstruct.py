@@ -9,6 +9,7 @@ MREM-P) is this same loop with different settings.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
@@ -41,7 +42,7 @@ class ReconSettings:
     t0: int = 0  # anneal: lam_t = max(1 - t/t0, 0); 0 means half of the steps
     loss: str = "every_layer"
     kd_weight: float = 0.0  # distillation on the logits, last module of a task model only
-    lr_weight: float = 1e-4
+    lr_weight: float = 1e-3
     lr_scale: float = 1e-3  # relative to each step size's magnitude
     weight_decay: float = 0.0
     train_weights: bool = True
@@ -138,8 +139,6 @@ class _Progress:
     """A tqdm bar on a terminal, periodic log lines otherwise (SLURM logs, CI)."""
 
     def __init__(self, desc: str, total: int, every: int) -> None:
-        import sys
-
         self.total, self.every, self.desc = total, every, desc
         self.start = time.perf_counter()
         self.bar = None
@@ -174,6 +173,8 @@ def reconstruct_module(
     """Train `student` for settings.steps steps on the feed. The teacher stage is frozen and run on
     the full-precision input of each step for the targets. `on_step(t, student_output, lam)` lets a
     caller forward the student's output (MREM-P's student stream)."""
+    if settings.loss not in LOSSES:
+        raise ValueError(f"loss={settings.loss!r} is not one of {', '.join(LOSSES)}")
     groups = trainable_groups(student, settings)
     if not groups:
         raise ValueError("nothing to train in this module: enable method.train_weights or method.train_scales")
@@ -189,7 +190,12 @@ def reconstruct_module(
     try:
         for t in range(settings.steps):
             t_wait = time.perf_counter()
-            batch, fp_in, q_in = next(it)
+            try:
+                batch, fp_in, q_in = next(it)
+            except StopIteration:
+                raise RuntimeError(
+                    f"{student.spec.describe()}: the input feed ended after {t} of {settings.steps} steps"
+                ) from None
             waited += time.perf_counter() - t_wait
             lam = lam_at(settings.lam, t, settings.steps, settings.t0)
             # Cosine decay: large early moves to escape the rounding init, small late ones to settle.

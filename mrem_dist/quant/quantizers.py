@@ -165,6 +165,20 @@ class WeightQuantizer(nn.Module):
             out = fake_quant(wg, self.scale, self.zero_point, self.qmin, self.qmax, g).to(weight.dtype)
         return out.reshape(weight.shape)
 
+    def rowwise(self) -> bool:
+        """One scale per row, not ternary: row i's fake-quant depends on row i alone."""
+        return self.scale is not None and not self.ternary and self.granularity == "row"
+
+    def forward_rows(self, weight: Tensor, index: Tensor) -> Tensor:
+        """forward(weight)[index] computed on the selected rows only (an embedding lookup touches a
+        few hundred of 30K rows); same values and gradients. Needs rowwise()."""
+        if not self.rowwise():
+            raise RuntimeError("forward_rows needs per-row, non-ternary quantization: use forward(weight)[index]")
+        rows = weight[index]
+        zp = None if self.zero_point is None else self.zero_point[index]
+        g = 1.0 / math.sqrt(weight.shape[1] * self.qmax) if self.learnable else None
+        return fake_quant(rows, self.scale[index], zp, self.qmin, self.qmax, g).to(weight.dtype)
+
     @torch.no_grad()
     def codes(self, weight: Tensor) -> Tensor:
         """Integer codes (int32, in [qmin, qmax]) of `weight`, shape [out, in]."""
