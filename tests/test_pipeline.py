@@ -162,3 +162,15 @@ def test_bad_method_settings_are_rejected(tmp_path, override, match):
 
     with pytest.raises(ConfigError, match=match):
         _cfg(tmp_path, "method=mrem_s", override)
+
+
+def test_hydra_sweep_runs_every_combination(tmp_path, tiny_encoder_dir, sst_like_csv):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "mrem_dist", "-m", "quant=w8a8,w2a8", f"model.path={tiny_encoder_dir}",
+           *_small_data(*sst_like_csv), f"hydra.sweep.dir={tmp_path}"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    reports = sorted(tmp_path.glob("*/report.json"))
+    assert [p.parent.name for p in reports] == ["0_ptq_w8a8", "1_ptq_w2a8"]
+    cos = [json.loads(p.read_text())["metrics"]["quantized"]["cosine"] for p in reports]
+    assert cos[0] > cos[1]
