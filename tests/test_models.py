@@ -42,6 +42,7 @@ def test_unknown_family_error_names_fix():
         adapter_for("t5")
 
 
+@pytest.mark.slow
 def test_load_builtin_minilm_is_encoder():
     loaded = load_model("builtin:all-MiniLM-L6-v2")
     assert loaded.kind == "encoder" and loaded.adapter.family == "bert"

@@ -119,6 +119,7 @@ def test_nan_weight_is_named(tmp_path, tiny_encoder_dir):
         quantize_model(loaded.model, loaded.adapter, cfg.quant)
 
 
+@pytest.mark.slow
 def test_entry_point_runs_and_rejects_bad_bits(tmp_path, tiny_encoder_dir, sst_like_csv):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     base = [sys.executable, "-m", "mrem_dist", f"model.path={tiny_encoder_dir}", *_small_data(*sst_like_csv)]
@@ -164,6 +165,7 @@ def test_bad_method_settings_are_rejected(tmp_path, override, match):
         _cfg(tmp_path, "method=mrem_s", override)
 
 
+@pytest.mark.slow
 def test_hydra_sweep_runs_every_combination(tmp_path, tiny_encoder_dir, sst_like_csv):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "mrem_dist", "-m", "quant=w8a8,w2a8", f"model.path={tiny_encoder_dir}",
@@ -174,3 +176,15 @@ def test_hydra_sweep_runs_every_combination(tmp_path, tiny_encoder_dir, sst_like
     assert [p.parent.name for p in reports] == ["0_ptq_w8a8", "1_ptq_w2a8"]
     cos = [json.loads(p.read_text())["metrics"]["quantized"]["cosine"] for p in reports]
     assert cos[0] > cos[1]
+
+
+@pytest.mark.slow
+def test_builtin_default_on_the_real_minilm(tmp_path):
+    # The README's main job, on fewer samples: the real model and text that ship offline.
+    cfg = _cfg(tmp_path, "quant=w8a8", "data.calib_samples=64", "data.eval_samples=48", "data.max_length=32")
+    report = run(cfg)
+    assert report["model"]["family"] == "bert" and report["model"]["kind"] == "encoder"
+    assert report["model"]["parameters"] > 22_000_000
+    assert report["data"] == {"name": "builtin", "calibration_samples": 64, "evaluation_samples": 48,
+                              "max_length": 32, "labeled": False}
+    assert 0.95 < report["metrics"]["quantized"]["cosine"] < 1.0
