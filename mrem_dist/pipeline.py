@@ -143,37 +143,19 @@ def run(cfg: RunConfig) -> dict:
     # OCS) before any long forward pass; so does the partition.
     with timer("quantize"):
         qmodel = quantize_model(copy.deepcopy(model), adapter, cfg.quant, learnable=reconstruct)
-        specs = partition(model, adapter, cfg.method.modules, cfg.method.balance, cfg.data.max_length) if reconstruct else []
+        specs = []
+        if reconstruct:
+            specs = partition(model, adapter, cfg.method.modules, cfg.method.balance, cfg.data.max_length)
     with timer("calibrate"):
         if needs_calibration(qmodel):
             calibrate_activations(qmodel, lambda m, b: run_batch(m, adapter, b), calib)
             log.info("calibrated static activation ranges on %d batches", len(calib))
 
-    extra: dict = {}
     with timer("evaluate"):
         fp_out = model_outputs(model, adapter, eval_batches)
+    extra: dict = {}
     if reconstruct:
-        probe = eval_batches[:4]
-        with timer("evaluate"):
-            _, init_metrics = compare(fp_out, model_outputs(qmodel, adapter, eval_batches), prepared.evalset)
-            before = layer_errors(model, qmodel, adapter, probe)
-        log.info("before reconstruction: %s", _fmt_metrics(init_metrics))
-        with timer("reconstruct"):
-            engine = reconstruct_sequential(
-                model, qmodel, adapter, specs, calib, recon_settings(cfg.method),
-                cache=cfg.method.cache, cache_memory_gb=cfg.method.cache_memory_gb, seed=cfg.seed, device=device,
-            )
-        with timer("evaluate"):
-            after = layer_errors(model, qmodel, adapter, probe)
-        extra = {
-            "initial_metrics": init_metrics,
-            "reconstruction": {
-                "partition": [s.describe() for s in specs],
-                "cache": engine.cache,
-                "modules": engine.modules,
-            },
-            "layer_error": {"before": before, "after": after},
-        }
+        extra = _reconstruct(cfg, model, qmodel, adapter, specs, calib, fp_out, prepared.evalset, eval_batches, timer, device)
 
     with timer("evaluate"):
         q_out = model_outputs(qmodel, adapter, eval_batches)
@@ -192,7 +174,6 @@ def run(cfg: RunConfig) -> dict:
         },
         "data": prepared.description,
         "metrics": {"full_precision": fp_metrics, "quantized": q_metrics},
-        **({"metrics_before_reconstruction": extra.pop("initial_metrics")} if extra else {}),
         **extra,
         "timings_s": timer.seconds,
         "environment": {
@@ -206,6 +187,28 @@ def run(cfg: RunConfig) -> dict:
     }
     write_report(Path(cfg.run_dir), report)
     return report
+
+
+def _reconstruct(cfg, model, qmodel, adapter, specs, calib, fp_out, evalset, eval_batches, timer, device) -> dict:
+    """Train qmodel's modules in place; returns the report's reconstruction sections (the metrics
+    and per-layer error before, each module's error before/after, per-layer error after)."""
+    probe = eval_batches[:4]
+    with timer("evaluate"):
+        _, init_metrics = compare(fp_out, model_outputs(qmodel, adapter, eval_batches), evalset)
+        before = layer_errors(model, qmodel, adapter, probe)
+    log.info("before reconstruction: %s", _fmt_metrics(init_metrics))
+    with timer("reconstruct"):
+        engine = reconstruct_sequential(
+            model, qmodel, adapter, specs, calib, recon_settings(cfg.method),
+            cache=cfg.method.cache, cache_memory_gb=cfg.method.cache_memory_gb, seed=cfg.seed, device=device,
+        )
+    with timer("evaluate"):
+        after = layer_errors(model, qmodel, adapter, probe)
+    return {
+        "metrics_before_reconstruction": init_metrics,
+        "reconstruction": {"partition": [s.describe() for s in specs], "cache": engine.cache, "modules": engine.modules},
+        "layer_error": {"before": before, "after": after},
+    }
 
 
 def _fmt_metrics(metrics: dict) -> str:

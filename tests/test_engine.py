@@ -183,7 +183,9 @@ def test_reconstruction_lowers_every_module_error():
 
 
 def test_reconstruction_with_a_head_and_kd():
-    q, result = _run(MethodConfig(name="mrem_s", modules=2, steps=30, kd_weight=1.0), head=True)
+    # lr_weight is absolute: the default (1e-3, measured on MiniLM) overshoots on this tiny random
+    # model's weights in 30 steps, so the test uses a smaller one.
+    q, result = _run(MethodConfig(name="mrem_s", modules=2, steps=30, kd_weight=1.0, lr_weight=3e-4), head=True)
     assert all(m["error_after"] < m["error_before"] for m in result.modules)
 
 
