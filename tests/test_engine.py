@@ -174,7 +174,7 @@ def _run(method: MethodConfig, head=False, **kw):
 
 
 def test_reconstruction_lowers_every_module_error():
-    q, result = _run(MethodConfig(name="mrem_s", modules=2, steps=60, lam="zero"))
+    q, result = _run(MethodConfig(name="mrem_s", modules=2, steps=60, lam="zero", lr_weight=3e-4))
     assert result.cache == "memory" and len(result.modules) == 2
     for m in result.modules:
         assert m["error_after"] < 0.5 * m["error_before"], m
