@@ -1,11 +1,18 @@
-"""The one place that reads launcher environments (torchrun, SLURM, single process).
+"""The one place that reads launcher environments (torchrun, SLURM, single process) and sets up
+the process group.
 
 Algorithm code asks this module for its rank; it never reads RANK/SLURM_PROCID itself.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:  # torch is imported lazily: `--help` and config errors stay fast
+    import torch
 
 
 def _env_int(*keys: str) -> int:
@@ -43,3 +50,86 @@ def resolve_device(name: str):
 def env_local_rank() -> int:
     """Rank within the node: torchrun's LOCAL_RANK, then SLURM_LOCALID, else 0."""
     return _env_int("LOCAL_RANK", "SLURM_LOCALID")
+
+
+def env_world_size() -> int:
+    """Number of ranks: torchrun's WORLD_SIZE, then SLURM_NTASKS, else 1."""
+    return max(_env_int("WORLD_SIZE", "SLURM_NTASKS"), 1)
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Who this process is. Keep the global rank, the local rank and the stage index (which
+    module partition a rank trains: see rank_modules) as separate names."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: Optional[str]  # None: a single process without a process group
+    device: "torch.device"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def backend_for(device: "torch.device") -> str:
+    """NCCL for CUDA tensors, gloo for CPU tensors: chosen from the device, never hard-coded."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 300.0) -> DistContext:
+    """Join the process group the launcher described (idempotent). A single process (no
+    WORLD_SIZE/SLURM_NTASKS, or a world of 1) gets no process group at all.
+
+    Collective timeouts are `timeout_s`, so a dead peer ends a rank with an error rather than a hang.
+    """
+    import torch
+    import torch.distributed as dist
+
+    world = env_world_size()
+    dev = resolve_device(device)
+    if world == 1:
+        return DistContext(0, 1, 0, None, dev)
+    backend = backend_for(dev)
+    if not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        for key in ("MASTER_ADDR", "MASTER_PORT"):
+            if key not in os.environ:
+                raise RuntimeError(
+                    f"{key} is not set for a {world}-rank run: launch with torchrun (it sets it), or export "
+                    f"{key} (the first node's address / a free port) in the job script"
+                )
+        dist.init_process_group(
+            backend, rank=env_rank(), world_size=world, timeout=datetime.timedelta(seconds=timeout_s)
+        )
+    return DistContext(dist.get_rank(), dist.get_world_size(), env_local_rank(), dist.get_backend(), dev)
+
+
+def teardown_distributed() -> None:
+    """Leave the process group if there is one; safe to call on every exit path."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_modules(num_modules: int, world_size: int) -> list[range]:
+    """The contiguous group of module indices each rank trains: module partitions are spread as
+    evenly as possible, earlier ranks taking the extra ones (5 modules on 2 ranks: [0-2], [3-4])."""
+    if world_size < 1:
+        raise ValueError(f"world size must be >= 1, got {world_size}")
+    if num_modules < world_size:
+        raise ValueError(
+            f"{world_size} ranks but only {num_modules} module partitions: every rank needs at least one. "
+            f"Use at most {num_modules} ranks (--nproc_per_node={num_modules}) or more modules "
+            f"(method.modules={world_size} or higher, at most the number of layers)"
+        )
+    base, extra = divmod(num_modules, world_size)
+    out, start = [], 0
+    for r in range(world_size):
+        n = base + (1 if r < extra else 0)
+        out.append(range(start, start + n))
+        start += n
+    return out

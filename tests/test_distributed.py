@@ -28,3 +28,65 @@ def test_device_auto_and_explicit():
 def test_cuda_without_a_gpu_is_a_clear_error():
     with pytest.raises(RuntimeError, match="no CUDA device: use device=cpu"):
         resolve_device("cuda:0")
+
+
+# -- the process group, with real processes ------------------------------------------------------
+
+def _allreduce_rank(rank: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from mrem_dist.distributed import init_distributed, teardown_distributed
+
+    ctx = init_distributed("cpu", timeout_s=30)
+    try:
+        again = init_distributed("cpu", timeout_s=30)  # idempotent
+        t = torch.tensor([float(ctx.rank + 1)])
+        dist.all_reduce(t)
+        with open(f"{out_dir}/{rank}.txt", "w") as f:
+            f.write(f"{ctx.rank} {ctx.world_size} {ctx.local_rank} {ctx.backend} {again.rank} {t.item()}")
+    finally:
+        teardown_distributed()
+
+
+def test_two_ranks_join_a_gloo_group(tmp_path):
+    from dist_helpers import run_ranks
+
+    run_ranks(_allreduce_rank, 2, str(tmp_path))
+    lines = sorted((tmp_path / f"{r}.txt").read_text() for r in range(2))
+    assert lines == ["0 2 0 gloo 0 3.0", "1 2 1 gloo 1 3.0"]
+
+
+def test_single_process_has_no_group(monkeypatch):
+    from mrem_dist.distributed import init_distributed, teardown_distributed
+
+    for key in ("WORLD_SIZE", "SLURM_NTASKS", "RANK"):
+        monkeypatch.delenv(key, raising=False)
+    ctx = init_distributed("cpu")
+    assert (ctx.rank, ctx.world_size, ctx.backend, ctx.is_main) == (0, 1, None, True)
+    teardown_distributed()  # a no-op without a group
+
+
+def test_multi_rank_without_a_master_address_is_a_clear_error(monkeypatch):
+    from mrem_dist.distributed import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(RuntimeError, match="MASTER_ADDR is not set for a 2-rank run: launch with torchrun"):
+        init_distributed("cpu")
+
+
+def test_backend_follows_the_device():
+    from mrem_dist.distributed import backend_for
+
+    assert backend_for(torch.device("cpu")) == "gloo" and backend_for(torch.device("cuda", 0)) == "nccl"
+
+
+def test_rank_modules_spreads_partitions_contiguously():
+    from mrem_dist.distributed import rank_modules
+
+    assert rank_modules(4, 4) == [range(0, 1), range(1, 2), range(2, 3), range(3, 4)]
+    assert rank_modules(5, 2) == [range(0, 3), range(3, 5)]
+    assert rank_modules(6, 1) == [range(0, 6)]
+    with pytest.raises(ValueError, match=r"3 ranks but only 2 module partitions.*--nproc_per_node=2"):
+        rank_modules(2, 3)
