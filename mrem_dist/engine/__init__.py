@@ -19,6 +19,7 @@ from .reconstruct import (
 )
 from .sequential import EngineResult, epoch_order, reconstruct_sequential
 from .stage import Stage, StageOutput
+from .stream import StreamReceiver, StreamSender
 
 __all__ = [
     "CACHE_MODES", "ActivationStore", "choose_cache",
@@ -27,4 +28,5 @@ __all__ = [
     "module_error", "reconstruct_module", "reconstruction_loss", "step", "trainable_groups",
     "EngineResult", "epoch_order", "reconstruct_sequential",
     "Stage", "StageOutput",
+    "StreamReceiver", "StreamSender",
 ]

@@ -1,0 +1,59 @@
+"""Boundary-activation streams between real processes (gloo): values arrive intact and in order
+through a chain of ranks, with and without the student tensor, and a desync is an error."""
+
+import pytest
+import torch
+
+from dist_helpers import run_ranks
+
+
+def _chain(rank: int, out_dir: str, steps: int, skew: bool) -> None:
+    from mrem_dist.distributed import init_distributed, teardown_distributed
+    from mrem_dist.engine.stream import StreamReceiver, StreamSender
+
+    ctx = init_distributed("cpu", timeout_s=30)
+    try:
+        last = ctx.world_size - 1
+        send = StreamSender(rank + 1, depth=2) if rank < last else None
+        recv = StreamReceiver(rank - 1, ctx.device) if rank > 0 else None
+        seen = []
+        for t in range(steps):
+            batch_index = (t * 3) % 5
+            if recv is None:
+                teacher = torch.full((2, 4, 8), float(t))
+                student = torch.full((2, 4, 8), float(-t)) if t % 2 else None
+            else:
+                expect_step = t + 1 if (skew and rank == last) else t
+                teacher, student = recv.recv(expect_step, batch_index)
+                seen.append((teacher.mean().item(), None if student is None else student.mean().item()))
+                teacher = teacher + 1  # this rank's "module"
+                student = None if student is None else student - 1
+            if send is not None:
+                send.send(t, batch_index, teacher, student)
+        if send is not None:
+            send.flush()
+        with open(f"{out_dir}/{rank}.txt", "w") as f:
+            f.write(repr(seen))
+    except Exception as e:
+        # Which rank fails first is a race (its peers then lose the connection): record each.
+        with open(f"{out_dir}/{rank}.err", "w") as f:
+            f.write(str(e))
+        raise
+    finally:
+        teardown_distributed()
+
+
+def test_three_rank_chain_delivers_every_step_in_order(tmp_path):
+    run_ranks(_chain, 3, str(tmp_path), 6, False)
+    last = eval((tmp_path / "2.txt").read_text())
+    # Rank 2 sees rank 1's output: teacher t + 1; the student (odd steps only) -t - 1.
+    assert last == [(t + 1.0, None if t % 2 == 0 else float(-t - 1)) for t in range(6)]
+    middle = eval((tmp_path / "1.txt").read_text())
+    assert [m[0] for m in middle] == [t + 0.0 for t in range(6)]
+
+
+def test_out_of_step_stream_is_an_error(tmp_path):
+    with pytest.raises(Exception):
+        run_ranks(_chain, 3, str(tmp_path), 2, True)
+    # The receiving rank names the mismatch (its peers may be terminated before they notice).
+    assert "out of step: expected step 1 (batch 0), received step 0 (batch 0)" in (tmp_path / "2.err").read_text()
