@@ -260,3 +260,21 @@ def test_learned_scales_stay_positive():
 def test_diverging_training_names_the_module():
     with pytest.raises(FloatingPointError, match=r"module 0: embeddings \+ layers 0-1.*lower method.lr_weight"):
         _run(MethodConfig(name="mrem_s", modules=2, steps=20, lr_weight=float("inf")))
+
+
+def test_module_trainer_steps_return_the_streams_for_the_next_module():
+    from mrem_dist.engine import ModuleTrainer
+
+    model, q, adapter, batches = _setup()
+    specs = partition(model, adapter, 2)
+    first = ModuleTrainer(Stage(q, adapter, specs[0]), Stage(model, adapter, specs[0]), ReconSettings(steps=3, lam="anneal"))
+    second = ModuleTrainer(Stage(q, adapter, specs[1]), Stage(model, adapter, specs[1]), ReconSettings(steps=3, lam="anneal"))
+    for t in range(3):  # lockstep: both modules step on the same batch, module 0's outputs feeding module 1
+        teacher_out, student_out = first.train_step(t, batches[t], None, None)
+        with torch.no_grad():
+            assert torch.equal(teacher_out.hidden[-1], Stage(model, adapter, specs[0])(None, batches[t]).hidden[-1])
+        second.train_step(t, batches[t], teacher_out.hidden[-1], student_out.hidden[-1].detach())
+    results = [first.finish(), second.finish()]
+    assert [r.lams for r in results] == [[1.0, 0.0, 0.0]] * 2  # anneal over half of 3 steps: t0 = 1
+    assert all(len(r.losses) == 3 for r in results)
+    assert not any(p.requires_grad for tr in (first, second) for p in tr.student.parameters())

@@ -7,6 +7,7 @@ from .reconstruct import (
     LAM_SCHEDULES,
     LOSSES,
     ModuleResult,
+    ModuleTrainer,
     ReconSettings,
     lam_at,
     masked_mse,
@@ -24,7 +25,7 @@ from .stream import StreamReceiver, StreamSender
 __all__ = [
     "CACHE_MODES", "ActivationStore", "choose_cache",
     "BALANCES", "ModuleSpec", "layer_costs", "partition", "split_contiguous",
-    "LAM_SCHEDULES", "LOSSES", "ModuleResult", "ReconSettings", "lam_at", "masked_mse", "mix_inputs",
+    "LAM_SCHEDULES", "LOSSES", "ModuleResult", "ModuleTrainer", "ReconSettings", "lam_at", "masked_mse", "mix_inputs",
     "module_error", "reconstruct_module", "reconstruction_loss", "step", "trainable_groups",
     "EngineResult", "epoch_order", "reconstruct_sequential",
     "Stage", "StageOutput",

@@ -12,7 +12,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -163,29 +163,62 @@ class _Progress:
             self.bar.close()
 
 
-def reconstruct_module(
-    student: Stage,
-    teacher: Stage,
-    feed: Feed,
-    settings: ReconSettings,
-    on_step: Optional[Callable[[int, StageOutput, float], None]] = None,
-) -> ModuleResult:
+class ModuleTrainer:
+    """The training state of one module: optimizer, lr schedule, loss history, progress.
+
+    `train_step` is one step on one batch; drivers own the loop. The sequential driver calls it
+    through `reconstruct_module`; a rank holding several modules calls each trainer in turn on
+    the same step (lockstep), passing one module's outputs as the next one's inputs.
+    """
+
+    def __init__(self, student: Stage, teacher: Stage, settings: ReconSettings) -> None:
+        if settings.loss not in LOSSES:
+            raise ValueError(f"loss={settings.loss!r} is not one of {', '.join(LOSSES)}")
+        self.student, self.teacher, self.settings = student, teacher, settings
+        self.groups = trainable_groups(student, settings)
+        if not self.groups:
+            raise ValueError("nothing to train in this module: enable method.train_weights or method.train_scales")
+        self.optimizer = torch.optim.AdamW(self.groups, betas=(0.9, 0.999))
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.scales = [p for g in self.groups if g["name"] == "scales" for p in g["params"]]
+        freeze_stage(teacher)
+        every = settings.log_every or max(settings.steps // 10, 1)
+        self.progress = _Progress(f"module {student.spec.index}", settings.steps, every)
+        self.losses: list[float] = []
+        self.lams: list[float] = []
+        self.start = time.perf_counter()
+
+    def train_step(self, t: int, batch: Batch, fp_in: Optional[Tensor], q_in: Optional[Tensor]) -> tuple[StageOutput, StageOutput]:
+        """Step t on one batch; returns (teacher output, student output) for the next module."""
+        s = self.settings
+        lam = lam_at(s.lam, t, s.steps, s.t0)
+        # Cosine decay: large early moves to escape the rounding init, small late ones to settle.
+        for g, lr in zip(self.optimizer.param_groups, self.base_lrs):
+            g["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * t / s.steps))
+        target, out, loss = step(self.student, self.teacher, self.optimizer, batch, fp_in, q_in, lam, s)
+        with torch.no_grad():
+            for scale in self.scales:  # a learned step size must stay positive
+                scale.clamp_(min=SCALE_EPS)
+        self.losses.append(loss)
+        self.lams.append(lam)
+        self.progress.update(t, loss, lam)
+        return target, out
+
+    def finish(self, wait_seconds: float = 0.0) -> ModuleResult:
+        """Close the progress display and freeze the module again."""
+        self.progress.close()
+        for g in self.groups:
+            for p in g["params"]:
+                p.requires_grad_(False)
+        seconds = time.perf_counter() - self.start
+        return ModuleResult(self.student.spec.index, self.losses, self.lams, seconds, wait_seconds)
+
+
+def reconstruct_module(student: Stage, teacher: Stage, feed: Feed, settings: ReconSettings) -> ModuleResult:
     """Train `student` for settings.steps steps on the feed. The teacher stage is frozen and run on
-    the full-precision input of each step for the targets. `on_step(t, student_output, lam)` lets a
-    caller forward the student's output (MREM-P's student stream)."""
-    if settings.loss not in LOSSES:
-        raise ValueError(f"loss={settings.loss!r} is not one of {', '.join(LOSSES)}")
-    groups = trainable_groups(student, settings)
-    if not groups:
-        raise ValueError("nothing to train in this module: enable method.train_weights or method.train_scales")
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    scales = [p for g in groups if g["name"] == "scales" for p in g["params"]]
-    freeze_stage(teacher)
-    every = settings.log_every or max(settings.steps // 10, 1)
-    progress = _Progress(f"module {student.spec.index}", settings.steps, every)
-    losses, lams, waited = [], [], 0.0
-    start = time.perf_counter()
+    the full-precision input of each step for the targets."""
+    trainer = ModuleTrainer(student, teacher, settings)
+    waited = 0.0
     it = iter(feed)
     try:
         for t in range(settings.steps):
@@ -197,25 +230,10 @@ def reconstruct_module(
                     f"{student.spec.describe()}: the input feed ended after {t} of {settings.steps} steps"
                 ) from None
             waited += time.perf_counter() - t_wait
-            lam = lam_at(settings.lam, t, settings.steps, settings.t0)
-            # Cosine decay: large early moves to escape the rounding init, small late ones to settle.
-            for g, lr in zip(optimizer.param_groups, base_lrs):
-                g["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * t / settings.steps))
-            out, loss = step(student, teacher, optimizer, batch, fp_in, q_in, lam, settings)
-            with torch.no_grad():
-                for s in scales:  # a learned step size must stay positive
-                    s.clamp_(min=SCALE_EPS)
-            losses.append(loss)
-            lams.append(lam)
-            if on_step is not None:
-                on_step(t, out, lam)
-            progress.update(t, loss, lam)
+            trainer.train_step(t, batch, fp_in, q_in)
     finally:
-        progress.close()
-    for g in groups:
-        for p in g["params"]:
-            p.requires_grad_(False)
-    return ModuleResult(student.spec.index, losses, lams, time.perf_counter() - start, waited)
+        result = trainer.finish(waited)
+    return result
 
 
 def step(
@@ -227,7 +245,8 @@ def step(
     q_in: Optional[Tensor],
     lam: float,
     settings: ReconSettings,
-) -> tuple[StageOutput, float]:
+) -> tuple[StageOutput, StageOutput, float]:
+    """One optimizer step; returns (teacher output, student output, loss)."""
     with torch.no_grad():
         target = teacher(fp_in, batch)
     out = student(mix_inputs(lam, fp_in, q_in), batch)
@@ -240,7 +259,7 @@ def step(
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return out, loss.item()
+    return target, out, loss.item()
 
 
 @torch.no_grad()
