@@ -19,7 +19,6 @@ from torch import Tensor
 from mrem_dist.config import CACHE_MODES
 
 
-
 def choose_cache(mode: str, bytes_needed: int, budget_gb: float) -> str:
     """'memory' or 'disk' for a run needing `bytes_needed` of live activations."""
     if mode not in CACHE_MODES:
