@@ -2,7 +2,6 @@
 package list would only show up on a user's `pip install .`)."""
 
 import ast
-from pathlib import Path
 
 from conftest import REPO
 
