@@ -20,9 +20,11 @@ CLIP_METHODS = ("minmax", "aciq", "mse")
 ACIQ_PRIORS = ("laplace", "gauss")
 ACT_MODES = ("static", "dynamic")
 MODEL_KINDS = ("auto", "encoder", "classifier")
-# Methods that have landed (mrem_p and prequant join as their engines land).
-METHODS = ("ptq", "rem", "lkd", "mrem_s")
-RECONSTRUCTION_METHODS = ("rem", "lkd", "mrem_s")
+# Methods that have landed (prequant joins when its engine lands).
+METHODS = ("ptq", "rem", "lkd", "mrem_s", "mrem_p")
+RECONSTRUCTION_METHODS = ("rem", "lkd", "mrem_s", "mrem_p")
+# Run concurrently, one module partition per rank (the others run one module after another).
+PARALLEL_METHODS = ("mrem_p",)
 LAM_SCHEDULES = ("zero", "one", "anneal")
 LOSSES = ("module_output", "every_layer")
 BALANCES = ("cost", "params")
@@ -102,7 +104,7 @@ class MethodConfig:
     # Input of module n: lam * full-precision + (1 - lam) * quantized upstream output.
     # zero: quantized inputs (REM, MREM-S); one: full-precision inputs (LKD); anneal: max(1 - t/t0, 0).
     lam: str = "zero"
-    # Anneal length in steps; 0 = half of the steps.
+    # Anneal length T0 in steps; 0 = half of the steps.
     t0: int = 0
     # module_output: MSE of the module's output; every_layer: mean MSE over its layers' outputs.
     loss: str = "every_layer"
@@ -122,6 +124,9 @@ class MethodConfig:
     # Calibration activations: memory, disk, or auto (disk above cache_memory_gb).
     cache: str = "auto"
     cache_memory_gb: float = 4.0
+    # mrem_p: boundary-activation messages a rank may have in flight to the next rank (the
+    # bounded queue that lets an upstream rank run ahead instead of waiting for its consumer).
+    queue: int = 4
     # Progress line every N steps when not on a terminal; 0 = ten per module.
     log_every: int = 0
 
@@ -136,6 +141,13 @@ class RunConfig:
     device: str = "auto"
     # CPU threads for this process (0 keeps torch's default).
     threads: int = 0
+    # Seconds a rank waits on a peer (a stream message, the coordinator's gather) before it fails
+    # with an error naming that peer: a dead or stuck rank ends the run, never hangs it.
+    timeout_s: float = 600.0
+    # Validation of the final model: the largest allowed drop of the headline metric (task metric,
+    # or cosine fidelity for a bare encoder) relative to full precision, e.g. 0.02 = 2%. Exceeding
+    # it fails the run (exit code 3) after the report is written. null: not checked.
+    max_drop: Optional[float] = None
     run_dir: str = MISSING
 
 
@@ -215,5 +227,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         _check(m.kd_weight >= 0, f"method.kd_weight={m.kd_weight} must be >= 0")
         _check(m.cache_memory_gb > 0, f"method.cache_memory_gb={m.cache_memory_gb} must be positive")
         _check(m.train_weights or m.train_scales, "method.train_weights and method.train_scales are both false: nothing would be trained")
+        _check(m.queue >= 1, f"method.queue={m.queue} must be >= 1 (messages in flight between ranks)")
     _check(cfg.threads >= 0, f"threads={cfg.threads} must be >= 0 (0 keeps torch's default)")
+    _check(cfg.timeout_s > 0, f"timeout_s={cfg.timeout_s} must be positive (seconds to wait on a peer rank)")
+    if cfg.max_drop is not None:
+        _check(0.0 <= cfg.max_drop <= 1.0, f"max_drop={cfg.max_drop} must be in [0, 1] (a relative drop, e.g. 0.02), or null")
     return cfg

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:  # torch is imported lazily: `--help` and config errors stay fast
     import torch
@@ -132,4 +132,47 @@ def rank_modules(num_modules: int, world_size: int) -> list[range]:
         n = base + (1 if r < extra else 0)
         out.append(range(start, start + n))
         start += n
+    return out
+
+
+class PeerError(RuntimeError):
+    """Communication with another rank failed; `peer` is that rank."""
+
+    def __init__(self, peer: int, message: str) -> None:
+        super().__init__(message)
+        self.peer = peer
+
+
+def peer_failed(peer: int, what: str, e: BaseException) -> PeerError:
+    """The error a rank raises when `what` (e.g. 'receiving from') rank `peer` failed."""
+    return PeerError(
+        peer,
+        f"{what} rank {peer} failed: {e}. Rank {peer} has probably failed or stopped answering "
+        "(its own error is in its log); stopping this rank too",
+    )
+
+
+def gather_to_main(obj: Any, ctx: DistContext) -> Optional[list[Any]]:
+    """Every rank's `obj` on rank 0 (in rank order), None on the other ranks.
+
+    Point-to-point, rank by rank, rather than a collective gather, so that a rank that died or
+    timed out is named in the error."""
+    import torch.distributed as dist
+
+    if ctx.world_size == 1:
+        return [obj]
+    if not ctx.is_main:
+        try:
+            dist.send_object_list([obj], dst=0, device=ctx.device if ctx.backend == "nccl" else None)
+        except Exception as e:
+            raise peer_failed(0, "sending results to coordinator", e) from e
+        return None
+    out = [obj]
+    for src in range(1, ctx.world_size):
+        box = [None]
+        try:
+            dist.recv_object_list(box, src=src, device=ctx.device if ctx.backend == "nccl" else None)
+        except Exception as e:
+            raise peer_failed(src, "the coordinator receiving results from", e) from e
+        out.append(box[0])
     return out

@@ -19,14 +19,15 @@ from typing import Optional
 import torch
 
 from mrem_dist import data as D
-from mrem_dist.config import BUILTIN_DATA, RECONSTRUCTION_METHODS, MethodConfig, RunConfig
-from mrem_dist.distributed import resolve_device
+from mrem_dist.config import BUILTIN_DATA, PARALLEL_METHODS, RECONSTRUCTION_METHODS, MethodConfig, RunConfig
+from mrem_dist.distributed import env_world_size, resolve_device
 from mrem_dist.engine import ReconSettings, partition, reconstruct_sequential
 from mrem_dist.evaluate import EvalSet, compare, layer_errors, model_outputs, run_batch
 from mrem_dist.log import get_logger
 from mrem_dist.models import LoadedModel, load_model
 from mrem_dist.quantize import calibrate_activations, needs_calibration, quantize_model
 from mrem_dist.report import write_report
+from mrem_dist.validation import ValidationFailed, validate_result
 
 log = get_logger(__name__)
 
@@ -119,8 +120,25 @@ def recon_settings(m: MethodConfig) -> ReconSettings:
     )
 
 
-def run(cfg: RunConfig) -> dict:
-    """Run the configured method; returns the report (also written to cfg.run_dir)."""
+def run(cfg: RunConfig) -> Optional[dict]:
+    """Run the configured method; returns the report (also written to cfg.run_dir) on the main
+    rank, None on the other ranks of a parallel run."""
+    result = execute(cfg)
+    return None if result is None else result[0]
+
+
+def execute(cfg: RunConfig) -> Optional[tuple[dict, torch.nn.Module]]:
+    """`run`, also returning the final quantized model (None on the non-main ranks)."""
+    if cfg.method.name in PARALLEL_METHODS:
+        from mrem_dist.coordinator import run_parallel
+
+        return run_parallel(cfg)
+    world = env_world_size()
+    if world > 1:
+        raise RuntimeError(
+            f"method={cfg.method.name} runs in one process but this was launched as {world} ranks: launch it "
+            "without torchrun/srun, or use method=mrem_p to train module partitions on every rank"
+        )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -130,12 +148,7 @@ def run(cfg: RunConfig) -> dict:
     t0 = time.perf_counter()
 
     with timer("load"):
-        loaded = load_model(cfg.model.path, cfg.model.kind, cfg.model.dtype)
-        log.info("loaded %s (%s, %s) from %s", cfg.model.path, loaded.adapter.family, loaded.kind, loaded.path)
-        prepared = prepare_data(cfg.data, loaded)
-        log.info("data %s: %d calibration / %d evaluation samples", cfg.data.name,
-                 prepared.description["calibration_samples"], prepared.description["evaluation_samples"])
-
+        loaded, prepared = load_inputs(cfg)
     model, adapter = loaded.model.to(device), loaded.adapter
     calib = [b.to(device) for b in prepared.calib]
     eval_batches = [b.to(device) for b in prepared.evalset.batches]
@@ -161,16 +174,30 @@ def run(cfg: RunConfig) -> dict:
         q_out = model_outputs(qmodel, adapter, eval_batches)
         fp_metrics, q_metrics = compare(fp_out, q_out, prepared.evalset)
     timer.seconds["total"] = round(time.perf_counter() - t0, 3)
+    report = build_report(cfg, loaded, prepared, fp_metrics, q_metrics, extra, timer, device)
+    return finish(cfg, report, qmodel), qmodel
 
-    report = {
+
+def load_inputs(cfg: RunConfig) -> tuple[LoadedModel, PreparedData]:
+    loaded = load_model(cfg.model.path, cfg.model.kind, cfg.model.dtype)
+    log.info("loaded %s (%s, %s) from %s", cfg.model.path, loaded.adapter.family, loaded.kind, loaded.path)
+    prepared = prepare_data(cfg.data, loaded)
+    log.info("data %s: %d calibration / %d evaluation samples", cfg.data.name,
+             prepared.description["calibration_samples"], prepared.description["evaluation_samples"])
+    return loaded, prepared
+
+
+def build_report(cfg: RunConfig, loaded: LoadedModel, prepared: PreparedData, fp_metrics: dict, q_metrics: dict,
+                 extra: dict, timer: Timer, device: torch.device) -> dict:
+    return {
         "method": cfg.method.name,
         "quant": dataclasses.asdict(cfg.quant),
         "model": {
             "path": cfg.model.path,
             "resolved_path": loaded.path,
-            "family": adapter.family,
+            "family": loaded.adapter.family,
             "kind": loaded.kind,
-            "parameters": sum(p.numel() for p in model.parameters()),
+            "parameters": loaded.num_parameters,
         },
         "data": prepared.description,
         "metrics": {"full_precision": fp_metrics, "quantized": q_metrics},
@@ -185,7 +212,21 @@ def run(cfg: RunConfig) -> dict:
         },
         "config": dataclasses.asdict(cfg),
     }
+
+
+def finish(cfg: RunConfig, report: dict, qmodel: torch.nn.Module, failures: Optional[list[str]] = None) -> dict:
+    """Validate the final model, write the report, and fail (ValidationFailed) if it is not sound.
+    `failures`: problems the caller already found (e.g. the coordinator's assembly check)."""
+    modules = report.get("reconstruction", {}).get("modules", [])
+    fp, q = report["metrics"]["full_precision"], report["metrics"]["quantized"]
+    report["validation"] = validate_result(qmodel, fp, q, [m["error_after"] for m in modules], cfg.max_drop)
+    if failures:
+        report["validation"]["failures"][:0] = failures
+        report["validation"]["passed"] = False
     write_report(Path(cfg.run_dir), report)
+    if not report["validation"]["passed"]:
+        failures = "; ".join(report["validation"]["failures"])
+        raise ValidationFailed(f"the quantized model failed validation: {failures} (report: {cfg.run_dir}/report.json)")
     return report
 
 

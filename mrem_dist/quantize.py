@@ -11,7 +11,7 @@ What is quantized, and why:
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Collection, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -82,12 +82,24 @@ def _linears(module: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
             yield name, child
 
 
-def quantize_model(model: nn.Module, adapter: ModelAdapter, scheme: QuantConfig, learnable: bool = True) -> nn.Module:
-    """Quantize `model` in place (callers deep-copy first when they keep the FP model)."""
+def quantize_model(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    scheme: QuantConfig,
+    learnable: bool = True,
+    layers: Optional[Collection[int]] = None,
+    embeddings: bool = True,
+) -> nn.Module:
+    """Quantize `model` in place (callers deep-copy first when they keep the FP model).
+
+    `layers` (indices) and `embeddings` restrict it to a partition: a rank of MREM-P quantizes
+    only the modules it holds."""
     prefix = adapter.layer_prefix(model)
-    layers = [(f"{prefix}.{i}", layer) for i, layer in enumerate(adapter.layers(model))]
-    n = quantize_layers(layers, scheme, learnable)
-    if scheme.e_bits is not None:
+    chosen = [
+        (f"{prefix}.{i}", layer) for i, layer in enumerate(adapter.layers(model)) if layers is None or i in layers
+    ]
+    n = quantize_layers(chosen, scheme, learnable)
+    if scheme.e_bits is not None and embeddings:
         emb = adapter.word_embeddings(model)
         wq = WeightQuantizer(
             bits=scheme.e_bits,

@@ -26,3 +26,25 @@ def _entry(rank: int, fn, world_size: int, port: int, args: tuple) -> None:
 def run_ranks(fn, world_size: int, *args) -> None:
     """fn(rank, *args) on `world_size` spawned processes; re-raises a rank's exception."""
     mp.spawn(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True)
+
+
+def run_ranks_unsupervised(fn, world_size: int, timeout: float, *args) -> list[int]:
+    """Like run_ranks, but nobody kills the other ranks when one fails: each rank has to stop by
+    itself (what the code under test must guarantee). Returns every rank's exit code; a rank still
+    running after `timeout` seconds is killed and reported as None."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(r, fn, world_size, port, args)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    codes = []
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+            codes.append(None)
+        else:
+            codes.append(p.exitcode)
+    return codes

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from mrem_dist.config import LAM_SCHEDULES, LOSSES
 from mrem_dist.data import Batch
+from mrem_dist.distributed import env_world_size
 from mrem_dist.log import get_logger
 from mrem_dist.quant import ActQuantizer, QuantEmbedding, QuantLinear, WeightQuantizer
 from mrem_dist.quant.clipping import SCALE_EPS
@@ -142,7 +143,8 @@ class _Progress:
         self.total, self.every, self.desc = total, every, desc
         self.start = time.perf_counter()
         self.bar = None
-        if sys.stderr.isatty():
+        # One bar per process: with several ranks on one terminal, log lines (they carry the rank).
+        if sys.stderr.isatty() and env_world_size() == 1:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)

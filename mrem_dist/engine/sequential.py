@@ -102,7 +102,8 @@ def reconstruct_sequential(
             teacher, student = Stage(fp_model, adapter, spec), Stage(q_model, adapter, spec)
             log.info("%s (%d steps, lam=%s)", spec.describe(), settings.steps, settings.lam)
             before = module_error(student, teacher, _feed(batches, iter(probe), fp_store, q_store, device), lam_end, settings.loss)
-            order = epoch_order(len(batches), settings.steps, seed + spec.index)
+            # One batch order for every module (as in MREM-P, where all modules step together).
+            order = epoch_order(len(batches), settings.steps, seed)
             res = reconstruct_module(student, teacher, _feed(batches, order, fp_store, q_store, device), settings)
             after = module_error(student, teacher, _feed(batches, iter(probe), fp_store, q_store, device), lam_end, settings.loss)
             log.info("%s: reconstruction error %.4g -> %.4g in %.1fs", spec.describe(), before, after, res.seconds)

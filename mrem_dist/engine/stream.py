@@ -1,15 +1,19 @@
 """Rank-to-rank streams of boundary activations (the teacher f_n and the student fq_n of MREM-P).
 
-One message per step: a small int64 header (step, batch index, shape, whether the student tensor
-follows) and then the tensors, sent with non-blocking point-to-point ops. Every rank builds the
-same calibration batches from the same seed, so only hidden states travel; the header's batch
-index lets the receiver check that both sides are at the same batch (a desync is an error, never
+One message per step: a small int64 header (sequence number, batch index, shape, which tensors
+follow) and then the tensors, sent with non-blocking point-to-point ops. Every rank builds the
+same calibration batches from the same seed, so only hidden states travel; the header lets the
+receiver check that both sides are at the same message and batch (a desync is an error, never
 silently wrong training). The sender keeps at most `depth` messages in flight: the bounded queue
-that lets the frozen teacher run ahead of training without unbounded memory.
+that lets an upstream rank run ahead of its consumer without unbounded memory.
+
+A failed send or receive (the peer died, or did not answer within the process group's timeout)
+is re-raised as a `PeerError` naming the peer rank.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Optional
 
@@ -17,7 +21,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-_HEADER = 6  # step, batch index, batch, seq, hidden, has_student
+from mrem_dist.distributed import peer_failed
+
+_HEADER = 6  # sequence number, batch index, batch, seq, hidden, flags
+_TEACHER, _STUDENT = 1, 2
 
 
 class StreamSender:
@@ -27,48 +34,73 @@ class StreamSender:
         self.dst, self.depth = dst, depth
         # (works, tensors): the tensors must stay alive until their isend has completed.
         self._inflight: deque[tuple[list, tuple[Tensor, ...]]] = deque()
+        self.blocked_seconds = 0.0  # time spent waiting because the queue was full
 
-    def send(self, step: int, batch_index: int, teacher: Tensor, student: Optional[Tensor] = None) -> None:
-        if student is not None and student.shape != teacher.shape:
+    def send(self, seq: int, batch_index: int, teacher: Optional[Tensor], student: Optional[Tensor] = None) -> None:
+        ref = teacher if teacher is not None else student
+        if ref is None:
+            raise ValueError("nothing to send: give the teacher tensor, the student tensor or both")
+        if teacher is not None and student is not None and student.shape != teacher.shape:
             raise ValueError(f"student shape {tuple(student.shape)} != teacher shape {tuple(teacher.shape)}")
+        start = time.perf_counter()
         while len(self._inflight) >= self.depth:
             self._wait_oldest()
-        b, s, h = teacher.shape
-        header = torch.tensor([step, batch_index, b, s, h, int(student is not None)], dtype=torch.int64)
-        tensors = (header.to(teacher.device), teacher.detach().contiguous()) + (
-            (student.detach().contiguous(),) if student is not None else ()
-        )
-        works = [dist.isend(t, self.dst) for t in tensors]
+        self.blocked_seconds += time.perf_counter() - start
+        b, s, h = ref.shape
+        flags = (_TEACHER if teacher is not None else 0) | (_STUDENT if student is not None else 0)
+        header = torch.tensor([seq, batch_index, b, s, h, flags], dtype=torch.int64)
+        tensors = (header.to(ref.device),) + tuple(x.detach().contiguous() for x in (teacher, student) if x is not None)
+        try:
+            works = [dist.isend(t, self.dst) for t in tensors]
+        except Exception as e:
+            raise peer_failed(self.dst, "sending to", e) from e
         self._inflight.append((works, tensors))
 
     def _wait_oldest(self) -> None:
         works, _ = self._inflight.popleft()
-        for w in works:
-            w.wait()
+        try:
+            for w in works:
+                w.wait()
+        except Exception as e:
+            raise peer_failed(self.dst, "sending to", e) from e
 
     def flush(self) -> None:
+        start = time.perf_counter()
         while self._inflight:
             self._wait_oldest()
+        self.blocked_seconds += time.perf_counter() - start
 
 
 class StreamReceiver:
     def __init__(self, src: int, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
         self.src, self.device, self.dtype = src, device, dtype
+        self.blocked_seconds = 0.0  # time spent waiting for messages
 
-    def recv(self, step: int, batch_index: int) -> tuple[Tensor, Optional[Tensor]]:
-        """Block until the message of `step` arrives; returns (teacher, student or None)."""
-        header = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
-        dist.recv(header, self.src)
-        got_step, got_batch, b, s, h, has_student = (int(x) for x in header.tolist())
-        if (got_step, got_batch) != (step, batch_index):
-            raise RuntimeError(
-                f"stream from rank {self.src} is out of step: expected step {step} (batch {batch_index}), "
-                f"received step {got_step} (batch {got_batch}); both ranks must use the same data, seed and steps"
-            )
-        teacher = torch.empty(b, s, h, dtype=self.dtype, device=self.device)
-        dist.recv(teacher, self.src)
-        student = None
-        if has_student:
-            student = torch.empty_like(teacher)
-            dist.recv(student, self.src)
-        return teacher, student
+    def recv(self, seq: int, batch_index: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """Block until message `seq` arrives; returns (teacher or None, student or None)."""
+        start = time.perf_counter()
+        try:
+            header = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
+            self._recv(header)
+            got_seq, got_batch, b, s, h, flags = (int(x) for x in header.tolist())
+            if (got_seq, got_batch) != (seq, batch_index):
+                raise RuntimeError(
+                    f"stream from rank {self.src} is out of step: expected step {seq} (batch {batch_index}), "
+                    f"received step {got_seq} (batch {got_batch}); both ranks must use the same data, seed and steps"
+                )
+            out = []
+            for bit in (_TEACHER, _STUDENT):
+                t = None
+                if flags & bit:
+                    t = torch.empty(b, s, h, dtype=self.dtype, device=self.device)
+                    self._recv(t)
+                out.append(t)
+        finally:
+            self.blocked_seconds += time.perf_counter() - start
+        return out[0], out[1]
+
+    def _recv(self, t: Tensor) -> None:
+        try:
+            dist.recv(t, self.src)
+        except Exception as e:
+            raise peer_failed(self.src, "receiving from", e) from e

@@ -26,6 +26,7 @@ class LoadedModel:
     kind: str  # "encoder" or "classifier"
     path: str  # resolved location
     num_labels: int  # 0 for a bare encoder
+    num_parameters: int  # counted at load (a rank of a parallel run later frees what it does not hold)
 
 
 def resolve_model_path(path: str) -> str:
@@ -112,4 +113,4 @@ def load_model(path: str, kind: str = "auto", dtype: str = "float32") -> LoadedM
             "(tokenizer.save_pretrained(dir))"
         ) from e
     num_labels = int(config.num_labels) if kind == "classifier" else 0
-    return LoadedModel(model, tokenizer, adapter, kind, resolved, num_labels)
+    return LoadedModel(model, tokenizer, adapter, kind, resolved, num_labels, sum(p.numel() for p in model.parameters()))

@@ -1,0 +1,211 @@
+"""MREM-P: every rank trains its own module partition at the same time.
+
+A rank holds the modules `rank_modules(...)[rank]` (one module per rank by default, a contiguous
+group when there are more modules than ranks), as a frozen full-precision teacher Stage and a
+quantized student Stage each. At step t it receives from the previous rank the boundary
+activations of batch order[t]: the teacher f_{n-1} and the student fq_{n-1}; trains each of its
+modules on lam_t * f + (1 - lam_t) * fq (annealed teacher forcing, lam_t = max(1 - t/T0, 0)),
+passing one module's outputs to the next inside the rank; and sends its own last f_n and fq_n
+(detached: gradients never cross ranks) to the next rank. fq_n is the student's output on its
+training input of that step, so no extra forward pass is spent on the student stream.
+
+Queue and warm-up: the first rank starts at once, rank r as soon as rank r-1 has sent step 0 (a
+pipeline fill of r steps, the paper's warm-up); then a rank may run up to `queue` steps ahead of
+the next one (the bounded FIFO of the stream), so nobody waits for an upstream module to finish
+training. Every rank computes exactly what one process running all modules in lockstep computes,
+so the result does not depend on the number of ranks (tested bit for bit).
+
+The same relay carries the passes without training: calibration of the static activation ranges,
+the evaluation outputs of the initial quantized model, and the error probes before and after.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from mrem_dist.data import Batch
+from mrem_dist.distributed import rank_modules
+from mrem_dist.log import get_logger
+from mrem_dist.models.adapters import ModelAdapter
+from mrem_dist.quant import calibrating
+
+from .partition import ModuleSpec
+from .reconstruct import ModuleResult, ModuleTrainer, ReconSettings, mix_inputs, reconstruction_loss
+from .stage import Stage, StageOutput
+from .stream import StreamReceiver, StreamSender
+
+log = get_logger(__name__)
+
+# visit(module position on this rank, batch, teacher output or None, student output)
+Visit = Callable[[int, Batch, Optional[StageOutput], StageOutput], None]
+
+
+@dataclass
+class RankStats:
+    rank: int
+    modules: list[int]
+    train_seconds: float
+    recv_blocked_seconds: float  # waiting for the previous rank's message
+    send_blocked_seconds: float  # waiting for the next rank to drain the queue
+    peak_rss_gb: float  # this process's peak resident memory so far
+    peak_cuda_gb: Optional[float]
+
+    @property
+    def blocked_fraction(self) -> float:
+        return (self.recv_blocked_seconds + self.send_blocked_seconds) / max(self.train_seconds, 1e-9)
+
+    def as_dict(self) -> dict:
+        return {
+            "rank": self.rank, "modules": self.modules, "train_seconds": round(self.train_seconds, 3),
+            "recv_blocked_seconds": round(self.recv_blocked_seconds, 3),
+            "send_blocked_seconds": round(self.send_blocked_seconds, 3),
+            "blocked_fraction": round(self.blocked_fraction, 4),
+            "peak_rss_gb": round(self.peak_rss_gb, 3),
+            "peak_cuda_gb": None if self.peak_cuda_gb is None else round(self.peak_cuda_gb, 3),
+        }
+
+
+def peak_memory_gb(device: torch.device) -> tuple[float, Optional[float]]:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    cuda = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return rss, cuda
+
+
+class RankPipeline:
+    """This rank's modules and its links to the previous and next rank."""
+
+    def __init__(
+        self,
+        fp_model: nn.Module,
+        q_model: nn.Module,
+        adapter: ModelAdapter,
+        specs: list[ModuleSpec],
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        queue: int = 4,
+    ) -> None:
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.held = [specs[i] for i in rank_modules(len(specs), world_size)[rank]]
+        self.teachers = [Stage(fp_model, adapter, s) for s in self.held]
+        self.students = [Stage(q_model, adapter, s) for s in self.held]
+        self.sender = StreamSender(rank + 1, queue) if rank < world_size - 1 else None
+        dtype = next(q_model.parameters()).dtype
+        self.receiver = StreamReceiver(rank - 1, device, dtype) if rank > 0 else None
+        # Message counter, advanced identically on both ends of a link: a desync is caught.
+        self.seq = 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.world_size - 1
+
+    def _recv(self, batch_index: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        if self.receiver is None:
+            return None, None  # the first module embeds the token ids itself
+        return self.receiver.recv(self.seq, batch_index)
+
+    def _send(self, batch_index: int, fp: Optional[Tensor], q: Optional[Tensor]) -> None:
+        if self.sender is not None:
+            self.sender.send(self.seq, batch_index, fp, q)
+        self.seq += 1
+
+    def flush(self) -> None:
+        if self.sender is not None:
+            self.sender.flush()
+
+    # -- passes without training -------------------------------------------------------------
+    @torch.no_grad()
+    def relay(self, batches: list[Batch], indices: list[int], *, teacher: bool, lam: float = 0.0,
+              visit: Optional[Visit] = None) -> None:
+        """Run this rank's modules on the given batches, from the previous rank's outputs to the
+        next rank. teacher=False runs the quantized chain alone (calibration, evaluation)."""
+        for i in indices:
+            batch = batches[i]
+            fp, q = self._recv(i)
+            for k, (tch, stu) in enumerate(zip(self.teachers, self.students)):
+                t_out = tch(fp, batch) if teacher else None
+                s_out = stu(mix_inputs(lam, fp, q) if teacher else q, batch)
+                if visit is not None:
+                    visit(k, batch, t_out, s_out)
+                fp = t_out.hidden[-1] if teacher else None
+                q = s_out.hidden[-1]
+            self._send(i, fp, q)
+        self.flush()
+
+    def calibrate(self, batches: list[Batch]) -> None:
+        """Static activation ranges of this rank's quantized modules, observed on the quantized
+        chain exactly as a single-process calibration of the whole model would see them."""
+        with ExitStack() as stack:
+            for stu in self.students:
+                stack.enter_context(calibrating(stu))
+            self.relay(batches, list(range(len(batches))), teacher=False)
+
+    def final_outputs(self, batches: list[Batch], reduce: Callable[[Batch, StageOutput], Tensor]) -> list[Tensor]:
+        """The quantized model's outputs (reduced, on the CPU) on the last rank; [] elsewhere."""
+        outs: list[Tensor] = []
+        last = len(self.students) - 1
+
+        def visit(k, batch, _t, s_out):
+            if self.is_last and k == last:
+                outs.append(reduce(batch, s_out).float().cpu())
+
+        self.relay(batches, list(range(len(batches))), teacher=False, visit=visit)
+        return outs
+
+    def probe(self, batches: list[Batch], lam: float, loss: str) -> tuple[dict[int, float], dict[int, tuple[float, float]]]:
+        """Module errors (mean reconstruction loss, input mix `lam`) of this rank's modules and,
+        when lam == 0 (the quantized chain), the per-layer sums of ||h_q - h||^2 and ||h||^2."""
+        errors = {s.index: 0.0 for s in self.held}
+        layers: dict[int, tuple[float, float]] = {}
+
+        def visit(k, batch, t_out, s_out):
+            spec = self.held[k]
+            errors[spec.index] += reconstruction_loss(s_out, t_out, batch.attention_mask, loss, 0.0).item() / len(batches)
+            if lam == 0.0:
+                m = batch.attention_mask.unsqueeze(-1).float()
+                for layer, h_q, h in zip(spec.layers, s_out.hidden, t_out.hidden):
+                    num, den = layers.get(layer, (0.0, 0.0))
+                    layers[layer] = (num + (((h_q - h) ** 2) * m).sum().item(), den + ((h**2) * m).sum().item())
+
+        self.relay(batches, list(range(len(batches))), teacher=True, lam=lam, visit=visit)
+        return errors, layers
+
+    # -- training ------------------------------------------------------------------------------
+    def train(self, batches: list[Batch], order: list[int], settings: ReconSettings) -> tuple[list[ModuleResult], RankStats]:
+        """`settings.steps` steps on batches[order[t]], all of this rank's modules in lockstep."""
+        if len(order) != settings.steps:
+            raise ValueError(f"the batch order has {len(order)} entries for {settings.steps} steps")
+        trainers = [ModuleTrainer(stu, tch, settings) for stu, tch in zip(self.students, self.teachers)]
+        # LKD-style runs (lam = 1 throughout) never use the quantized stream: do not send it.
+        use_q = settings.lam != "one"
+        recv0 = self.receiver.blocked_seconds if self.receiver else 0.0
+        send0 = self.sender.blocked_seconds if self.sender else 0.0
+        start = time.perf_counter()
+        results: list[ModuleResult] = []
+        try:
+            for t, i in enumerate(order):
+                fp, q = self._recv(i)
+                for trainer in trainers:
+                    target, out = trainer.train_step(t, batches[i], fp, q)
+                    fp, q = target.hidden[-1], (out.hidden[-1].detach() if use_q else None)
+                self._send(i, fp, q)
+            self.flush()
+        finally:
+            seconds = time.perf_counter() - start
+            recv = (self.receiver.blocked_seconds if self.receiver else 0.0) - recv0
+            send = (self.sender.blocked_seconds if self.sender else 0.0) - send0
+            results = [tr.finish(recv + send) for tr in trainers]
+        rss, cuda = peak_memory_gb(self.device)
+        stats = RankStats(self.rank, [s.index for s in self.held], seconds, recv, send, rss, cuda)
+        log.info(
+            "rank %d trained modules %s in %.1fs, blocked %.1f%% of it (receiving %.2fs, sending %.2fs)",
+            self.rank, stats.modules, seconds, 100 * stats.blocked_fraction, recv, send,
+        )
+        return results, stats

@@ -1,0 +1,88 @@
+"""End-to-end checks of a finished quantized model, before anything is declared valid.
+
+- every parameter and buffer is finite;
+- every quantized weight maps to integer codes in its quantizer's range, and those codes,
+  dequantized, are exactly the weights the model was evaluated with (what an export would
+  store is what was measured);
+- every module's reconstruction error is finite;
+- optionally, the headline metric (the first task metric, or cosine fidelity for a bare encoder)
+  has not dropped by more than `max_drop` relative to full precision.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from mrem_dist.quant import QuantEmbedding, QuantLinear
+from mrem_dist.quant.functional import dequantize
+from mrem_dist.quant.quantizers import group_view
+
+
+class ValidationFailed(RuntimeError):
+    """The final model failed validation; the report (with the failures) has been written."""
+
+
+def headline_metric(metrics: dict[str, float]) -> str:
+    for name in metrics:
+        if not name.startswith("fidelity_"):
+            return name
+    raise ValueError(f"no headline metric among {sorted(metrics)}")
+
+
+@torch.no_grad()
+def check_model(model: nn.Module) -> list[str]:
+    """Structural checks; returns the failures (empty when the model is sound)."""
+    failures = []
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            failures.append(f"{name} has NaN/inf values")
+    for name, module in model.named_modules():
+        if not isinstance(module, (QuantLinear, QuantEmbedding)) or module.weight_quantizer is None:
+            continue
+        wq = module.weight_quantizer
+        codes = wq.codes(module.weight)
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < wq.qmin or hi > wq.qmax:
+            failures.append(f"{name}: integer codes span [{lo}, {hi}], outside [{wq.qmin}, {wq.qmax}]")
+            continue
+        scale, zp = wq.dequant_params()
+        if not (scale > 0).all():
+            failures.append(f"{name}: a quantization step size is not positive")
+            continue
+        rebuilt = dequantize(group_view(codes, scale.shape[0]), scale, zp).reshape(module.weight.shape)
+        if not torch.allclose(rebuilt, wq(module.weight).float(), rtol=1e-5, atol=1e-7):
+            failures.append(f"{name}: dequantized integer codes differ from the weights the model runs with")
+    return failures
+
+
+def validate_result(
+    model: nn.Module,
+    fp_metrics: dict[str, float],
+    q_metrics: dict[str, float],
+    module_errors: list[float],
+    max_drop: Optional[float],
+) -> dict:
+    """The report's `validation` section: {passed, checks, failures}."""
+    failures = check_model(model)
+    bad = [i for i, e in enumerate(module_errors) if not torch.isfinite(torch.tensor(e))]
+    if bad:
+        failures.append(f"modules {bad} ended with a non-finite reconstruction error")
+    name = headline_metric(q_metrics)
+    fp, q = fp_metrics[name], q_metrics[name]
+    drop = (fp - q) / abs(fp) if fp else 0.0
+    if max_drop is not None and drop > max_drop:
+        failures.append(
+            f"{name} dropped by {100 * drop:.2f}% ({fp:.4f} -> {q:.4f}), more than max_drop={max_drop} "
+            f"({100 * max_drop:.2f}%): train longer (method.steps), use more bits, or raise max_drop"
+        )
+    return {
+        "passed": not failures,
+        "headline_metric": name,
+        "relative_drop": drop,
+        "max_drop": max_drop,
+        "checked_quantized_tensors": sum(isinstance(m, (QuantLinear, QuantEmbedding)) and m.weight_quantizer is not None for m in model.modules()),
+        "failures": failures,
+    }

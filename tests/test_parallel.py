@@ -1,0 +1,110 @@
+"""MREM-P with real processes (gloo on CPU): every rank trains its modules at the same time on the
+streamed activations, rank 0 assembles and validates. The result does not depend on how many ranks
+share the work, lam = 1 reproduces one process training each module on full-precision inputs
+(LKD), and a failing rank stops the run with its rank named instead of hanging it."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_helpers import run_ranks, run_ranks_unsupervised
+from test_pipeline import _cfg, _small_data
+
+# A few steps with weight learning rate low enough for the tiny model's 0.02-scale weights.
+COMMON = ["quant=w2a8", "clip=mse", "method=mrem_p", "method.steps=8", "method.lr_weight=1e-4", "threads=1",
+          "method.queue=2"]
+
+
+def _job(rank: int, model_dir: str, data: tuple, run_dir: str, out_dir: str, overrides: list, fail_rank: int) -> None:
+    from mrem_dist.engine import reconstruct as R
+    from mrem_dist.pipeline import execute
+
+    if rank == fail_rank:  # fault injection: this rank raises in the middle of training
+        original = R.ModuleTrainer.train_step
+
+        def failing(self, t, *a, **k):
+            if t == 3:
+                raise RuntimeError(f"injected failure at step {t}")
+            return original(self, t, *a, **k)
+
+        R.ModuleTrainer.train_step = failing
+    out = Path(out_dir)
+    cfg = _cfg(run_dir, f"model.path={model_dir}", *COMMON, *_small_data(*data), *overrides)
+    try:
+        result = execute(cfg)
+    except Exception as e:
+        (out / f"{rank}.err").write_text(f"{type(e).__name__}: {e}")
+        raise
+    if result is not None:
+        report, qmodel = result
+        torch.save(qmodel.state_dict(), out / "state.pt")
+        (out / "report.json").write_text(json.dumps(report))
+
+
+def _single(model_dir, data, run_dir, overrides):
+    from mrem_dist.pipeline import execute
+
+    report, qmodel = execute(_cfg(run_dir, f"model.path={model_dir}", *COMMON, *_small_data(*data), *overrides))
+    return report, qmodel.state_dict()
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_two_ranks_train_at_once_and_equal_one_process(tmp_path, tiny_encoder_dir, sst_like_csv):
+    # 3 modules on 2 ranks: rank 0 holds modules 0-1 (lockstep inside the rank), rank 1 module 2.
+    overrides = ["method.modules=3", "method.t0=4"]
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    out.mkdir()
+    run_ranks(_job, 2, tiny_encoder_dir, sst_like_csv, str(run_dir), str(out), overrides, -1)
+    report = json.loads((out / "report.json").read_text())
+    rec = report["reconstruction"]
+    assert rec["world_size"] == 2 and rec["backend"] == "gloo" and rec["cache"] == "stream"
+    assert [m["rank"] for m in rec["modules"]] == [0, 0, 1]
+    assert [r["modules"] for r in rec["ranks"]] == [[0, 1], [2]]
+    for r in rec["ranks"]:
+        assert 0 <= r["blocked_fraction"] <= 1 and r["peak_rss_gb"] > 0 and r["train_seconds"] > 0
+    # Annealed teacher forcing as the last rank saw it: lam_t = max(1 - t/T0, 0), T0 = 4.
+    assert rec["modules"][2]["lams"] == [1.0, 0.75, 0.5, 0.25, 0.0, 0.0, 0.0, 0.0]
+    assert report["validation"]["passed"] and rec["assembly_relative_difference"] < 1e-3
+    assert sum(m["error_after"] for m in rec["modules"]) < sum(m["error_before"] for m in rec["modules"])
+    # Only rank 0 wrote, into the one run directory.
+    assert sorted(p.name for p in run_dir.iterdir()) == ["reconstruction.png", "report.json", "summary.md"]
+
+    single, state = _single(tiny_encoder_dir, sst_like_csv, tmp_path / "single", overrides)
+    _assert_same_state(torch.load(out / "state.pt"), state)
+    assert [m["losses"] for m in single["reconstruction"]["modules"]] == [m["losses"] for m in rec["modules"]]
+
+
+def test_lam_one_on_three_ranks_equals_sequential_lkd(tmp_path, tiny_encoder_dir, sst_like_csv):
+    """The design's parity check: with lam = 1 throughout, N ranks give, module by module, the
+    weights of one process training each module on full-precision inputs."""
+    overrides = ["method.modules=3", "method.lam=one"]
+    out = tmp_path / "out"
+    out.mkdir()
+    run_ranks(_job, 3, tiny_encoder_dir, sst_like_csv, str(tmp_path / "run"), str(out), overrides, -1)
+    from mrem_dist.pipeline import execute
+
+    cfg = _cfg(tmp_path / "seq", f"model.path={tiny_encoder_dir}", *COMMON, *_small_data(*sst_like_csv),
+               "method=lkd", "method.modules=3")
+    _, qmodel = execute(cfg)
+    _assert_same_state(torch.load(out / "state.pt"), qmodel.state_dict())
+
+
+def test_a_rank_that_raises_stops_every_rank_with_the_rank_named(tmp_path, tiny_encoder_dir, sst_like_csv):
+    out = tmp_path / "out"
+    out.mkdir()
+    start = time.perf_counter()
+    codes = run_ranks_unsupervised(_job, 2, 120, tiny_encoder_dir, sst_like_csv, str(tmp_path / "run"), str(out),
+                                   ["method.modules=2", "timeout_s=30"], 1)
+    assert codes[0] not in (0, None) and codes[1] not in (0, None), codes  # nobody hangs, nobody succeeds
+    assert time.perf_counter() - start < 100
+    assert "injected failure at step 3" in (out / "1.err").read_text()
+    assert "rank 1" in (out / "0.err").read_text()  # the survivor names the rank that failed
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
