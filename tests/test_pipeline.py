@@ -133,16 +133,23 @@ def test_entry_point_runs_and_rejects_bad_bits(tmp_path, tiny_encoder_dir, sst_l
     assert bad.returncode != 0
     assert "quant.w_bits=9 is outside 2..8" in bad.stdout + bad.stderr
     assert not (tmp_path / "bad" / "report.json").exists()
+    # A model that fails validation: exit code 3, and the report says why.
+    strict = subprocess.run(base + ["quant=w2a8", "max_drop=0", f"hydra.run.dir={tmp_path / 'strict'}"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert strict.returncode == 3, strict.stderr
+    validation = json.loads((tmp_path / "strict" / "report.json").read_text())["validation"]
+    assert not validation["passed"] and "cosine dropped by" in validation["failures"][0]
 
 
-@pytest.mark.parametrize("method", ["rem", "lkd", "mrem_s"])
+@pytest.mark.parametrize("method", ["rem", "lkd", "mrem_s", "mrem_p"])
 def test_reconstruction_methods_end_to_end(tmp_path, tiny_encoder_dir, sst_like_csv, method):
     cfg = _cfg(tmp_path, f"model.path={tiny_encoder_dir}", "quant=w2a8", "clip=mse", f"method={method}",
                "method.steps=30", *_small_data(*sst_like_csv))
     report = run(cfg)
     rec = report["reconstruction"]
     assert len(rec["modules"]) == 4  # tiny model: 4 layers; mrem_s's default of 4 modules = one each
-    assert rec["cache"] == "memory" and rec["partition"][0].startswith("module 0: embeddings")
+    assert rec["cache"] == ("stream" if method == "mrem_p" else "memory")
+    assert rec["partition"][0].startswith("module 0: embeddings")
     before, after = report["metrics_before_reconstruction"], report["metrics"]["quantized"]
     assert after["rel_error"] < before["rel_error"]
     assert sum(m["error_after"] for m in rec["modules"]) < sum(m["error_before"] for m in rec["modules"])
@@ -151,6 +158,23 @@ def test_reconstruction_methods_end_to_end(tmp_path, tiny_encoder_dir, sst_like_
     summary = (tmp_path / "summary.md").read_text()
     assert f"# mrem-dist: {method} w2a8" in summary and "error before" in summary
     assert report["timings_s"]["reconstruct"] > 0
+    assert report["validation"]["passed"] and report["validation"]["checked_quantized_tensors"] == 4 * 6 + 1
+
+
+def test_validation_failure_writes_the_report_and_raises(tmp_path, tiny_encoder_dir, sst_like_csv):
+    from mrem_dist.validation import ValidationFailed
+
+    cfg = _cfg(tmp_path, f"model.path={tiny_encoder_dir}", "quant=w2a8", "max_drop=0.0", *_small_data(*sst_like_csv))
+    with pytest.raises(ValidationFailed, match=r"cosine dropped by .*more than max_drop=0.0"):
+        run(cfg)
+    validation = json.loads((tmp_path / "report.json").read_text())["validation"]
+    assert validation["passed"] is False and validation["max_drop"] == 0.0 and validation["relative_drop"] > 0
+
+
+def test_a_parallel_run_of_a_sequential_method_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="method=mrem_s runs in one process but this was launched as 2 ranks"):
+        run(_cfg(tmp_path, "method=mrem_s"))
 
 
 @pytest.mark.parametrize(
@@ -188,3 +212,24 @@ def test_builtin_default_on_the_real_minilm(tmp_path):
     assert report["data"] == {"name": "builtin", "calibration_samples": 64, "evaluation_samples": 48,
                               "max_length": 32, "labeled": False}
     assert 0.95 < report["metrics"]["quantized"]["cosine"] < 1.0
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_share_one_run_directory(tmp_path, tiny_encoder_dir, sst_like_csv):
+    """The README's launch: torchrun starts two ranks of `-m mrem_dist method=mrem_p`; they agree on
+    one run directory (Hydra's own ${now} is per process), only rank 0 writes the report there."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mrem_dist",
+           f"model.path={tiny_encoder_dir}", "method=mrem_p", "method.modules=2", "method.steps=4", "device=cpu",
+           *_small_data(*sst_like_csv)]
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_dirs = list((tmp_path / "runs").glob("*/*"))
+    assert len(run_dirs) == 1, run_dirs
+    run_dir = run_dirs[0]
+    assert run_dir.name.endswith("_mrem_p_w4a8")
+    names = sorted(p.name for p in run_dir.iterdir())
+    assert names == [".hydra", "rank0.log", "rank1.log", "reconstruction.png", "report.json", "summary.md"], names
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["reconstruction"]["world_size"] == 2 and report["validation"]["passed"]
+    assert "[rank 1]" in (run_dir / "rank1.log").read_text()
