@@ -15,6 +15,7 @@ module in lockstep.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from typing import Optional
 
@@ -184,7 +185,10 @@ def assemble(fp_model: torch.nn.Module, adapter, cfg: RunConfig, specs, parts: l
             if key in merged:
                 raise RuntimeError(f"assembly: {key} was sent by both rank {source[key]} and rank {part['rank']}")
             merged[key], source[key] = value, part["rank"]
-    qmodel = quantize_model(copy.deepcopy(fp_model), adapter, cfg.quant, learnable=True)
+    # Only the structure matters here (every scale is overwritten by the ranks' state), so the
+    # initial clip is min-max: the MSE search would be minutes of wasted work on a large model.
+    structure = dataclasses.replace(cfg.quant, w_clip="minmax")
+    qmodel = quantize_model(copy.deepcopy(fp_model), adapter, structure, learnable=True)
     expected = set(qmodel.state_dict())
     missing, unexpected = sorted(expected - set(merged)), sorted(set(merged) - expected)
     if missing or unexpected:

@@ -22,6 +22,7 @@ from mrem_dist import data as D
 from mrem_dist.config import BUILTIN_DATA, PARALLEL_METHODS, RECONSTRUCTION_METHODS, MethodConfig, RunConfig
 from mrem_dist.distributed import env_world_size, resolve_device
 from mrem_dist.engine import ReconSettings, partition, reconstruct_sequential
+from mrem_dist.engine.parallel import peak_memory_gb
 from mrem_dist.evaluate import EvalSet, compare, layer_errors, model_outputs, run_batch
 from mrem_dist.log import get_logger
 from mrem_dist.models import LoadedModel, load_model
@@ -203,6 +204,8 @@ def build_report(cfg: RunConfig, loaded: LoadedModel, prepared: PreparedData, fp
         "metrics": {"full_precision": fp_metrics, "quantized": q_metrics},
         **extra,
         "timings_s": timer.seconds,
+        # This process (rank 0 of a parallel run; every rank's own figure is in reconstruction.ranks).
+        "peak_memory_gb": dict(zip(("rss", "cuda"), (None if v is None else round(v, 3) for v in peak_memory_gb(device)))),
         "environment": {
             "torch": torch.__version__,
             "device": str(device),
