@@ -123,7 +123,9 @@ def _run_rank(cfg: RunConfig, ctx: DistContext) -> Optional[tuple[dict, torch.nn
         "layers_before": layers_before, "layers_after": layers_after, "init_outputs": init_outputs,
         "timings_s": dict(timer.seconds),
     }
-    del pipe, qmodel, model  # the coordinator rebuilds the whole model; nothing of the shard is needed
+    # Nothing of the shard is needed any more (the coordinator rebuilds the whole model): free it.
+    del pipe, qmodel, model
+    loaded.model = None
     with timer("gather"):
         parts = gather_to_main(payload, ctx)
     if parts is None:

@@ -115,7 +115,7 @@ def quantize_model(
         n,
         scheme.w_bits,
         " (ternary)" if scheme.ternary else "",
-        f"E{scheme.e_bits}" if scheme.e_bits else "full precision",
+        ("not held here" if not embeddings else f"E{scheme.e_bits}" if scheme.e_bits else "full precision"),
         f"A{scheme.a_bits} {scheme.a_mode}" if scheme.a_bits else "full precision",
     )
     return model

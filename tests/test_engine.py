@@ -278,3 +278,43 @@ def test_module_trainer_steps_return_the_streams_for_the_next_module():
     assert [r.lams for r in results] == [[1.0, 0.0, 0.0]] * 2  # anneal over half of 3 steps: t0 = 1
     assert all(len(r.losses) == 3 for r in results)
     assert not any(p.requires_grad for tr in (first, second) for p in tr.student.parameters())
+
+
+# -- tensor ownership (what a rank of MREM-P keeps, what the coordinator assembles) -------------
+
+
+def test_every_tensor_has_exactly_one_owning_module():
+    from mrem_dist.engine import tensor_owner
+
+    model = build_tiny("bert", head=True)
+    adapter = ADAPTERS["bert"]
+    specs = partition(model, adapter, 2)  # layers 0-1 | 2-3
+    owner = tensor_owner(model, adapter, specs)
+    owners = {name: owner(name) for name in model.state_dict()}
+    assert owners["bert.embeddings.word_embeddings.weight"] == 0
+    assert owners["bert.encoder.layer.1.output.dense.weight"] == 0
+    assert owners["bert.encoder.layer.2.attention.self.query.weight"] == 1
+    assert owners["classifier.weight"] == 1 and owners["bert.pooler.dense.weight"] == 1
+    assert set(owners.values()) == {0, 1}
+
+
+def test_a_rank_keeps_only_its_modules_and_they_still_run():
+    from mrem_dist.engine import owned_state, release_unowned, tensor_owner
+
+    model = build_tiny("bert", head=True)
+    adapter = ADAPTERS["bert"]
+    specs = partition(model, adapter, 2)
+    whole = copy.deepcopy(model)
+    batch = _batches(1)[0]
+    hidden = torch.randn(*batch.input_ids.shape, 32)
+    expected = Stage(whole, adapter, specs[1])(hidden, batch)
+    owner = tensor_owner(model, adapter, specs)
+    total = sum(p.numel() for p in model.parameters())
+    freed = release_unowned(model, owner, {1})
+    assert 0 < freed < total + 1000
+    assert model.bert.embeddings.word_embeddings.weight.numel() == 0
+    assert model.bert.encoder.layer[0].attention.self.query.weight.numel() == 0
+    got = Stage(model, adapter, specs[1])(hidden, batch)
+    assert torch.equal(got.logits, expected.logits)
+    state = owned_state(model, owner, {1})
+    assert state and all(owner(k) == 1 and v.numel() > 0 for k, v in state.items())

@@ -180,7 +180,9 @@ def test_a_parallel_run_of_a_sequential_method_is_refused(tmp_path, monkeypatch)
 @pytest.mark.parametrize(
     "override,match",
     [("method.steps=0", "method.steps=0 must be positive"), ("method.lam=half", "method.lam='half' is not one of"),
-     ("method.loss=l1", "method.loss='l1'"), ("method.modules=-1", "method.modules=-1 must be >= 0")],
+     ("method.loss=l1", "method.loss='l1'"), ("method.modules=-1", "method.modules=-1 must be >= 0"),
+     ("method.queue=0", "method.queue=0 must be >= 1"), ("timeout_s=0", "timeout_s=0.0 must be positive"),
+     ("max_drop=1.5", r"max_drop=1.5 must be in \[0, 1\]")],
 )
 def test_bad_method_settings_are_rejected(tmp_path, override, match):
     from mrem_dist.config import ConfigError
