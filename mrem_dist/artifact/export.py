@@ -1,0 +1,191 @@
+"""Save a quantized model as a directory that really is smaller, and load it back runnable.
+
+Layout (format `mrem-dist-quantized`, version 1):
+
+    model.safetensors   every tensor of the quantized model's state, except that the latent weight
+                        of each quantized Linear / Embedding is replaced by its packed integer codes
+                        (`<module>.qweight`, uint8: pack.py); step sizes, zero points, activation
+                        scales, biases, LayerNorms, position embeddings and the head are kept as is
+    quantization.json   format and version, the quantization scheme, per quantized module its bits,
+                        grid and weight shape, the model kind, and the SHA-256 of model.safetensors
+    config.json, tokenizer files   as Hugging Face writes them
+
+The directory is written under a temporary name and renamed into place at the end, so a crash
+never leaves a half-written artifact under the final name. Loading checks the format, version and
+checksum before anything else and names the file and the problem when one is off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mrem_dist.config import QuantConfig
+from mrem_dist.quant import QuantEmbedding, QuantLinear
+from mrem_dist.quant.functional import dequantize
+from mrem_dist.quant.quantizers import group_view
+
+from .pack import pack_codes, unpack_codes
+
+FORMAT = "mrem-dist-quantized"
+VERSION = 1
+TENSORS = "model.safetensors"
+META = "quantization.json"
+
+
+class ArtifactError(ValueError):
+    """A saved artifact cannot be loaded; the message names the file and the problem."""
+
+
+def _quantized_modules(model: nn.Module):
+    for name, module in model.named_modules():
+        if isinstance(module, (QuantLinear, QuantEmbedding)) and module.weight_quantizer is not None:
+            yield name, module
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def export_quantized(model: nn.Module, tokenizer: Any, scheme: QuantConfig, kind: str, path: str | os.PathLike) -> dict:
+    """Write `model` (fake-quantized, mrem-dist modules inside) to the directory `path`. Returns
+    the metadata written to quantization.json (with the file sizes)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} already exists: choose a new directory for the artifact")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    modules = {}
+    for name, module in _quantized_modules(model):
+        wq = module.weight_quantizer
+        codes = wq.codes(module.weight)
+        del state[f"{name}.weight"]
+        state[f"{name}.qweight"] = pack_codes(codes.cpu(), wq.bits, signed=wq.symmetric)
+        modules[name] = {
+            "kind": "linear" if isinstance(module, QuantLinear) else "embedding",
+            "bits": wq.bits, "symmetric": wq.symmetric, "ternary": wq.ternary,
+            "granularity": wq.granularity, "groups": int(wq.scale.shape[0]),
+            "shape": list(module.weight.shape), "dtype": str(module.weight.dtype).removeprefix("torch."),
+        }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        save_file(state, str(tmp / TENSORS), metadata={"format": FORMAT, "version": str(VERSION)})
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        meta = {
+            "format": FORMAT, "version": VERSION, "kind": kind, "model_type": model.config.model_type,
+            "quant": dataclasses.asdict(scheme), "modules": modules,
+            "sha256": {TENSORS: _sha256(tmp / TENSORS)},
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    meta["bytes"] = {TENSORS: (path / TENSORS).stat().st_size}
+    return meta
+
+
+@dataclass
+class QuantizedArtifact:
+    model: nn.Module  # a Hugging Face model with mrem-dist quantized modules: model(input_ids, attention_mask)
+    tokenizer: Any
+    adapter: Any
+    kind: str
+    meta: dict
+
+
+def _read_meta(path: Path) -> dict:
+    meta_file = path / META
+    if not path.is_dir():
+        raise ArtifactError(f"{path} is not a directory: give the directory export_quantized wrote")
+    if not meta_file.is_file():
+        raise ArtifactError(f"{meta_file} is missing: {path} is not an mrem-dist artifact (or was copied incompletely)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{meta_file} is not valid JSON ({e}): the file is corrupt") from e
+    if meta.get("format") != FORMAT:
+        raise ArtifactError(f"{meta_file}: format {meta.get('format')!r} is not {FORMAT!r}")
+    if meta.get("version") != VERSION:
+        raise ArtifactError(
+            f"{meta_file}: format version {meta.get('version')!r} is not supported by this mrem-dist "
+            f"(it reads version {VERSION}): use the mrem-dist release that wrote it, or re-export"
+        )
+    return meta
+
+
+@torch.no_grad()
+def load_quantized(path: str | os.PathLike) -> QuantizedArtifact:
+    """Rebuild the quantized model from an artifact directory; its outputs equal those of the
+    fake-quantized model it was exported from."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    from mrem_dist.models.adapters import adapter_for
+    from mrem_dist.models.loading import TOKENIZER_FILES
+    from mrem_dist.quantize import quantize_model
+
+    path = Path(path)
+    meta = _read_meta(path)
+    tensors_file = path / TENSORS
+    if not tensors_file.is_file():
+        raise ArtifactError(f"{tensors_file} is missing")
+    expected = meta["sha256"][TENSORS]
+    if _sha256(tensors_file) != expected:
+        raise ArtifactError(f"{tensors_file}: checksum mismatch (the file is truncated or was modified after export)")
+    try:
+        state = load_file(str(tensors_file))
+    except SafetensorError as e:
+        raise ArtifactError(f"{tensors_file} cannot be read: {e}") from e
+    # transformers silently builds an empty tokenizer from a folder without its files: check first.
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ArtifactError(f"the tokenizer files in {path} are missing (looked for {', '.join(TOKENIZER_FILES)}): re-export the model")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"the tokenizer files in {path} are missing or unreadable ({e}): re-export the model") from e
+    config = AutoConfig.from_pretrained(str(path))
+    cls = AutoModelForSequenceClassification if meta["kind"] == "classifier" else AutoModel
+    model = cls.from_config(config).eval()
+    adapter = adapter_for(config.model_type)
+    # The structure only: every value is overwritten below, so skip the clipping search.
+    scheme = dataclasses.replace(QuantConfig(**meta["quant"]), w_clip="minmax")
+    quantize_model(model, adapter, scheme, learnable=False)
+    for name, info in meta["modules"].items():
+        module = model.get_submodule(name)
+        packed = state.pop(f"{name}.qweight", None)
+        if packed is None:
+            raise ArtifactError(f"{tensors_file} has no packed weight for {name}: the file does not match its metadata")
+        codes = unpack_codes(packed, info["bits"], info["symmetric"], tuple(info["shape"]))
+        scale = state[f"{name}.weight_quantizer.scale"]
+        zp = state.get(f"{name}.weight_quantizer.zero_point")
+        weight = dequantize(group_view(codes, scale.shape[0]), scale, zp).reshape(info["shape"])
+        state[f"{name}.weight"] = weight.to(getattr(torch, info["dtype"]))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]  # a non-persistent buffer in some versions
+    if missing or unexpected:
+        raise ArtifactError(
+            f"{tensors_file} does not match its model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+        )
+    model.requires_grad_(False)
+    return QuantizedArtifact(model, tokenizer, adapter, meta["kind"], meta)

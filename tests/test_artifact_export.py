@@ -1,0 +1,111 @@
+"""Export a quantized model to a packed directory and load it back: the loaded model reproduces the
+fake-quantized one, the file is really smaller, and damaged artifacts are refused by name."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import build_tiny, minilm_dir
+from mrem_dist.artifact import ArtifactError, export_quantized, load_quantized
+from mrem_dist.config import QuantConfig
+from mrem_dist.models.adapters import ADAPTERS
+from mrem_dist.quantize import calibrate_activations, quantize_model
+from mrem_dist.evaluate import run_batch
+from test_engine import _batches
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_dir())
+
+
+def _quantized(family, head, scheme):
+    model = build_tiny(family, head)
+    adapter = ADAPTERS[family]
+    q = quantize_model(copy.deepcopy(model), adapter, scheme, learnable=True)
+    batches = _batches(2)
+    calibrate_activations(q, lambda m, b: run_batch(m, adapter, b), batches)
+    with torch.no_grad():  # move weights and step sizes off their init, as training would
+        for p in q.parameters():
+            p.add_(0.01 * torch.randn_like(p) * p.abs().mean())
+    return q.eval(), adapter
+
+
+SCHEMES = {
+    "w4a8": QuantConfig(),
+    "w2e2a8-ternary": QuantConfig(w_bits=2, e_bits=2, ternary=True),
+    "w3-asym": QuantConfig(w_bits=3, w_symmetric=False),
+    "w8-group-ocs": QuantConfig(w_bits=8, w_granularity="group", w_groups=4, ocs_ratio=0.05),
+    "w4-dynamic-fp-emb": QuantConfig(e_bits=None, a_mode="dynamic"),
+}
+
+
+@pytest.mark.parametrize("family,head", [("bert", True), ("roberta", False), ("distilbert", True)])
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_loaded_model_reproduces_the_fake_quantized_one(tmp_path, tokenizer, family, head, scheme):
+    q, adapter = _quantized(family, head, SCHEMES[scheme])
+    kind = "classifier" if head else "encoder"
+    meta = export_quantized(q, tokenizer, SCHEMES[scheme], kind, tmp_path / "art")
+    loaded = load_quantized(tmp_path / "art")
+    assert loaded.kind == kind and loaded.meta["modules"].keys() == meta["modules"].keys()
+    b = _batches(1, seed=3)[0]
+    with torch.no_grad():
+        want = run_batch(q, adapter, b)
+        got = run_batch(loaded.model, loaded.adapter, b)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_packed_file_is_smaller(tmp_path, tokenizer):
+    from safetensors.torch import save_file
+
+    q, _ = _quantized("bert", False, QuantConfig(w_bits=4, e_bits=8))
+    meta = export_quantized(q, tokenizer, QuantConfig(w_bits=4, e_bits=8), "encoder", tmp_path / "art")
+    fp = build_tiny("bert", False)
+    save_file({k: v.contiguous() for k, v in fp.state_dict().items()}, str(tmp_path / "fp.safetensors"))
+    ratio = meta["bytes"]["model.safetensors"] / (tmp_path / "fp.safetensors").stat().st_size
+    assert ratio < 0.3, ratio  # word embeddings dominate this tiny model: 8 bits of 32
+
+
+@pytest.fixture()
+def artifact(tmp_path, tokenizer):
+    q, _ = _quantized("bert", True, QuantConfig())
+    export_quantized(q, tokenizer, QuantConfig(), "classifier", tmp_path / "art")
+    return tmp_path / "art"
+
+
+def test_existing_target_is_refused(artifact, tokenizer):
+    q, _ = _quantized("bert", True, QuantConfig())
+    with pytest.raises(FileExistsError, match="already exists"):
+        export_quantized(q, tokenizer, QuantConfig(), "classifier", artifact)
+
+
+def test_truncated_tensors_are_refused(artifact):
+    f = artifact / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(ArtifactError, match="model.safetensors: checksum mismatch"):
+        load_quantized(artifact)
+
+
+def test_unknown_version_is_refused(artifact):
+    meta = json.loads((artifact / "quantization.json").read_text())
+    meta["version"] = 99
+    (artifact / "quantization.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="format version 99 is not supported"):
+        load_quantized(artifact)
+
+
+def test_corrupt_metadata_and_missing_tokenizer_are_named(artifact):
+    for f in [*artifact.glob("tokenizer*"), *artifact.glob("vocab*"), *artifact.glob("special_tokens*")]:
+        f.unlink()
+    with pytest.raises(ArtifactError, match="tokenizer files in .* are missing"):
+        load_quantized(artifact)
+    (artifact / "quantization.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="quantization.json is not valid JSON"):
+        load_quantized(artifact)
+    with pytest.raises(ArtifactError, match="is not a directory"):
+        load_quantized(artifact / "nothing")
