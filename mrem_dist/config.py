@@ -148,6 +148,8 @@ class RunConfig:
     # or cosine fidelity for a bare encoder) relative to full precision, e.g. 0.02 = 2%. Exceeding
     # it fails the run (exit code 3) after the report is written. null: not checked.
     max_drop: Optional[float] = None
+    # Write the validated model as a packed artifact to <run_dir>/model (mrem_dist.load_quantized).
+    export: bool = True
     run_dir: str = MISSING
 
 

@@ -174,7 +174,7 @@ def _coordinate(cfg, ctx, loaded, prepared, specs, parts, fp_out, eval_batches, 
         "layer_error": {"before": before, "after": after},
     }
     report = build_report(cfg, loaded, prepared, fp_metrics, q_metrics, extra, timer, device)
-    return finish(cfg, report, qmodel, failures), qmodel
+    return finish(cfg, report, qmodel, loaded, failures), qmodel
 
 
 def assemble(fp_model: torch.nn.Module, adapter, cfg: RunConfig, specs, parts: list[dict]) -> torch.nn.Module:

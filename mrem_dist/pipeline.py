@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from mrem_dist import data as D
+from mrem_dist.artifact import export_quantized
 from mrem_dist.config import BUILTIN_DATA, PARALLEL_METHODS, RECONSTRUCTION_METHODS, MethodConfig, RunConfig
 from mrem_dist.distributed import env_world_size, resolve_device
 from mrem_dist.engine import ReconSettings, partition, reconstruct_sequential
@@ -176,7 +177,7 @@ def execute(cfg: RunConfig) -> Optional[tuple[dict, torch.nn.Module]]:
         fp_metrics, q_metrics = compare(fp_out, q_out, prepared.evalset)
     timer.seconds["total"] = round(time.perf_counter() - t0, 3)
     report = build_report(cfg, loaded, prepared, fp_metrics, q_metrics, extra, timer, device)
-    return finish(cfg, report, qmodel), qmodel
+    return finish(cfg, report, qmodel, loaded), qmodel
 
 
 def load_inputs(cfg: RunConfig) -> tuple[LoadedModel, PreparedData]:
@@ -217,8 +218,10 @@ def build_report(cfg: RunConfig, loaded: LoadedModel, prepared: PreparedData, fp
     }
 
 
-def finish(cfg: RunConfig, report: dict, qmodel: torch.nn.Module, failures: Optional[list[str]] = None) -> dict:
-    """Validate the final model, write the report, and fail (ValidationFailed) if it is not sound.
+def finish(cfg: RunConfig, report: dict, qmodel: torch.nn.Module, loaded: LoadedModel,
+           failures: Optional[list[str]] = None) -> dict:
+    """Validate the final model; if it is sound, export it (`<run_dir>/model`, with cfg.export);
+    write the report; fail (ValidationFailed) if it is not sound, leaving no artifact.
     `failures`: problems the caller already found (e.g. the coordinator's assembly check)."""
     modules = report.get("reconstruction", {}).get("modules", [])
     fp, q = report["metrics"]["full_precision"], report["metrics"]["quantized"]
@@ -226,6 +229,17 @@ def finish(cfg: RunConfig, report: dict, qmodel: torch.nn.Module, failures: Opti
     if failures:
         report["validation"]["failures"][:0] = failures
         report["validation"]["passed"] = False
+    if report["validation"]["passed"] and cfg.export:
+        meta = export_quantized(qmodel, loaded.tokenizer, cfg.quant, loaded.kind, Path(cfg.run_dir) / "model")
+        size = meta["bytes"]["model.safetensors"]
+        report["artifact"] = {
+            "path": str(Path(cfg.run_dir) / "model"),
+            "bytes": size,
+            "fp32_parameter_bytes": 4 * loaded.num_parameters,
+            "ratio_to_fp32": round(size / (4 * loaded.num_parameters), 4),
+        }
+        log.info("wrote the quantized model to %s (%.1f MB, %.3fx of FP32)", report["artifact"]["path"], size / 1e6,
+                 report["artifact"]["ratio_to_fp32"])
     write_report(Path(cfg.run_dir), report)
     if not report["validation"]["passed"]:
         failures = "; ".join(report["validation"]["failures"])

@@ -44,7 +44,7 @@ SCHEMES = {
 }
 
 
-@pytest.mark.parametrize("family,head", [("bert", True), ("roberta", False), ("distilbert", True)])
+@pytest.mark.parametrize("family,head", [("bert", True), ("bert", False), ("roberta", False), ("distilbert", True)])
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_loaded_model_reproduces_the_fake_quantized_one(tmp_path, tokenizer, family, head, scheme):
     q, adapter = _quantized(family, head, SCHEMES[scheme])

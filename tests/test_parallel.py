@@ -3,6 +3,7 @@ streamed activations, rank 0 assembles and validates. The result does not depend
 share the work, lam = 1 reproduces one process training each module on full-precision inputs
 (LKD), and a failing rank stops the run with its rank named instead of hanging it."""
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -75,11 +76,23 @@ def test_two_ranks_train_at_once_and_equal_one_process(tmp_path, tiny_encoder_di
     assert report["validation"]["passed"] and rec["assembly_relative_difference"] < 1e-3
     assert sum(m["error_after"] for m in rec["modules"]) < sum(m["error_before"] for m in rec["modules"])
     # Only rank 0 wrote, into the one run directory.
-    assert sorted(p.name for p in run_dir.iterdir()) == ["reconstruction.png", "report.json", "summary.md"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["model", "reconstruction.png", "report.json", "summary.md"]
 
     single, state = _single(tiny_encoder_dir, sst_like_csv, tmp_path / "single", overrides)
     _assert_same_state(torch.load(out / "state.pt"), state)
     assert [m["losses"] for m in single["reconstruction"]["modules"]] == [m["losses"] for m in rec["modules"]]
+    # The coordinator's artifact loads and runs like the model it assembled.
+    import mrem_dist
+    from mrem_dist.evaluate import run_batch
+    from test_engine import _batches
+
+    art = mrem_dist.load_quantized(run_dir / "model")
+    reference = copy.deepcopy(art.model)
+    reference.load_state_dict(state)
+    b = _batches(1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(run_batch(art.model, art.adapter, b), run_batch(reference, art.adapter, b))
+    assert report["artifact"]["ratio_to_fp32"] < 0.5
 
 
 def test_lam_one_on_three_ranks_equals_sequential_lkd(tmp_path, tiny_encoder_dir, sst_like_csv):

@@ -231,7 +231,7 @@ def test_torchrun_two_ranks_share_one_run_directory(tmp_path, tiny_encoder_dir, 
     run_dir = run_dirs[0]
     assert run_dir.name.endswith("_mrem_p_w4a8")
     names = sorted(p.name for p in run_dir.iterdir())
-    assert names == [".hydra", "rank0.log", "rank1.log", "reconstruction.png", "report.json", "summary.md"], names
+    assert names == [".hydra", "model", "rank0.log", "rank1.log", "reconstruction.png", "report.json", "summary.md"], names
     report = json.loads((run_dir / "report.json").read_text())
     assert report["reconstruction"]["world_size"] == 2 and report["validation"]["passed"]
     assert "[rank 1]" in (run_dir / "rank1.log").read_text()

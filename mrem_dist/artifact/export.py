@@ -141,7 +141,7 @@ def load_quantized(path: str | os.PathLike) -> QuantizedArtifact:
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
     from mrem_dist.models.adapters import adapter_for
-    from mrem_dist.models.loading import TOKENIZER_FILES
+    from mrem_dist.models.loading import TOKENIZER_FILES, model_kwargs
     from mrem_dist.quantize import quantize_model
 
     path = Path(path)
@@ -165,8 +165,11 @@ def load_quantized(path: str | os.PathLike) -> QuantizedArtifact:
         raise ArtifactError(f"the tokenizer files in {path} are missing or unreadable ({e}): re-export the model") from e
     config = AutoConfig.from_pretrained(str(path))
     cls = AutoModelForSequenceClassification if meta["kind"] == "classifier" else AutoModel
-    model = cls.from_config(config).eval()
     adapter = adapter_for(config.model_type)
+    kwargs = model_kwargs(meta["kind"], adapter.family)
+    if "add_pooling_layer" in kwargs:  # whatever the exported model had
+        kwargs["add_pooling_layer"] = any(k.startswith("pooler.") for k in state)
+    model = cls.from_config(config, **kwargs).eval()
     # The structure only: every value is overwritten below, so skip the clipping search.
     scheme = dataclasses.replace(QuantConfig(**meta["quant"]), w_clip="minmax")
     quantize_model(model, adapter, scheme, learnable=False)

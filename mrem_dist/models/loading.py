@@ -75,6 +75,14 @@ def _load_config(path: str):
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
 
 
+def model_kwargs(kind: str, family: str) -> dict:
+    """Construction arguments shared by loading a checkpoint and rebuilding a saved artifact.
+
+    Encoders are built without a pooler they never use in fidelity evaluation: the pooler of
+    sentence-embedding checkpoints is untrained and would only add unused weights."""
+    return {} if kind == "classifier" or family != "bert" else {"add_pooling_layer": False}
+
+
 def _check_tokenizer_files(path: str, resolved: str) -> None:
     folder = Path(resolved).expanduser()
     if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
@@ -99,10 +107,7 @@ def load_model(path: str, kind: str = "auto", dtype: str = "float32") -> LoadedM
         )
     torch_dtype = getattr(torch, dtype)
     cls = AutoModelForSequenceClassification if kind == "classifier" else AutoModel
-    # Encoders are loaded without a pooler they never use in fidelity evaluation: the pooler of
-    # sentence-embedding checkpoints is untrained and would only add unused weights.
-    extra = {} if kind == "classifier" or adapter.family != "bert" else {"add_pooling_layer": False}
-    model = cls.from_pretrained(resolved, dtype=torch_dtype, **extra)
+    model = cls.from_pretrained(resolved, dtype=torch_dtype, **model_kwargs(kind, adapter.family))
     model.eval()
     _check_tokenizer_files(path, resolved)
     try:
