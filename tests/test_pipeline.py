@@ -9,12 +9,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import REPO
 from mrem_dist.config import register_configs, validate
-from mrem_dist.pipeline import run
+from mrem_dist.pipeline import execute, run
 
 register_configs()
 
@@ -208,12 +209,27 @@ def test_hydra_sweep_runs_every_combination(tmp_path, tiny_encoder_dir, sst_like
 def test_builtin_default_on_the_real_minilm(tmp_path):
     # The README's main job, on fewer samples: the real model and text that ship offline.
     cfg = _cfg(tmp_path, "quant=w8a8", "data.calib_samples=64", "data.eval_samples=48", "data.max_length=32")
-    report = run(cfg)
+    report, qmodel = execute(cfg)
     assert report["model"]["family"] == "bert" and report["model"]["kind"] == "encoder"
     assert report["model"]["parameters"] > 22_000_000
     assert report["data"] == {"name": "builtin", "calibration_samples": 64, "evaluation_samples": 48,
                               "max_length": 32, "labeled": False}
     assert 0.95 < report["metrics"]["quantized"]["cosine"] < 1.0
+    # Its artifact: W8 weights, E8 embeddings packed one code per byte (about a quarter of FP32),
+    # readable by others, and loading it gives the model that was evaluated.
+    import mrem_dist
+    from mrem_dist.evaluate import run_batch
+
+    art_dir = tmp_path / "model"
+    assert 0.2 < report["artifact"]["ratio_to_fp32"] < 0.3 and oct(art_dir.stat().st_mode)[-3:] != "700"
+    art = mrem_dist.load_quantized(art_dir)
+    enc = art.tokenizer(["a sentence to embed", "and one more"], return_tensors="pt", padding=True)
+    from mrem_dist.data import Batch
+
+    b = Batch(enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"))
+    with torch.no_grad():
+        torch.testing.assert_close(run_batch(art.model, art.adapter, b), run_batch(qmodel, art.adapter, b),
+                                   rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow

@@ -95,12 +95,22 @@ def export_quantized(model: nn.Module, tokenizer: Any, scheme: QuantConfig, kind
             "sha256": {TENSORS: _sha256(tmp / TENSORS)},
         }
         (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
+        _readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     meta["bytes"] = {TENSORS: (path / TENSORS).stat().st_size}
     return meta
+
+
+def _readable(folder: Path) -> None:
+    """mkdtemp makes a private (0700) folder: give it, and its files, the usual umask permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
 
 
 @dataclass
