@@ -51,7 +51,8 @@ def _job(method: str, quant: str, steps: int, threads: int, ranks: int, run_dir:
                          else sum(m["seconds"] for m in rec["modules"]), 1),
         "blocked_fraction": [r["blocked_fraction"] for r in ranks_info],
         "peak_rss_gb": [r["peak_rss_gb"] for r in ranks_info],
-        "coordinator_peak_rss_gb": rec.get("coordinator_peak_rss_gb"),
+        # Rank 0's whole-process peak, including the coordinator's assembly (the report's top level).
+        "coordinator_peak_rss_gb": report["peak_memory_gb"]["rss"] if ranks > 1 else None,
         "cosine": report["metrics"]["quantized"]["cosine"],
         "module_error_after": [m["error_after"] for m in rec["modules"]],
     }

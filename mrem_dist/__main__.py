@@ -19,7 +19,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mrem_dist.config import ConfigError, RunConfig, register_configs, validate
-from mrem_dist.distributed import env_rank, env_world_size
+from mrem_dist.distributed import env_world_size
 from mrem_dist.log import get_logger
 
 log = get_logger("mrem_dist")

@@ -25,7 +25,7 @@ from mrem_dist.config import RunConfig
 from mrem_dist.data import mean_pool
 from mrem_dist.distributed import DistContext, gather_to_main, init_distributed, rank_modules, teardown_distributed
 from mrem_dist.engine import ReconSettings, epoch_order, lam_at, partition
-from mrem_dist.engine.parallel import RankPipeline, peak_memory_gb
+from mrem_dist.engine.parallel import RankPipeline
 from mrem_dist.engine.shard import owned_state, release_unowned, tensor_owner
 from mrem_dist.evaluate import compare, layer_errors, model_outputs
 from mrem_dist.log import get_logger
@@ -156,7 +156,6 @@ def _coordinate(cfg, ctx, loaded, prepared, specs, parts, fp_out, eval_batches, 
             f"{mismatch:.2e} > {ASSEMBLY_TOLERANCE}): a module's state was lost or mixed up in transfer"
         )
     timer.seconds["total"] = round(time.perf_counter() - t0, 3)
-    rss, cuda = peak_memory_gb(device)
     extra = {
         "metrics_before_reconstruction": init_metrics,
         "reconstruction": {
@@ -167,8 +166,6 @@ def _coordinate(cfg, ctx, loaded, prepared, specs, parts, fp_out, eval_batches, 
             "queue": cfg.method.queue,
             "modules": sorted((m for p in parts for m in p["modules"]), key=lambda m: m["index"]),
             "ranks": [dict(p["stats"], timings_s=p["timings_s"]) for p in parts],
-            "coordinator_peak_rss_gb": round(rss, 3),
-            "coordinator_peak_cuda_gb": None if cuda is None else round(cuda, 3),
             "assembly_relative_difference": mismatch,
         },
         "layer_error": {"before": before, "after": after},

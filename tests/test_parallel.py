@@ -8,7 +8,6 @@ import json
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from dist_helpers import run_ranks, run_ranks_unsupervised

@@ -3,7 +3,6 @@
 import copy
 
 import pytest
-import torch
 
 from conftest import build_tiny
 from mrem_dist.config import QuantConfig

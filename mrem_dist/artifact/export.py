@@ -184,7 +184,6 @@ def load_quantized(path: str | os.PathLike) -> QuantizedArtifact:
     scheme = dataclasses.replace(QuantConfig(**meta["quant"]), w_clip="minmax")
     quantize_model(model, adapter, scheme, learnable=False)
     for name, info in meta["modules"].items():
-        module = model.get_submodule(name)
         packed = state.pop(f"{name}.qweight", None)
         if packed is None:
             raise ArtifactError(f"{tensors_file} has no packed weight for {name}: the file does not match its metadata")
