@@ -123,7 +123,9 @@ def _run_rank(cfg: RunConfig, ctx: DistContext) -> Optional[tuple[dict, torch.nn
         "layers_before": layers_before, "layers_after": layers_after, "init_outputs": init_outputs,
         "timings_s": dict(timer.seconds),
     }
-    # Nothing of the shard is needed any more (the coordinator rebuilds the whole model): free it.
+    # A lone rank freed nothing: its full-precision model serves the coordinator as it is. Otherwise
+    # nothing of the shard is needed any more (the coordinator rebuilds the whole model): free it.
+    whole_fp = model if ctx.world_size == 1 else None
     del pipe, qmodel, model
     loaded.model = None
     with timer("gather"):
@@ -131,15 +133,18 @@ def _run_rank(cfg: RunConfig, ctx: DistContext) -> Optional[tuple[dict, torch.nn
     if parts is None:
         log.info("rank %d: sent modules %s to the coordinator", ctx.rank, sorted(held))
         return None
-    return _coordinate(cfg, ctx, loaded, prepared, specs, parts, fp_out, eval_batches, timer, t0)
+    return _coordinate(cfg, ctx, loaded, prepared, specs, parts, fp_out, eval_batches, timer, t0, whole_fp)
 
 
-def _coordinate(cfg, ctx, loaded, prepared, specs, parts, fp_out, eval_batches, timer, t0) -> tuple[dict, torch.nn.Module]:
+def _coordinate(cfg, ctx, loaded, prepared, specs, parts, fp_out, eval_batches, timer, t0,
+                whole_fp) -> tuple[dict, torch.nn.Module]:
     adapter, device = loaded.adapter, ctx.device
     with timer("assemble"):
-        # The ranks let go of the full-precision weights outside their partitions: load them again.
-        fp_model = load_model(cfg.model.path, cfg.model.kind, cfg.model.dtype).model.to(device)
-        fp_model.requires_grad_(False)
+        fp_model = whole_fp
+        if fp_model is None:
+            # The ranks let go of the full-precision weights outside their partitions: load them again.
+            fp_model = load_model(cfg.model.path, cfg.model.kind, cfg.model.dtype).model.to(device)
+            fp_model.requires_grad_(False)
         qmodel = assemble(fp_model, adapter, cfg, specs, parts)
     with timer("evaluate"):
         q_out = model_outputs(qmodel, adapter, eval_batches)
