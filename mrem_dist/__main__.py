@@ -18,22 +18,13 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from mrem_dist.config import ConfigError, RunConfig, register_configs, validate
+from mrem_dist.config import ConfigError, RunConfig, config_dir, register_configs, validate
 from mrem_dist.distributed import env_world_size
 from mrem_dist.log import get_logger
 
 log = get_logger("mrem_dist")
 
 _START: list[float] = []  # the run's start time, agreed by all ranks (set once)
-
-
-def _config_dir() -> str:
-    """conf/ beside the package in a checkout, or shipped inside it (mrem_dist/conf) in a wheel."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "conf", here.parent / "conf"):
-        if (candidate / "config.yaml").is_file():
-            return str(candidate)
-    raise FileNotFoundError(f"mrem-dist's config directory (conf/config.yaml) is missing near {here}: reinstall the package")
 
 
 def _now(fmt: str) -> str:
@@ -72,7 +63,7 @@ def _join_ranks(argv: list[str]) -> list[str]:
     return overrides
 
 
-@hydra.main(config_path=_config_dir(), config_name="config", version_base=None)
+@hydra.main(config_path=config_dir(), config_name="config", version_base=None)
 def _hydra_main(dcfg: DictConfig) -> None:
     # Imported here so `--help` and config errors do not pay for importing torch/transformers.
     from transformers.utils import logging as hf_logging

@@ -7,6 +7,7 @@ long work; library code below it takes plain arguments, never these objects.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
@@ -153,9 +154,44 @@ class RunConfig:
     run_dir: str = MISSING
 
 
+KERNELS = ("float", "int8")
+INT8_BACKENDS = ("onednn", "int_mm")
+
+
+@dataclass
+class EvaluateConfig:
+    """`python -m mrem_dist.evaluate artifact=<dir> data=<...>`: score a saved artifact."""
+
+    # The directory a run exported (<run_dir>/model), or any export_quantized output.
+    artifact: str = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    # float: dequantized weights, fake-quantized activations (bit-exact to the exported model);
+    # int8: integer GEMMs (onednn on CPU, torch._int_mm on CUDA).
+    kernel: str = "float"
+    # The INT8 kernel; null picks it from the device.
+    backend: Optional[str] = None
+    # The full-precision model to compare against; null: the source recorded in the artifact.
+    reference: Optional[str] = None
+    # false: score the artifact alone (task metrics need labeled data; nothing for plain text).
+    compare: bool = True
+    device: str = "cpu"
+    threads: int = 0
+    run_dir: str = MISSING
+
+
+def config_dir() -> str:
+    """conf/ beside the package in a checkout, or shipped inside it (mrem_dist/conf) in a wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"mrem-dist's config directory (conf/config.yaml) is missing near {here}: reinstall the package")
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="schema", node=RunConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -178,6 +214,35 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, f"{key}={value!r} is not one of {', '.join(choices)}: set {key}=<one of them>")
 
 
+def _validate_data(d: DataConfig, calibration: bool = True) -> None:
+    _check(d.max_length >= 8, f"data.max_length={d.max_length} is too small: use at least 8 tokens")
+    if calibration:
+        _check(d.calib_samples > 0, f"data.calib_samples={d.calib_samples}: the calibration set must not be empty")
+    _check(d.eval_samples > 0, f"data.eval_samples={d.eval_samples}: set a positive number of evaluation samples")
+    _check(d.batch_size > 0, f"data.batch_size={d.batch_size} must be positive")
+    if d.name == "local":
+        _check(
+            bool(d.train_file) or bool(d.validation_file),
+            "data=local needs files: set data.train_file=<csv/json/parquet> and data.validation_file=<...>",
+        )
+        _check(
+            1 <= len(d.text_fields) <= 2,
+            f"data.text_fields={list(d.text_fields)} must name one or two text columns, e.g. data.text_fields=[sentence]",
+        )
+
+
+def validate_evaluate(cfg: EvaluateConfig) -> EvaluateConfig:
+    """Check an evaluate config before loading anything; raise ConfigError."""
+    _check(bool(cfg.artifact), "artifact is required: set artifact=<directory written by a run, e.g. runs/.../model>")
+    _check_choice("kernel", cfg.kernel, KERNELS)
+    if cfg.backend is not None:
+        _check_choice("backend", cfg.backend, INT8_BACKENDS)
+        _check(cfg.kernel == "int8", f"backend={cfg.backend} picks an INT8 kernel: set kernel=int8 (or backend=null)")
+    _check(cfg.threads >= 0, f"threads={cfg.threads} must be >= 0 (0 keeps torch's default)")
+    _validate_data(cfg.data, calibration=False)
+    return cfg
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Check every value that can be checked without loading anything; raise ConfigError."""
     q = cfg.quant
@@ -198,20 +263,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     if q.a_mode == "dynamic":
         _check(q.a_symmetric, "quant.a_mode=dynamic (token-wise) is symmetric only: set quant.a_symmetric=true")
 
-    d = cfg.data
-    _check(d.max_length >= 8, f"data.max_length={d.max_length} is too small: use at least 8 tokens")
-    _check(d.calib_samples > 0, f"data.calib_samples={d.calib_samples}: the calibration set must not be empty")
-    _check(d.eval_samples > 0, f"data.eval_samples={d.eval_samples}: set a positive number of evaluation samples")
-    _check(d.batch_size > 0, f"data.batch_size={d.batch_size} must be positive")
-    if d.name == "local":
-        _check(
-            bool(d.train_file) or bool(d.validation_file),
-            "data=local needs files: set data.train_file=<csv/json/parquet> and data.validation_file=<...>",
-        )
-        _check(
-            1 <= len(d.text_fields) <= 2,
-            f"data.text_fields={list(d.text_fields)} must name one or two text columns, e.g. data.text_fields=[sentence]",
-        )
+    _validate_data(cfg.data)
 
     _check_choice("model.kind", cfg.model.kind, MODEL_KINDS)
     _check_choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))

@@ -1,5 +1,8 @@
 """Score a model on held-out data: the task metric for a classifier, fidelity to the
-full-precision model for a bare encoder."""
+full-precision model for a bare encoder.
+
+Run as `python -m mrem_dist.evaluate artifact=<dir> ...` it scores a saved artifact
+(mrem_dist.artifact.evaluate)."""
 
 from __future__ import annotations
 
@@ -85,3 +88,11 @@ def layer_errors(fp_model: nn.Module, q_model: nn.Module, adapter: ModelAdapter,
         num = diffs if num is None else [a + b for a, b in zip(num, diffs)]
         den = norms if den is None else [a + b for a, b in zip(den, norms)]
     return [a / max(b, 1e-30) for a, b in zip(num or [], den or [])]
+
+
+if __name__ == "__main__":
+    # The command line lives in its own module, so that this one is not imported twice
+    # (once as __main__, once as mrem_dist.evaluate by the pipeline it calls).
+    from mrem_dist.artifact.evaluate import main
+
+    main()

@@ -41,27 +41,34 @@ class PreparedData:
     description: dict
 
 
-def _load_splits(cfg_data) -> tuple[D.TextDataset, D.TextDataset, Optional[D.TaskSpec]]:
+def _load_splits(cfg_data, calibration: bool = True) -> tuple[Optional[D.TextDataset], D.TextDataset, Optional[D.TaskSpec]]:
+    """(calibration split or None when not wanted, evaluation split, task spec or None)."""
     if cfg_data.name == BUILTIN_DATA:
-        return D.load_builtin("calibration"), D.load_builtin("evaluation"), None
+        return (D.load_builtin("calibration") if calibration else None), D.load_builtin("evaluation"), None
     if cfg_data.name == "local":
         fields, label = list(cfg_data.text_fields), cfg_data.label_field or None
         train_path = cfg_data.train_file or cfg_data.validation_file
         eval_path = cfg_data.validation_file or cfg_data.train_file
-        return D.load_local(train_path, fields, label), D.load_local(eval_path, fields, label), None
+        train = D.load_local(train_path, fields, label) if calibration else None
+        return train, D.load_local(eval_path, fields, label), None
     spec = D.get_task(cfg_data.name)
-    return D.load_glue(cfg_data.name, "train"), D.load_glue(cfg_data.name, "eval"), spec
+    return (D.load_glue(cfg_data.name, "train") if calibration else None), D.load_glue(cfg_data.name, "eval"), spec
 
 
-def prepare_data(cfg_data, loaded: LoadedModel) -> PreparedData:
-    train, evaluation, spec = _load_splits(cfg_data)
-    if len(train) == 0:
-        raise ValueError(f"the calibration source of data={cfg_data.name} is empty: give it at least one row")
-    n_calib = min(cfg_data.calib_samples, len(train))
-    if n_calib < cfg_data.calib_samples:
-        log.warning("data has %d calibration rows, fewer than data.calib_samples=%d: using all", n_calib, cfg_data.calib_samples)
-    calib_idx = D.sample_indices(len(train), n_calib, cfg_data.seed)
-    calib = D.make_batches(D.tokenize(train, loaded.tokenizer, cfg_data.max_length, calib_idx), cfg_data.batch_size)
+def prepare_data(cfg_data, loaded: LoadedModel, calibration: bool = True) -> PreparedData:
+    """Tokenized calibration batches (none with calibration=False: evaluating a saved artifact)
+    and the evaluation set, checked against the model (labels for a classifier)."""
+    train, evaluation, spec = _load_splits(cfg_data, calibration)
+    calib: list[D.Batch] = []
+    n_calib = 0
+    if train is not None:
+        if len(train) == 0:
+            raise ValueError(f"the calibration source of data={cfg_data.name} is empty: give it at least one row")
+        n_calib = min(cfg_data.calib_samples, len(train))
+        if n_calib < cfg_data.calib_samples:
+            log.warning("data has %d calibration rows, fewer than data.calib_samples=%d: using all", n_calib, cfg_data.calib_samples)
+        calib_idx = D.sample_indices(len(train), n_calib, cfg_data.seed)
+        calib = D.make_batches(D.tokenize(train, loaded.tokenizer, cfg_data.max_length, calib_idx), cfg_data.batch_size)
 
     eval_idx = D.sample_indices(len(evaluation), min(cfg_data.eval_samples, len(evaluation)), cfg_data.seed + 1)
     labels = [evaluation.labels[i] for i in eval_idx] if evaluation.labels is not None else None
@@ -230,7 +237,9 @@ def finish(cfg: RunConfig, report: dict, qmodel: torch.nn.Module, loaded: Loaded
         report["validation"]["failures"][:0] = failures
         report["validation"]["passed"] = False
     if report["validation"]["passed"] and cfg.export:
-        meta = export_quantized(qmodel, loaded.tokenizer, cfg.quant, loaded.kind, Path(cfg.run_dir) / "model")
+        meta = export_quantized(
+            qmodel, loaded.tokenizer, cfg.quant, loaded.kind, Path(cfg.run_dir) / "model", source=cfg.model.path
+        )
         size = meta["bytes"]["model.safetensors"]
         report["artifact"] = {
             "path": str(Path(cfg.run_dir) / "model"),

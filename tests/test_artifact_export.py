@@ -109,3 +109,34 @@ def test_corrupt_metadata_and_missing_tokenizer_are_named(artifact):
         load_quantized(artifact)
     with pytest.raises(ArtifactError, match="is not a directory"):
         load_quantized(artifact / "nothing")
+
+
+@pytest.mark.parametrize("family,head", [("bert", True), ("roberta", False), ("distilbert", True)])
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+@pytest.mark.parametrize("backend", ["onednn", "int_mm"])
+def test_int8_kernel_reproduces_the_float_kernel(tmp_path, tokenizer, family, head, scheme, backend):
+    """kernel=int8 runs integer GEMMs on the stored codes. Every layer matches its float twin to
+    float rounding (test_int8.py); end to end, a rounding difference can move an activation across a
+    grid boundary (one code step), so the whole model is compared with a relative L2 tolerance."""
+    from mrem_dist.quant.int8 import Int8Linear, cpu_int8_code_limit
+
+    q, adapter = _quantized(family, head, SCHEMES[scheme])
+    export_quantized(q, tokenizer, SCHEMES[scheme], "classifier" if head else "encoder", tmp_path / "art")
+    if backend == "onednn" and SCHEMES[scheme].w_bits == 8 and cpu_int8_code_limit() < 127:
+        with pytest.raises(ValueError, match="exact only up to"):
+            load_quantized(tmp_path / "art", kernel="int8", backend=backend)
+        return
+    art = load_quantized(tmp_path / "art", kernel="int8", backend=backend)
+    assert any(isinstance(m, Int8Linear) for m in art.model.modules())
+    reference = load_quantized(tmp_path / "art")
+    b = _batches(1, seed=3)[0]
+    with torch.no_grad():
+        want = run_batch(reference.model, adapter, b)
+        got = run_batch(art.model, adapter, b)
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel < 1e-3, rel
+
+
+def test_unknown_kernel_is_refused(artifact):
+    with pytest.raises(ValueError, match="kernel='fast'"):
+        load_quantized(artifact, kernel="fast")

@@ -33,6 +33,7 @@ from torch import nn
 from mrem_dist.config import QuantConfig
 from mrem_dist.quant import QuantEmbedding, QuantLinear
 from mrem_dist.quant.functional import dequantize
+from mrem_dist.quant.int8 import KERNELS, to_int8
 from mrem_dist.quant.quantizers import group_view
 
 from .pack import pack_codes, unpack_codes
@@ -62,9 +63,12 @@ def _sha256(path: Path) -> str:
 
 
 @torch.no_grad()
-def export_quantized(model: nn.Module, tokenizer: Any, scheme: QuantConfig, kind: str, path: str | os.PathLike) -> dict:
+def export_quantized(
+    model: nn.Module, tokenizer: Any, scheme: QuantConfig, kind: str, path: str | os.PathLike, source: str | None = None
+) -> dict:
     """Write `model` (fake-quantized, mrem-dist modules inside) to the directory `path`. Returns
-    the metadata written to quantization.json (with the file sizes)."""
+    the metadata written to quantization.json (with the file sizes). `source`: the full-precision
+    model it was quantized from (recorded so that `mrem_dist.evaluate` can compare against it)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -91,7 +95,7 @@ def export_quantized(model: nn.Module, tokenizer: Any, scheme: QuantConfig, kind
         tokenizer.save_pretrained(tmp)
         meta = {
             "format": FORMAT, "version": VERSION, "kind": kind, "model_type": model.config.model_type,
-            "quant": dataclasses.asdict(scheme), "modules": modules,
+            "source": source, "quant": dataclasses.asdict(scheme), "modules": modules,
             "sha256": {TENSORS: _sha256(tmp / TENSORS)},
         }
         (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
@@ -143,9 +147,18 @@ def _read_meta(path: Path) -> dict:
 
 
 @torch.no_grad()
-def load_quantized(path: str | os.PathLike) -> QuantizedArtifact:
-    """Rebuild the quantized model from an artifact directory; its outputs equal those of the
-    fake-quantized model it was exported from."""
+def load_quantized(
+    path: str | os.PathLike, kernel: str = "float", backend: str | None = None, device: str | torch.device = "cpu"
+) -> QuantizedArtifact:
+    """Rebuild the quantized model from an artifact directory, on `device`.
+
+    kernel="float": weights dequantized from their codes, activations fake-quantized; outputs equal
+    those of the fake-quantized model it was exported from (the reference, and the training view).
+    kernel="int8": every quantized Linear runs an integer GEMM on int8 codes (`mrem_dist.quant.int8`,
+    `backend` onednn / int_mm, default by device) and embeddings stay int8 codes; outputs match
+    the float kernel to float rounding. A layer the INT8 kernel cannot run exactly is an error."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not one of {', '.join(KERNELS)}")
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
@@ -183,11 +196,12 @@ def load_quantized(path: str | os.PathLike) -> QuantizedArtifact:
     # The structure only: every value is overwritten below, so skip the clipping search.
     scheme = dataclasses.replace(QuantConfig(**meta["quant"]), w_clip="minmax")
     quantize_model(model, adapter, scheme, learnable=False)
+    codes_by_module = {}
     for name, info in meta["modules"].items():
         packed = state.pop(f"{name}.qweight", None)
         if packed is None:
             raise ArtifactError(f"{tensors_file} has no packed weight for {name}: the file does not match its metadata")
-        codes = unpack_codes(packed, info["bits"], info["symmetric"], tuple(info["shape"]))
+        codes = codes_by_module[name] = unpack_codes(packed, info["bits"], info["symmetric"], tuple(info["shape"]))
         scale = state[f"{name}.weight_quantizer.scale"]
         zp = state.get(f"{name}.weight_quantizer.zero_point")
         weight = dequantize(group_view(codes, scale.shape[0]), scale, zp).reshape(info["shape"])
@@ -199,5 +213,7 @@ def load_quantized(path: str | os.PathLike) -> QuantizedArtifact:
             f"{tensors_file} does not match its model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
             f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
         )
-    model.requires_grad_(False)
+    model.requires_grad_(False).to(device)
+    if kernel == "int8":
+        to_int8(model, backend, {k: v.to(device) for k, v in codes_by_module.items()})
     return QuantizedArtifact(model, tokenizer, adapter, meta["kind"], meta)

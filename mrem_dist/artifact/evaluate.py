@@ -1,0 +1,130 @@
+"""Score a saved artifact as it will be shipped:
+
+    python -m mrem_dist.evaluate artifact=runs/.../model [data=sst2] [kernel=int8] [reference=<fp model>]
+
+The artifact is loaded with `load_quantized` (kernel float or int8) and run on the evaluation split
+of `data`. With compare=true (the default) the full-precision model it was quantized from (recorded
+in the artifact, or `reference=`) runs on the same batches, so the result carries the same metrics as
+the run's report: the task metric of both (labeled data) and the fidelity of the artifact to full
+precision. Writes `evaluation.json` to the Hydra run directory (runs/evaluate/...).
+
+Exit codes: 0 done, 2 invalid configuration, 1 any other error (an unreadable artifact included).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mrem_dist.config import ConfigError, EvaluateConfig, config_dir, register_configs, validate_evaluate
+from mrem_dist.log import get_logger
+
+from .export import ArtifactError, load_quantized
+
+log = get_logger(__name__)
+
+
+def evaluate_artifact(cfg: EvaluateConfig) -> dict:
+    """Evaluate the artifact `cfg.artifact`; returns the result (also written to cfg.run_dir)."""
+    from mrem_dist.distributed import resolve_device
+    from mrem_dist.evaluate import compare, model_outputs, task_metrics
+    from mrem_dist.models import LoadedModel, load_model
+    from mrem_dist.pipeline import Timer, prepare_data
+    from mrem_dist.quant.int8 import Int8Linear
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    timer = Timer()
+    with timer("load"):
+        art = load_quantized(cfg.artifact, cfg.kernel, cfg.backend, device)
+    num_labels = int(art.model.config.num_labels) if art.kind == "classifier" else 0
+    size = sum(f.stat().st_size for f in Path(cfg.artifact).iterdir() if f.is_file())
+    loaded = LoadedModel(art.model, art.tokenizer, art.adapter, art.kind, str(cfg.artifact), num_labels, 0)
+    prepared = prepare_data(cfg.data, loaded, calibration=False)
+    batches = [b.to(device) for b in prepared.evalset.batches]
+    log.info("loaded %s (%s, kernel %s) and %d evaluation samples of data=%s", cfg.artifact, art.kind, cfg.kernel,
+             prepared.description["evaluation_samples"], cfg.data.name)
+    with timer("evaluate"):
+        q_out = model_outputs(art.model, art.adapter, batches)
+
+    reference = None
+    if cfg.compare:
+        reference = cfg.reference or art.meta.get("source")
+        if not reference:
+            raise ValueError(
+                f"{cfg.artifact} does not record the model it was quantized from: pass reference=<full-precision model "
+                "path> to compare against it, or compare=false to score the artifact alone"
+            )
+        with timer("reference"):
+            ref = load_model(reference, art.kind)
+            fp_out = model_outputs(ref.model.to(device), ref.adapter, batches)
+        if fp_out.shape != q_out.shape:
+            raise ValueError(
+                f"reference={reference} produces outputs of shape {tuple(fp_out.shape)} but the artifact "
+                f"{tuple(q_out.shape)}: give the full-precision model the artifact was quantized from"
+            )
+        fp_metrics, q_metrics = compare(fp_out, q_out, prepared.evalset)
+    elif prepared.evalset.metric_names:
+        fp_metrics, q_metrics = None, task_metrics(q_out, prepared.evalset)
+    else:
+        raise ValueError(
+            f"compare=false on data={cfg.data.name} leaves nothing to measure: the artifact is an encoder "
+            "(scored by fidelity to full precision) or the data has no labels; set compare=true"
+        )
+    n = prepared.description["evaluation_samples"]
+    result = {
+        "artifact": str(cfg.artifact),
+        "kernel": cfg.kernel,
+        "backend": next((m.backend for m in art.model.modules() if isinstance(m, Int8Linear)), None),
+        "kind": art.kind,
+        "quant": art.meta["quant"],
+        "artifact_bytes": size,
+        "reference": reference,
+        "data": prepared.description,
+        "metrics": {"full_precision": fp_metrics, "quantized": q_metrics},
+        "timings_s": timer.seconds,
+        "samples_per_s": round(n / timer.seconds["evaluate"], 2),
+        "environment": {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+                        "python": platform.python_version(), "machine": platform.machine()},
+    }
+    out = Path(cfg.run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evaluation.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+register_configs()
+
+
+@hydra.main(config_path=config_dir(), config_name="evaluate", version_base=None)
+def _hydra_main(dcfg: DictConfig) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    cfg: EvaluateConfig = OmegaConf.to_object(dcfg)
+    try:
+        validate_evaluate(cfg)
+    except ConfigError as e:
+        log.error("invalid configuration: %s", e)
+        raise SystemExit(2) from e
+    start = time.perf_counter()
+    try:
+        result = evaluate_artifact(cfg)
+    except ArtifactError as e:
+        log.error("cannot load the artifact: %s", e)
+        raise SystemExit(1) from e
+    q = result["metrics"]["quantized"]
+    log.info("done in %.1f s: %s -> %s/evaluation.json", time.perf_counter() - start,
+             ", ".join(f"{k}={v:.4f}" for k, v in q.items()), cfg.run_dir)
+
+
+def main() -> None:
+    _hydra_main()
