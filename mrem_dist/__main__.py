@@ -5,7 +5,8 @@ start time, so that `${mrem_now:...}` in the run directory names one directory f
 rank 0 writes the report and Hydra's config dump there, every rank its own `rank<N>.log`.
 
 Exit codes: 0 done, 2 invalid configuration, 3 the quantized model failed validation (the report
-says why), 1 any other error (under torchrun, recorded with the failing rank in its summary).
+says why), 4 stopped by SIGTERM / SIGUSR1 after a checkpoint (rerun the same command to resume),
+1 any other error (under torchrun, recorded with the failing rank in its summary).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def _hydra_main(dcfg: DictConfig) -> None:
     # Imported here so `--help` and config errors do not pay for importing torch/transformers.
     from transformers.utils import logging as hf_logging
 
+    from mrem_dist.engine.checkpoint import Preempted
     from mrem_dist.pipeline import run
     from mrem_dist.validation import ValidationFailed
 
@@ -84,6 +86,9 @@ def _hydra_main(dcfg: DictConfig) -> None:
     except ValidationFailed as e:
         log.error("%s", e)
         raise SystemExit(3) from e
+    except Preempted as e:
+        log.warning("%s", e)
+        raise SystemExit(Preempted.exit_code) from e
     except Exception as e:
         if os.environ.get("TORCHELASTIC_ERROR_FILE"):
             # torchrun's failure summary then names this rank and shows this error.

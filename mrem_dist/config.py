@@ -133,6 +133,21 @@ class MethodConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Resumable training (method=mrem_p). A run's checkpoints live in
+    <dir>/<method>_<quant>_<hash of its settings>: rerunning the same command (a torchrun restart,
+    a SLURM requeue, by hand) finds them and resumes; other settings use another directory."""
+
+    # Root directory, relative to where the job starts; it must outlive the run. null: off.
+    dir: Optional[str] = "checkpoints"
+    # Steps between checkpoints; 0: only when stopped by SIGTERM / SIGUSR1 (SLURM's pre-timeout signal).
+    every: int = 200
+    # auto: resume from a checkpoint of this run (one of a different model/data is an error);
+    # never: discard what is there and start over.
+    resume: str = "auto"
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -151,6 +166,7 @@ class RunConfig:
     max_drop: Optional[float] = None
     # Write the validated model as a packed artifact to <run_dir>/model (mrem_dist.load_quantized).
     export: bool = True
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run_dir: str = MISSING
 
 
@@ -283,6 +299,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         _check(m.train_weights or m.train_scales, "method.train_weights and method.train_scales are both false: nothing would be trained")
         _check(m.queue >= 1, f"method.queue={m.queue} must be >= 1 (messages in flight between ranks)")
     _check(cfg.threads >= 0, f"threads={cfg.threads} must be >= 0 (0 keeps torch's default)")
+    _check(cfg.checkpoint.every >= 0, f"checkpoint.every={cfg.checkpoint.every} must be >= 0 (0: only on a stop signal)")
+    _check_choice("checkpoint.resume", cfg.checkpoint.resume, ("auto", "never"))
     _check(cfg.timeout_s > 0, f"timeout_s={cfg.timeout_s} must be positive (seconds to wait on a peer rank)")
     if cfg.max_drop is not None:
         _check(0.0 <= cfg.max_drop <= 1.0, f"max_drop={cfg.max_drop} must be in [0, 1] (a relative drop, e.g. 0.02), or null")

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import time
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -25,6 +28,7 @@ from mrem_dist.config import RunConfig
 from mrem_dist.data import mean_pool
 from mrem_dist.distributed import DistContext, gather_to_main, init_distributed, rank_modules, teardown_distributed
 from mrem_dist.engine import ReconSettings, epoch_order, lam_at, partition
+from mrem_dist.engine.checkpoint import Checkpointer, Preempted, StopSignal, fingerprint
 from mrem_dist.engine.parallel import RankPipeline
 from mrem_dist.engine.shard import owned_state, release_unowned, tensor_owner
 from mrem_dist.evaluate import compare, layer_errors, model_outputs
@@ -45,7 +49,10 @@ def run_parallel(cfg: RunConfig) -> Optional[tuple[dict, torch.nn.Module]]:
     rank's share. Returns (report, assembled quantized model) on rank 0, None elsewhere."""
     ctx = init_distributed(cfg.device, cfg.timeout_s)
     try:
-        return _run_rank(cfg, ctx)
+        with StopSignal() as stop:
+            return _run_rank(cfg, ctx, stop)
+    except Preempted:
+        raise
     except BaseException as e:
         if ctx.world_size > 1:
             log.error("rank %d of %d failed: %s: %s", ctx.rank, ctx.world_size, type(e).__name__, e)
@@ -54,7 +61,25 @@ def run_parallel(cfg: RunConfig) -> Optional[tuple[dict, torch.nn.Module]]:
         teardown_distributed()
 
 
-def _run_rank(cfg: RunConfig, ctx: DistContext) -> Optional[tuple[dict, torch.nn.Module]]:
+def _checkpointer(cfg: RunConfig, ctx: DistContext, model: torch.nn.Module, calib: list) -> Checkpointer:
+    """This rank's checkpointer. The directory is keyed by the settings that decide the result (so
+    the same command finds its checkpoints again and other settings never meet them); the
+    fingerprint adds the model weights and calibration data, checked before anything is loaded."""
+    m = cfg.method
+    irrelevant = ("log_every", "cache", "cache_memory_gb", "queue")  # speed and display only
+    settings = {
+        "quant": dataclasses.asdict(cfg.quant), "data": dataclasses.asdict(cfg.data), "seed": cfg.seed,
+        "method": {k: v for k, v in dataclasses.asdict(m).items() if k not in irrelevant},
+        "ranks": ctx.world_size, "dtype": cfg.model.dtype,
+    }
+    key = hashlib.sha256(json.dumps({**settings, "model": cfg.model.path}, sort_keys=True).encode()).hexdigest()[:10]
+    root = Path(cfg.checkpoint.dir) / f"{m.name}_{cfg.quant.name}_{key}"
+    keep = Checkpointer.keep_for(ctx.world_size, m.queue, cfg.checkpoint.every)
+    return Checkpointer(root, fingerprint(model, calib, settings), ctx.rank, cfg.checkpoint.every, keep,
+                        cfg.checkpoint.resume)
+
+
+def _run_rank(cfg: RunConfig, ctx: DistContext, stop: StopSignal) -> Optional[tuple[dict, torch.nn.Module]]:
     if cfg.method.modules:  # fail before loading anything (modules=0 needs the layer count)
         rank_modules(cfg.method.modules, ctx.world_size)
     if cfg.threads:
@@ -69,6 +94,7 @@ def _run_rank(cfg: RunConfig, ctx: DistContext) -> Optional[tuple[dict, torch.nn
     model.requires_grad_(False)
     calib = [b.to(device) for b in prepared.calib]
     eval_batches = [b.to(device) for b in prepared.evalset.batches]
+    checkpoint = _checkpointer(cfg, ctx, model, calib) if cfg.checkpoint.dir else None
     with timer("quantize"):
         specs = partition(model, adapter, cfg.method.modules, cfg.method.balance, cfg.data.max_length)
         held = set(rank_modules(len(specs), ctx.world_size)[ctx.rank])
@@ -104,7 +130,7 @@ def _run_rank(cfg: RunConfig, ctx: DistContext) -> Optional[tuple[dict, torch.nn
     order = list(epoch_order(len(calib), settings.steps, cfg.seed))
     log.info("rank %d: %d steps a module, lam=%s, queue %d", ctx.rank, settings.steps, settings.lam, cfg.method.queue)
     with timer("reconstruct"):
-        results, stats = pipe.train(calib, order, settings)
+        results, stats = pipe.train(calib, order, settings, checkpoint, stop)
     with timer("evaluate"):
         err_after, _ = pipe.probe(probe_calib, lam_end, settings.loss)
         _, layers_after = pipe.probe(probe_eval, 0.0, settings.loss)
@@ -133,7 +159,10 @@ def _run_rank(cfg: RunConfig, ctx: DistContext) -> Optional[tuple[dict, torch.nn
     if parts is None:
         log.info("rank %d: sent modules %s to the coordinator", ctx.rank, sorted(held))
         return None
-    return _coordinate(cfg, ctx, loaded, prepared, specs, parts, fp_out, eval_batches, timer, t0, whole_fp)
+    result = _coordinate(cfg, ctx, loaded, prepared, specs, parts, fp_out, eval_batches, timer, t0, whole_fp)
+    if checkpoint is not None:  # the artifact and report are written: nothing left to resume
+        checkpoint.remove()
+    return result
 
 
 def _coordinate(cfg, ctx, loaded, prepared, specs, parts, fp_out, eval_batches, timer, t0,

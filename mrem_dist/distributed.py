@@ -15,18 +15,36 @@ if TYPE_CHECKING:  # torch is imported lazily: `--help` and config errors stay f
     import torch
 
 
-def _env_int(*keys: str) -> int:
-    """The first of `keys` set to an integer in the environment, else 0 (single process)."""
-    for key in keys:
-        value = os.environ.get(key)
-        if value is not None and value.strip().isdigit():
-            return int(value)
-    return 0
+def _env_int(key: str, default: int) -> int:
+    value = os.environ.get(key, "").strip()
+    if not value.isdigit():
+        return default
+    return int(value)
+
+
+def launcher() -> str:
+    """Who started this process, read in this order:
+
+    - "torchrun": RANK / WORLD_SIZE / LOCAL_RANK (torchrun, torch.distributed.run, the deepspeed
+      launcher, and srun + torchrun, where torchrun's variables describe the ranks);
+    - "slurm": a task of an srun job step (SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID).
+      Only inside a step: the batch script itself also sees SLURM_NTASKS and SLURM_PROCID=0, and a
+      plain `python -m mrem_dist` there is one process, not rank 0 of a world that never comes;
+    - "single": anything else."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return "torchrun"
+    if "SLURM_PROCID" in os.environ and "SLURM_STEP_NUM_TASKS" in os.environ:
+        return "slurm"
+    return "single"
+
+
+_KEYS = {"torchrun": ("RANK", "WORLD_SIZE", "LOCAL_RANK"), "slurm": ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID")}
 
 
 def env_rank() -> int:
-    """Global rank as set by the launcher: torchrun first, then SLURM, else 0 (single process)."""
-    return _env_int("RANK", "SLURM_PROCID")
+    """Global rank as set by the launcher (see `launcher`); 0 for a single process."""
+    kind = launcher()
+    return 0 if kind == "single" else _env_int(_KEYS[kind][0], 0)
 
 
 def is_main_process() -> bool:
@@ -48,13 +66,42 @@ def resolve_device(name: str):
 
 
 def env_local_rank() -> int:
-    """Rank within the node: torchrun's LOCAL_RANK, then SLURM_LOCALID, else 0."""
-    return _env_int("LOCAL_RANK", "SLURM_LOCALID")
+    """Rank within the node, as set by the launcher; 0 for a single process."""
+    kind = launcher()
+    return 0 if kind == "single" else _env_int(_KEYS[kind][2], 0)
 
 
 def env_world_size() -> int:
-    """Number of ranks: torchrun's WORLD_SIZE, then SLURM_NTASKS, else 1."""
-    return max(_env_int("WORLD_SIZE", "SLURM_NTASKS"), 1)
+    """Number of ranks, as set by the launcher; 1 for a single process."""
+    kind = launcher()
+    return 1 if kind == "single" else max(_env_int(_KEYS[kind][1], 1), 1)
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[03-05,9],cpu1" -> "gpu03" (what
+    `scontrol show hostnames | head -1` prints, without needing scontrol on the node)."""
+    depth, end = 0, len(nodelist)
+    for i, c in enumerate(nodelist):  # the first entry ends at the first comma outside brackets
+        depth += (c == "[") - (c == "]")
+        if c == "," and depth == 0:
+            end = i
+            break
+    entry = nodelist[:end].strip()
+    if "[" not in entry:
+        return entry
+    prefix, rest = entry.split("[", 1)
+    ranges, suffix = rest.split("]", 1)
+    return prefix + ranges.split(",", 1)[0].split("-", 1)[0] + (first_host(suffix) if suffix else "")
+
+
+def _slurm_rendezvous() -> None:
+    """One task per rank under srun: the first node of the step hosts the store, on a port derived
+    from the job id (every task computes the same one; jobs sharing a node get different ones)."""
+    nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if "MASTER_ADDR" not in os.environ and nodes:
+        os.environ["MASTER_ADDR"] = first_host(nodes)
+    if "MASTER_PORT" not in os.environ and "SLURM_JOB_ID" in os.environ:
+        os.environ["MASTER_PORT"] = str(20000 + _env_int("SLURM_JOB_ID", 0) % 20000)
 
 
 @dataclass(frozen=True)
@@ -80,7 +127,7 @@ def backend_for(device: "torch.device") -> str:
 
 def init_distributed(device: str = "auto", timeout_s: float = 300.0) -> DistContext:
     """Join the process group the launcher described (idempotent). A single process (no
-    WORLD_SIZE/SLURM_NTASKS, or a world of 1) gets no process group at all.
+    launcher, or a world of 1) gets no process group at all.
 
     Collective timeouts are `timeout_s`, so a dead peer ends a rank with an error rather than a hang.
     """
@@ -95,6 +142,8 @@ def init_distributed(device: str = "auto", timeout_s: float = 300.0) -> DistCont
     if not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
+        if launcher() == "slurm":
+            _slurm_rendezvous()
         for key in ("MASTER_ADDR", "MASTER_PORT"):
             if key not in os.environ:
                 raise RuntimeError(

@@ -1,21 +1,64 @@
 """The launcher-environment helpers (the one place that reads RANK / SLURM_PROCID / LOCAL_RANK)."""
 
+import os
+
 import pytest
 import torch
 
-from mrem_dist.distributed import env_local_rank, env_rank, is_main_process, resolve_device
+from mrem_dist.distributed import (
+    _slurm_rendezvous,
+    env_local_rank,
+    env_rank,
+    env_world_size,
+    first_host,
+    is_main_process,
+    launcher,
+    resolve_device,
+)
+
+
+LAUNCH_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS",
+               "SLURM_STEP_NUM_TASKS", "SLURM_JOB_ID", "SLURM_STEP_NODELIST", "MASTER_ADDR", "MASTER_PORT")
 
 
 def test_rank_from_torchrun_then_slurm(monkeypatch):
-    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "SLURM_LOCALID"):
+    for key in LAUNCH_KEYS:
         monkeypatch.delenv(key, raising=False)
-    assert env_rank() == 0 and env_local_rank() == 0 and is_main_process()
+    assert launcher() == "single" and env_rank() == 0 and env_world_size() == 1 and is_main_process()
+    # An sbatch script's own body: SLURM describes the job's 2 tasks, but this is one process.
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    assert launcher() == "single" and env_world_size() == 1
+    # A task of an srun step: the step's tasks are the ranks.
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_LOCALID", "1")
-    assert env_rank() == 3 and env_local_rank() == 1 and not is_main_process()
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    assert launcher() == "slurm" and (env_rank(), env_local_rank(), env_world_size()) == (3, 1, 4)
+    assert not is_main_process()
+    # srun + torchrun: torchrun's variables win over the step's.
     monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert env_rank() == 2 and env_local_rank() == 0
+    assert launcher() == "torchrun" and (env_rank(), env_local_rank(), env_world_size()) == (2, 0, 8)
+
+
+@pytest.mark.parametrize("nodelist,first", [("vm", "vm"), ("gpu[03-05,9],cpu1", "gpu03"), ("a1,a2", "a1"),
+                                            ("rack[1-2]-n[07-09]", "rack1-n07"), ("node[1]", "node1")])
+def test_first_host_of_a_slurm_node_list(nodelist, first):
+    assert first_host(nodelist) == first
+
+
+def test_slurm_tasks_find_their_master(monkeypatch):
+    for key in LAUNCH_KEYS:
+        monkeypatch.setenv(key, "")  # recorded, so that what the code under test sets is undone
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu[12-13]")
+    monkeypatch.setenv("SLURM_JOB_ID", "123456")
+    _slurm_rendezvous()
+    assert os.environ["MASTER_ADDR"] == "gpu12" and os.environ["MASTER_PORT"] == str(20000 + 123456 % 20000)
+    monkeypatch.setenv("MASTER_PORT", "29999")  # set by the job script: kept
+    _slurm_rendezvous()
+    assert os.environ["MASTER_PORT"] == "29999"
 
 
 def test_device_auto_and_explicit():

@@ -18,15 +18,20 @@ COMMON = ["quant=w2a8", "clip=mse", "method=mrem_p", "method.steps=8", "method.l
           "method.queue=2"]
 
 
-def _job(rank: int, model_dir: str, data: tuple, run_dir: str, out_dir: str, overrides: list, fail_rank: int) -> None:
+def _job(rank: int, model_dir: str, data: tuple, run_dir: str, out_dir: str, overrides: list, fail_rank: int,
+         kill: bool = False) -> None:
+    import os
+
     from mrem_dist.engine import reconstruct as R
     from mrem_dist.pipeline import execute
 
-    if rank == fail_rank:  # fault injection: this rank raises in the middle of training
+    if rank == fail_rank:  # fault injection: this rank raises (or, kill=True, dies at once) mid-training
         original = R.ModuleTrainer.train_step
 
         def failing(self, t, *a, **k):
-            if t == 3:
+            if kill and t == 5:
+                os._exit(9)  # like kill -9: no exception, no cleanup, no goodbye to the other rank
+            if not kill and t == 3:
                 raise RuntimeError(f"injected failure at step {t}")
             return original(self, t, *a, **k)
 
@@ -120,3 +125,30 @@ def test_a_rank_that_raises_stops_every_rank_with_the_rank_named(tmp_path, tiny_
     assert "injected failure at step 3" in (out / "1.err").read_text()
     assert "rank 1" in (out / "0.err").read_text()  # the survivor names the rank that failed
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_a_killed_rank_resumes_to_the_uninterrupted_result(tmp_path, tiny_encoder_dir, sst_like_csv):
+    """Rank 1 dies (no cleanup) at step 5 of 8 with checkpoints every 2 steps; the same command run
+    again resumes both ranks from step 4, the last step both have, and ends with exactly the weights
+    and loss curves of a run that was never interrupted."""
+    ckpt = tmp_path / "ckpt"
+    overrides = ["method.modules=2", "timeout_s=30", f"checkpoint.dir={ckpt}", "checkpoint.every=2"]
+    first, resumed = tmp_path / "first", tmp_path / "resumed"
+    first.mkdir()
+    resumed.mkdir()
+    codes = run_ranks_unsupervised(_job, 2, 120, tiny_encoder_dir, sst_like_csv, str(tmp_path / "run1"), str(first),
+                                   overrides, 1, True)
+    assert codes[1] == 9 and codes[0] not in (0, None), codes
+    (run_key,) = [p for p in ckpt.iterdir()]
+    assert (run_key / "fingerprint.json").is_file()
+    assert max(int(p.stem[4:]) for p in (run_key / "rank1").glob("step*.pt")) == 4
+
+    run_ranks(_job, 2, tiny_encoder_dir, sst_like_csv, str(tmp_path / "run2"), str(resumed), overrides, -1)
+    report = json.loads((resumed / "report.json").read_text())
+    assert [r["resumed_from"] for r in report["reconstruction"]["ranks"]] == [4, 4]
+    assert not ckpt.exists() or not any(ckpt.iterdir())  # removed once the artifact was written
+
+    single, state = _single(tiny_encoder_dir, sst_like_csv, tmp_path / "single", ["method.modules=2", "checkpoint.dir=null"])
+    _assert_same_state(torch.load(resumed / "state.pt"), state)
+    assert [m["losses"] for m in report["reconstruction"]["modules"]] == [
+        m["losses"] for m in single["reconstruction"]["modules"]]

@@ -231,23 +231,3 @@ def test_builtin_default_on_the_real_minilm(tmp_path):
         torch.testing.assert_close(run_batch(art.model, art.adapter, b), run_batch(qmodel, art.adapter, b),
                                    rtol=1e-4, atol=1e-4)
 
-
-@pytest.mark.slow
-def test_torchrun_two_ranks_share_one_run_directory(tmp_path, tiny_encoder_dir, sst_like_csv):
-    """The README's launch: torchrun starts two ranks of `-m mrem_dist method=mrem_p`; they agree on
-    one run directory (Hydra's own ${now} is per process), only rank 0 writes the report there."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mrem_dist",
-           f"model.path={tiny_encoder_dir}", "method=mrem_p", "method.modules=2", "method.steps=4", "device=cpu",
-           *_small_data(*sst_like_csv)]
-    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    run_dirs = list((tmp_path / "runs").glob("*/*"))
-    assert len(run_dirs) == 1, run_dirs
-    run_dir = run_dirs[0]
-    assert run_dir.name.endswith("_mrem_p_w4a8")
-    names = sorted(p.name for p in run_dir.iterdir())
-    assert names == [".hydra", "model", "rank0.log", "rank1.log", "reconstruction.png", "report.json", "summary.md"], names
-    report = json.loads((run_dir / "report.json").read_text())
-    assert report["reconstruction"]["world_size"] == 2 and report["validation"]["passed"]
-    assert "[rank 1]" in (run_dir / "rank1.log").read_text()

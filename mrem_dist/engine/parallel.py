@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from mrem_dist.data import Batch
@@ -36,6 +37,7 @@ from mrem_dist.log import get_logger
 from mrem_dist.models.adapters import ModelAdapter
 from mrem_dist.quant import calibrating
 
+from .checkpoint import Checkpointer, Preempted, StopSignal
 from .partition import ModuleSpec
 from .reconstruct import ModuleResult, ModuleTrainer, ReconSettings, mix_inputs, reconstruction_loss
 from .stage import Stage, StageOutput
@@ -56,6 +58,7 @@ class RankStats:
     send_blocked_seconds: float  # waiting for the next rank to drain the queue
     peak_rss_gb: float  # this process's peak resident memory so far
     peak_cuda_gb: Optional[float]
+    resumed_from: int = 0  # the step training started at (> 0: resumed from a checkpoint)
 
     @property
     def blocked_fraction(self) -> float:
@@ -69,6 +72,7 @@ class RankStats:
             "blocked_fraction": round(self.blocked_fraction, 4),
             "peak_rss_gb": round(self.peak_rss_gb, 3),
             "peak_cuda_gb": None if self.peak_cuda_gb is None else round(self.peak_cuda_gb, 3),
+            "resumed_from": self.resumed_from,
         }
 
 
@@ -111,9 +115,9 @@ class RankPipeline:
             return None, None  # the first module embeds the token ids itself
         return self.receiver.recv(self.seq, batch_index)
 
-    def _send(self, batch_index: int, fp: Optional[Tensor], q: Optional[Tensor]) -> None:
+    def _send(self, batch_index: int, fp: Optional[Tensor], q: Optional[Tensor], stop: bool = False) -> None:
         if self.sender is not None:
-            self.sender.send(self.seq, batch_index, fp, q)
+            self.sender.send(self.seq, batch_index, fp, q, stop)
         self.seq += 1
 
     def flush(self) -> None:
@@ -178,11 +182,32 @@ class RankPipeline:
         return errors, layers
 
     # -- training ------------------------------------------------------------------------------
-    def train(self, batches: list[Batch], order: list[int], settings: ReconSettings) -> tuple[list[ModuleResult], RankStats]:
-        """`settings.steps` steps on batches[order[t]], all of this rank's modules in lockstep."""
+    def _resume(self, checkpoint: Checkpointer, trainers: list[ModuleTrainer]) -> int:
+        """The step to start from: the latest one that every rank has a checkpoint of (0: none)."""
+        checkpoint.prepare()
+        step = checkpoint.latest() if checkpoint.resume == "auto" else 0
+        if self.world_size > 1:
+            agreed = torch.tensor([step], dtype=torch.int64, device=self.device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+            step = int(agreed.item())
+        if step:
+            checkpoint.load(step, trainers)
+        return step
+
+    def train(self, batches: list[Batch], order: list[int], settings: ReconSettings,
+              checkpoint: Optional[Checkpointer] = None, stop: Optional[StopSignal] = None,
+              ) -> tuple[list[ModuleResult], RankStats]:
+        """`settings.steps` steps on batches[order[t]], all of this rank's modules in lockstep.
+
+        With a checkpointer: resume from the latest step every rank has a checkpoint of, and
+        checkpoint every `checkpoint.every` steps. With a stop signal: rank 0 stops at the step
+        boundary after the signal and tells the next rank in that step's message, which stops after
+        the same step, and so on down the pipeline: every rank checkpoints the same step and raises
+        Preempted."""
         if len(order) != settings.steps:
             raise ValueError(f"the batch order has {len(order)} entries for {settings.steps} steps")
         trainers = [ModuleTrainer(stu, tch, settings) for stu, tch in zip(self.students, self.teachers)]
+        first = self._resume(checkpoint, trainers) if checkpoint is not None else 0
         # LKD-style runs (lam = 1 throughout) never use the quantized stream: do not send it.
         use_q = settings.lam != "one"
         recv0 = self.receiver.blocked_seconds if self.receiver else 0.0
@@ -190,12 +215,22 @@ class RankPipeline:
         start = time.perf_counter()
         results: list[ModuleResult] = []
         try:
-            for t, i in enumerate(order):
+            for t in range(first, settings.steps):
+                i = order[t]
                 fp, q = self._recv(i)
                 for trainer in trainers:
                     target, out = trainer.train_step(t, batches[i], fp, q)
                     fp, q = target.hidden[-1], (out.hidden[-1].detach() if use_q else None)
-                self._send(i, fp, q)
+                stopping = (self.receiver.stop_requested if self.receiver is not None
+                            else stop is not None and stop.received is not None)
+                self._send(i, fp, q, stop=stopping)
+                if checkpoint is not None and (stopping or checkpoint.due(t + 1, settings.steps)):
+                    checkpoint.save(t + 1, trainers)
+                if stopping:
+                    self.flush()
+                    where = f"checkpoint in {checkpoint.root}" if checkpoint is not None else "no checkpoint (checkpoint.dir=null)"
+                    raise Preempted(f"rank {self.rank} stopped after step {t + 1} of {settings.steps} on a stop signal; "
+                                    f"{where}: run the same command again to resume")
             self.flush()
         finally:
             seconds = time.perf_counter() - start
@@ -203,7 +238,7 @@ class RankPipeline:
             send = (self.sender.blocked_seconds if self.sender else 0.0) - send0
             results = [tr.finish(recv + send) for tr in trainers]
         rss, cuda = peak_memory_gb(self.device)
-        stats = RankStats(self.rank, [s.index for s in self.held], seconds, recv, send, rss, cuda)
+        stats = RankStats(self.rank, [s.index for s in self.held], seconds, recv, send, rss, cuda, first)
         log.info(
             "rank %d trained modules %s in %.1fs, blocked %.1f%% of it (receiving %.2fs, sending %.2fs)",
             self.rank, stats.modules, seconds, 100 * stats.blocked_fraction, recv, send,

@@ -142,6 +142,7 @@ class _Progress:
     def __init__(self, desc: str, total: int, every: int) -> None:
         self.total, self.every, self.desc = total, every, desc
         self.start = time.perf_counter()
+        self.first = 0  # the step this process started at (a resumed run starts past 0)
         self.bar = None
         # One bar per process: with several ranks on one terminal, log lines (they carry the rank).
         if sys.stderr.isatty() and env_world_size() == 1:
@@ -157,8 +158,13 @@ class _Progress:
         done = t + 1
         if done % self.every == 0 or done == self.total:
             elapsed = time.perf_counter() - self.start
-            eta = elapsed / done * (self.total - done)
+            eta = elapsed / max(done - self.first, 1) * (self.total - done)
             log.info("%s step %d/%d loss %.4g lam %.2f (%.1fs, eta %.0fs)", self.desc, done, self.total, loss, lam, elapsed, eta)
+
+    def resume_at(self, step: int) -> None:
+        self.first = step
+        if self.bar is not None:
+            self.bar.update(step)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -205,6 +211,18 @@ class ModuleTrainer:
         self.lams.append(lam)
         self.progress.update(t, loss, lam)
         return target, out
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue exactly where this one is: the module's
+        weights and step sizes, the optimizer moments, the loss history (its length is the step)."""
+        return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "losses": list(self.losses), "lams": list(self.lams)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.losses, self.lams = list(state["losses"]), list(state["lams"])
+        self.progress.resume_at(len(self.losses))
 
     def finish(self, wait_seconds: float = 0.0) -> ModuleResult:
         """Close the progress display and freeze the module again."""

@@ -24,7 +24,7 @@ from torch import Tensor
 from mrem_dist.distributed import peer_failed
 
 _HEADER = 6  # sequence number, batch index, batch, seq, hidden, flags
-_TEACHER, _STUDENT = 1, 2
+_TEACHER, _STUDENT, _STOP = 1, 2, 4  # _STOP: the sender stops after this step (a stop signal)
 
 
 class StreamSender:
@@ -36,7 +36,8 @@ class StreamSender:
         self._inflight: deque[tuple[list, tuple[Tensor, ...]]] = deque()
         self.blocked_seconds = 0.0  # time spent waiting because the queue was full
 
-    def send(self, seq: int, batch_index: int, teacher: Optional[Tensor], student: Optional[Tensor] = None) -> None:
+    def send(self, seq: int, batch_index: int, teacher: Optional[Tensor], student: Optional[Tensor] = None,
+             stop: bool = False) -> None:
         ref = teacher if teacher is not None else student
         if ref is None:
             raise ValueError("nothing to send: give the teacher tensor, the student tensor or both")
@@ -47,7 +48,7 @@ class StreamSender:
             self._wait_oldest()
         self.blocked_seconds += time.perf_counter() - start
         b, s, h = ref.shape
-        flags = (_TEACHER if teacher is not None else 0) | (_STUDENT if student is not None else 0)
+        flags = (_TEACHER if teacher is not None else 0) | (_STUDENT if student is not None else 0) | (_STOP if stop else 0)
         header = torch.tensor([seq, batch_index, b, s, h, flags], dtype=torch.int64)
         tensors = (header.to(ref.device),) + tuple(x.detach().contiguous() for x in (teacher, student) if x is not None)
         try:
@@ -75,6 +76,7 @@ class StreamReceiver:
     def __init__(self, src: int, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
         self.src, self.device, self.dtype = src, device, dtype
         self.blocked_seconds = 0.0  # time spent waiting for messages
+        self.stop_requested = False  # the last message said: the sender stops after this step
 
     def recv(self, seq: int, batch_index: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """Block until message `seq` arrives; returns (teacher or None, student or None)."""
@@ -83,6 +85,7 @@ class StreamReceiver:
             header = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
             self._recv(header)
             got_seq, got_batch, b, s, h, flags = (int(x) for x in header.tolist())
+            self.stop_requested = bool(flags & _STOP)
             if (got_seq, got_batch) != (seq, batch_index):
                 raise RuntimeError(
                     f"stream from rank {self.src} is out of step: expected step {seq} (batch {batch_index}), "

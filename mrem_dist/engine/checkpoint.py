@@ -1,0 +1,200 @@
+"""Resumable reconstruction: per-rank checkpoints of the modules being trained, and the stop signal.
+
+Layout under the checkpoint directory (`checkpoint.dir`, which must outlive the run: a restart
+gets a new timestamped run directory):
+
+    fingerprint.json      what the checkpoints belong to: hashes of the model weights, the
+                          calibration data and the settings that decide the result
+    rank<R>/step<T>.pt    rank R's modules after T training steps: each module's student state,
+                          optimizer state, and loss / lam history
+
+Files are written under a temporary name and renamed, so a crash leaves either the old or the new
+checkpoint, never half of one. Ranks checkpoint at the same steps but not at the same moment (an
+upstream rank runs up to `queue` steps ahead of the next), so each keeps enough old ones that the
+step every rank has reached is still on disk; a restart resumes all ranks from that step.
+
+A checkpoint whose fingerprint differs from the run's is refused with the differing parts named:
+stale state is never mixed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from mrem_dist.data import Batch
+from mrem_dist.log import get_logger
+
+log = get_logger(__name__)
+
+RESUME_MODES = ("auto", "never")
+FINGERPRINT = "fingerprint.json"
+# Exit code of a run stopped by SIGTERM / SIGUSR1 after writing its checkpoint: rerun to resume.
+PREEMPTED_EXIT_CODE = 4
+
+
+class CheckpointMismatch(RuntimeError):
+    """The checkpoint directory holds checkpoints of a different run."""
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    model: str
+    data: str
+    settings: str
+
+    def differences(self, other: "Fingerprint") -> list[str]:
+        return [k for k in ("model", "data", "settings") if getattr(self, k) != getattr(other, k)]
+
+
+def fingerprint(model: nn.Module, batches: Sequence[Batch], settings: dict) -> Fingerprint:
+    """Hashes of the full-precision weights (values, not file names), of the calibration batches
+    (token ids and masks, in order), and of `settings` (everything else that decides the result)."""
+    m = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        m.update(name.encode())
+        m.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    d = hashlib.sha256()
+    for b in batches:
+        for t in (b.input_ids, b.attention_mask, b.token_type_ids):
+            if t is not None:
+                d.update(t.cpu().contiguous().numpy().tobytes())
+    s = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    return Fingerprint(m.hexdigest()[:16], d.hexdigest()[:16], s.hexdigest()[:16])
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Checkpointer:
+    """One rank's checkpoints. `every`: steps between checkpoints (0: only on a stop signal).
+    `keep`: how many of its latest checkpoints a rank keeps (see the module docstring)."""
+
+    def __init__(self, root: str | os.PathLike, fp: Fingerprint, rank: int, every: int, keep: int = 2,
+                 resume: str = "auto") -> None:
+        if resume not in RESUME_MODES:
+            raise ValueError(f"checkpoint.resume={resume!r} is not one of {', '.join(RESUME_MODES)}")
+        self.root, self.fp, self.rank, self.every, self.keep = Path(root), fp, rank, every, max(keep, 2)
+        self.resume = resume
+        self.dir = self.root / f"rank{rank}"
+
+    @staticmethod
+    def keep_for(world_size: int, queue: int, every: int) -> int:
+        """Checkpoints a rank must keep so that the step the last rank reached is still there:
+        rank 0 can be up to (world - 1) * queue steps ahead of the last rank."""
+        return 2 + (math.ceil((world_size - 1) * queue / every) if every else 0)
+
+    def prepare(self) -> None:
+        """Check (resume=auto) or discard (resume=never) what the directory holds. Every rank
+        checks for itself. Nothing is created before the first checkpoint is written."""
+        meta = self.root / FINGERPRINT
+        if self.resume == "never":
+            shutil.rmtree(self.dir, ignore_errors=True)
+            if self.rank == 0:
+                meta.unlink(missing_ok=True)
+            return
+        if meta.is_file():
+            try:
+                stored = Fingerprint(**json.loads(meta.read_text()))
+            except (ValueError, TypeError) as e:
+                raise CheckpointMismatch(f"{meta} is unreadable ({e}): delete {self.root} or set checkpoint.resume=never") from e
+            diff = stored.differences(self.fp)
+            if diff:
+                raise CheckpointMismatch(
+                    f"{self.root} holds checkpoints of a different run (its {', '.join(diff)} differ from this run's): "
+                    f"they are not used. Set checkpoint.resume=never to discard them, point checkpoint.dir "
+                    f"elsewhere, or delete {self.root}"
+                )
+
+    def steps_on_disk(self) -> list[int]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(int(p.stem[4:]) for p in self.dir.glob("step*.pt") if p.stem[4:].isdigit())
+
+    def latest(self) -> int:
+        steps = self.steps_on_disk()
+        return steps[-1] if steps else 0
+
+    def load(self, step: int, trainers: list) -> None:
+        path = self.dir / f"step{step:08d}.pt"
+        if not path.is_file():
+            raise CheckpointMismatch(
+                f"rank {self.rank} has no checkpoint of step {step} in {self.dir} (it has {self.steps_on_disk()}): "
+                f"the ranks' checkpoints do not fit together; delete {self.root} or set checkpoint.resume=never"
+            )
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state["fingerprint"] != asdict(self.fp) or len(state["modules"]) != len(trainers):
+            raise CheckpointMismatch(f"{path} belongs to a different run: delete {self.root} or set checkpoint.resume=never")
+        for trainer, module_state in zip(trainers, state["modules"]):
+            trainer.load_state_dict(module_state)
+        log.info("rank %d: resumed from %s (step %d)", self.rank, path, step)
+
+    def save(self, step: int, trainers: list) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = self.root / FINGERPRINT
+        if not meta.is_file():  # every rank writes the same content: whoever comes first
+            tmp = meta.with_name(f"{meta.name}.{self.rank}.tmp")
+            tmp.write_text(json.dumps(asdict(self.fp), indent=1) + "\n")
+            os.replace(tmp, meta)
+        state = {"fingerprint": asdict(self.fp), "step": step, "modules": [tr.state_dict() for tr in trainers]}
+        _atomic_save(state, self.dir / f"step{step:08d}.pt")
+        for old in self.steps_on_disk()[: -self.keep]:
+            (self.dir / f"step{old:08d}.pt").unlink(missing_ok=True)
+        log.info("rank %d: checkpoint at step %d -> %s", self.rank, step, self.dir)
+
+    def due(self, done: int, total: int) -> bool:
+        """A periodic checkpoint after `done` steps (none after the last: the run ends there)."""
+        return bool(self.every) and done % self.every == 0 and done < total
+
+    def remove(self) -> None:
+        """Delete every checkpoint of the run (after its artifact is written)."""
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (SLURM's pre-timeout warning, torchrun shutting down) set a flag instead
+    of killing the process; the training loop checks it at step boundaries, checkpoints and exits
+    with PREEMPTED_EXIT_CODE. Installed for the duration of a `with` block, in the main thread."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self) -> None:
+        self.received: Optional[str] = None
+        self._old: dict = {}
+
+    def _handle(self, signum, _frame) -> None:
+        self.received = signal.Signals(signum).name
+        log.warning("received %s: stopping at the next step boundary after a checkpoint", self.received)
+
+    def __enter__(self) -> "StopSignal":
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                try:
+                    self._old[sig] = signal.signal(sig, self._handle)
+                except ValueError:  # not the main thread: leave the default handling
+                    pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Preempted(Exception):
+    """The run stopped on a signal after checkpointing; rerunning the same command resumes it."""
+
+    exit_code = PREEMPTED_EXIT_CODE

@@ -1,0 +1,106 @@
+"""The launch scripts in launch/, run for real: torchrun, the DeepSpeed launcher, and SLURM (a real
+one-node cluster started by launch/local_slurm.sh; CI installs it and sets MREM_REQUIRE_SLURM=1 so
+that these tests cannot skip there). Each starts a 2-rank MREM-P run of a tiny model and checks
+that the ranks shared one run directory holding the report and a loadable artifact."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from test_pipeline import _small_data
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra) -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1", **extra}
+
+
+def _overrides(model_dir, csvs) -> list[str]:
+    return [f"model.path={model_dir}", "method.modules=2", "method.steps=4", "device=cpu", *_small_data(*csvs)]
+
+
+def _check_run(where, ranks: int = 2) -> dict:
+    """Exactly one run directory under `where`/runs, with one log per rank, the report (written by
+    rank 0 only) and an artifact that loads."""
+    from mrem_dist.artifact import load_quantized
+
+    run_dirs = list((where / "runs").glob("*/*"))
+    assert len(run_dirs) == 1, run_dirs
+    run_dir = run_dirs[0]
+    assert run_dir.name.endswith("_mrem_p_w4a8")
+    names = sorted(p.name for p in run_dir.iterdir())
+    assert names == sorted([".hydra", "model", *(f"rank{r}.log" for r in range(ranks)), "reconstruction.png",
+                            "report.json", "summary.md"]), names
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["reconstruction"]["world_size"] == ranks and report["validation"]["passed"]
+    assert f"[rank {ranks - 1}]" in (run_dir / f"rank{ranks - 1}.log").read_text()
+    load_quantized(run_dir / "model")
+    return report
+
+
+def _run(cmd, cwd, env, timeout=300):
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def test_torchrun_script(tmp_path, tiny_encoder_dir, sst_like_csv):
+    _run(["bash", str(REPO / "launch/torchrun.sh"), *_overrides(tiny_encoder_dir, sst_like_csv)], tmp_path,
+         _env(NPROC="2"))
+    _check_run(tmp_path)
+
+
+@pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not installed (pip install -e '.[dev]')")
+def test_deepspeed_launcher(tmp_path, tiny_encoder_dir, sst_like_csv):
+    _run(["bash", str(REPO / "launch/deepspeed.sh"), *_overrides(tiny_encoder_dir, sst_like_csv)], tmp_path,
+         _env(NPROC="2", MASTER_PORT=str(_free_port())))
+    _check_run(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A running SLURM cluster: the one already up, or a one-node cluster started here (root, with
+    the packages installed). Skips without one, unless MREM_REQUIRE_SLURM=1 (CI) makes that a failure."""
+    def unavailable(why):
+        if os.environ.get("MREM_REQUIRE_SLURM") == "1":
+            pytest.fail(f"MREM_REQUIRE_SLURM=1 but {why}")
+        pytest.skip(why)
+
+    if shutil.which("sinfo") and subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0:
+        return
+    if shutil.which("slurmctld") is None:
+        unavailable("SLURM is not installed (sudo bash launch/local_slurm.sh start installs and starts one node)")
+    if os.geteuid() != 0:
+        unavailable("starting a local SLURM cluster needs root")
+    done = subprocess.run(["bash", str(REPO / "launch/local_slurm.sh"), "start"], capture_output=True, text=True,
+                          env={**os.environ, "MREM_SLURM_NO_INSTALL": "1"}, timeout=120)
+    if done.returncode != 0:
+        unavailable(f"launch/local_slurm.sh start failed: {done.stderr[-2000:]}")
+
+
+@pytest.mark.parametrize("script,extra", [("slurm_tasks.sbatch", {}), ("slurm.sbatch", {"NPROC_PER_NODE": "2"})])
+def test_sbatch_script_on_a_real_cluster(slurm, tmp_path, tiny_encoder_dir, sst_like_csv, script, extra):
+    """sbatch --wait submits the project's script exactly as a user would; the job's exit code is
+    sbatch's, and its output is kept next to the run for the failure message."""
+    cmd = ["sbatch", "--wait", "--time=10", f"--chdir={tmp_path}", f"--output={tmp_path}/slurm-%j.out",
+           str(REPO / "launch" / script), *_overrides(tiny_encoder_dir, sst_like_csv)]
+    done = subprocess.run(cmd, cwd=tmp_path, env=_env(RDZV_PORT=str(_free_port()), **extra), capture_output=True,
+                          text=True, timeout=600)
+    logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert done.returncode == 0, done.stdout + done.stderr + logs[-4000:]
+    report = _check_run(tmp_path)
+    assert report["environment"]["device"] == "cpu"
