@@ -29,8 +29,8 @@ def _env(**extra) -> dict:
             "OMP_NUM_THREADS": "1", **extra}
 
 
-def _overrides(model_dir, csvs) -> list[str]:
-    return [f"model.path={model_dir}", "method.modules=2", "method.steps=4", "device=cpu", *_small_data(*csvs)]
+def _overrides(model_dir, csvs, steps: int = 4) -> list[str]:
+    return [f"model.path={model_dir}", "method.modules=2", f"method.steps={steps}", "device=cpu", *_small_data(*csvs)]
 
 
 def _check_run(where, ranks: int = 2) -> dict:
@@ -104,3 +104,49 @@ def test_sbatch_script_on_a_real_cluster(slurm, tmp_path, tiny_encoder_dir, sst_
     assert done.returncode == 0, done.stdout + done.stderr + logs[-4000:]
     report = _check_run(tmp_path)
     assert report["environment"]["device"] == "cpu"
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def test_sbatch_time_limit_signal_checkpoints_requeues_and_resumes(slurm, tmp_path, tiny_encoder_dir, sst_like_csv):
+    """The pre-timeout path for real: once training runs, SLURM's warning signal reaches the batch
+    script (as --signal=B:USR1@120 would deliver it); the ranks checkpoint and stop, the job
+    requeues itself, and the requeued job resumes from the checkpoint and finishes."""
+    ckpt = tmp_path / "ckpt"
+    args = [*_overrides(tiny_encoder_dir, sst_like_csv, steps=400), f"checkpoint.dir={ckpt}", "checkpoint.every=0"]
+    submit = subprocess.run(["sbatch", "--parsable", "--time=10", f"--chdir={tmp_path}",
+                             f"--output={tmp_path}/slurm-%j.out", str(REPO / "launch/slurm_tasks.sbatch"), *args],
+                            env=_env(), capture_output=True, text=True, timeout=60)
+    assert submit.returncode == 0, submit.stderr
+    job = submit.stdout.strip().split(";")[0]
+
+    def training():
+        return any("steps a module" in p.read_text() for p in tmp_path.glob("runs/*/*/rank1.log"))
+
+    def gone():
+        q = subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True)
+        return q.returncode != 0 or not q.stdout.strip()
+
+    try:
+        _wait_for(training, 180, "the ranks to start training")
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+        _wait_for(gone, 400, f"job {job} to be requeued and finish")
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    out = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert "requeueing job" in out, out[-4000:]
+    reports = [json.loads(p.read_text()) for p in tmp_path.glob("runs/*/*/report.json")]
+    assert len(reports) == 1, out[-4000:]  # the stopped attempt wrote no report, the requeued one did
+    ranks = reports[0]["reconstruction"]["ranks"]
+    assert ranks[0]["resumed_from"] == ranks[1]["resumed_from"] > 0
+    assert reports[0]["validation"]["passed"]
