@@ -139,3 +139,19 @@ def test_checkpoints_of_other_weights_at_the_same_path_are_refused(tmp_path, sst
     report, _ = _run(tmp_path, "fresh", model_dir, sst_like_csv, *extra, "checkpoint.resume=never")
     assert report["reconstruction"]["ranks"][0]["resumed_from"] == 0
     assert report["validation"]["passed"]
+
+
+def test_a_previous_handler_runs_after_ours():
+    """submitit installs a SIGUSR1 handler that requeues the job: it must still run, after the
+    training loop has checkpointed (when our block ends), not instead of it."""
+    from mrem_dist.engine.checkpoint import StopSignal
+
+    calls = []
+    old = signal.signal(signal.SIGUSR1, lambda s, f: calls.append("requeue"))
+    try:
+        with StopSignal() as stop:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert stop.received == "SIGUSR1" and calls == []  # only flagged while training runs
+        assert calls == ["requeue"]
+    finally:
+        signal.signal(signal.SIGUSR1, old)

@@ -150,3 +150,18 @@ def test_sbatch_time_limit_signal_checkpoints_requeues_and_resumes(slurm, tmp_pa
     ranks = reports[0]["reconstruction"]["ranks"]
     assert ranks[0]["resumed_from"] == ranks[1]["resumed_from"] > 0
     assert reports[0]["validation"]["passed"]
+
+
+def test_hydra_sweep_on_slurm_through_submitit(slurm, tmp_path, tiny_encoder_dir, sst_like_csv):
+    """conf/hydra/launcher/mrem_slurm.yaml: each job of the sweep is a 2-task SLURM job (one task
+    per rank); the submitting process waits for them and writes the sweep summary."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[dev]' installs it")
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "mrem_dist", "-m", "hydra/launcher=mrem_slurm", "hydra.launcher.cpus_per_task=1",
+           "hydra.launcher.mem_gb=2", "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=10",
+           "method=mrem_p", "quant=w8a8,w4a8", *_overrides(tiny_encoder_dir, sst_like_csv), f"hydra.sweep.dir={sweep}"]
+    _run(cmd, tmp_path, _env(), timeout=600)
+    reports = sorted(sweep.glob("*/report.json"))
+    assert [p.parent.name for p in reports] == ["0_mrem_p_w8a8", "1_mrem_p_w4a8"]
+    assert all(json.loads(p.read_text())["reconstruction"]["world_size"] == 2 for p in reports)
+    assert (sweep / "sweep_summary.md").read_text().count("| mrem_p |") == 2

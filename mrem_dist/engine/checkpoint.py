@@ -167,7 +167,10 @@ class Checkpointer:
 class StopSignal:
     """SIGTERM / SIGUSR1 (SLURM's pre-timeout warning, torchrun shutting down) set a flag instead
     of killing the process; the training loop checks it at step boundaries, checkpoints and exits
-    with PREEMPTED_EXIT_CODE. Installed for the duration of a `with` block, in the main thread."""
+    with PREEMPTED_EXIT_CODE. Installed for the duration of a `with` block, in the main thread.
+
+    A handler that was there before (submitit's, which requeues the job) is called when the block
+    ends after a signal: our checkpoint first, then its requeue."""
 
     SIGNALS = ("SIGTERM", "SIGUSR1")
 
@@ -192,6 +195,10 @@ class StopSignal:
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+        if self.received is not None:
+            previous = self._old.get(getattr(signal, self.received))
+            if callable(previous):
+                previous(getattr(signal, self.received), None)
 
 
 class Preempted(Exception):
