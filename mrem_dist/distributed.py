@@ -150,10 +150,30 @@ def init_distributed(device: str = "auto", timeout_s: float = 300.0) -> DistCont
                     f"{key} is not set for a {world}-rank run: launch with torchrun (it sets it), or export "
                     f"{key} (the first node's address / a free port) in the job script"
                 )
-        dist.init_process_group(
-            backend, rank=env_rank(), world_size=world, timeout=datetime.timedelta(seconds=timeout_s)
-        )
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend, rank=env_rank(), world_size=world, timeout=timeout,
+                                store=_elastic_store(world, timeout))
     return DistContext(dist.get_rank(), dist.get_world_size(), env_local_rank(), dist.get_backend(), dev)
+
+
+def _elastic_store(world: int, timeout: datetime.timedelta):
+    """Under torchrun, the rendezvous store with keys private to this attempt; None elsewhere
+    (init_process_group then reads MASTER_ADDR / MASTER_PORT itself).
+
+    torchrun keeps one store for the whole job; after a restart (--max-restarts) the new workers
+    would find the dead workers' addresses in it under the same keys, and gloo connects to those
+    (measured with torch 2.13: "Gloo connectFullMesh failed ... Connection refused"). A prefix with
+    the restart count keeps every attempt's keys apart."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    import torch.distributed as dist
+
+    # The agent hosts the store when it says so; otherwise rank 0 does (torch's env:// convention).
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                         is_master=env_rank() == 0 and not agent, timeout=timeout)
+    return dist.PrefixStore(f"mrem_dist/attempt{attempt}", base)
 
 
 def teardown_distributed() -> None:

@@ -64,6 +64,36 @@ def test_torchrun_script(tmp_path, tiny_encoder_dir, sst_like_csv):
     _check_run(tmp_path)
 
 
+# Loaded by every Python process that has its folder on PYTHONPATH: in torchrun's first attempt
+# (TORCHELASTIC_RESTART_COUNT=0) rank 1 dies without a word at step 5, as a killed process would.
+_KILL_RANK_1 = """
+import os
+if os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0" and os.environ.get("RANK") == "1":
+    from mrem_dist.engine import reconstruct as R
+    _step = R.ModuleTrainer.train_step
+    def _dying(self, t, *a, **k):
+        if t == 5:
+            os._exit(9)
+        return _step(self, t, *a, **k)
+    R.ModuleTrainer.train_step = _dying
+"""
+
+
+def test_torchrun_restart_resumes_from_the_checkpoint(tmp_path, tiny_encoder_dir, sst_like_csv):
+    """MAX_RESTARTS=1: rank 1 is killed at step 5 of 8; torchrun restarts both ranks, which resume
+    from step 4 (checkpoints every 2 steps) and finish."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_KILL_RANK_1)
+    overrides = [*_overrides(tiny_encoder_dir, sst_like_csv, steps=8), f"checkpoint.dir={tmp_path / 'ckpt'}",
+                 "checkpoint.every=2", "timeout_s=30"]
+    env = _env(NPROC="2", MAX_RESTARTS="1", PYTHONPATH=f"{hook}{os.pathsep}{REPO}")
+    _run(["bash", str(REPO / "launch/torchrun.sh"), *overrides], tmp_path, env)
+    reports = [json.loads(p.read_text()) for p in tmp_path.glob("runs/*/*/report.json")]
+    assert len(reports) == 1
+    assert [r["resumed_from"] for r in reports[0]["reconstruction"]["ranks"]] == [4, 4]
+
+
 @pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not installed (pip install -e '.[dev]')")
 def test_deepspeed_launcher(tmp_path, tiny_encoder_dir, sst_like_csv):
     _run(["bash", str(REPO / "launch/deepspeed.sh"), *_overrides(tiny_encoder_dir, sst_like_csv)], tmp_path,
