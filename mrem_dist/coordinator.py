@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import time
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -28,13 +25,13 @@ from mrem_dist.config import RunConfig
 from mrem_dist.data import mean_pool
 from mrem_dist.distributed import DistContext, gather_to_main, init_distributed, rank_modules, teardown_distributed
 from mrem_dist.engine import ReconSettings, epoch_order, lam_at, partition
-from mrem_dist.engine.checkpoint import Checkpointer, Preempted, StopSignal, fingerprint
+from mrem_dist.engine.checkpoint import Preempted, StopSignal
 from mrem_dist.engine.parallel import RankPipeline
 from mrem_dist.engine.shard import owned_state, release_unowned, tensor_owner
 from mrem_dist.evaluate import compare, layer_errors, model_outputs
 from mrem_dist.log import get_logger
 from mrem_dist.models import load_model
-from mrem_dist.pipeline import Timer, build_report, finish, load_inputs, recon_settings
+from mrem_dist.pipeline import Timer, build_report, finish, load_inputs, make_checkpointer, recon_settings
 from mrem_dist.quantize import needs_calibration, quantize_model
 
 log = get_logger(__name__)
@@ -61,24 +58,6 @@ def run_parallel(cfg: RunConfig) -> Optional[tuple[dict, torch.nn.Module]]:
         teardown_distributed()
 
 
-def _checkpointer(cfg: RunConfig, ctx: DistContext, model: torch.nn.Module, calib: list) -> Checkpointer:
-    """This rank's checkpointer. The directory is keyed by the settings that decide the result (so
-    the same command finds its checkpoints again and other settings never meet them); the
-    fingerprint adds the model weights and calibration data, checked before anything is loaded."""
-    m = cfg.method
-    irrelevant = ("log_every", "cache", "cache_memory_gb", "queue")  # speed and display only
-    settings = {
-        "quant": dataclasses.asdict(cfg.quant), "data": dataclasses.asdict(cfg.data), "seed": cfg.seed,
-        "method": {k: v for k, v in dataclasses.asdict(m).items() if k not in irrelevant},
-        "ranks": ctx.world_size, "dtype": cfg.model.dtype,
-    }
-    key = hashlib.sha256(json.dumps({**settings, "model": cfg.model.path}, sort_keys=True).encode()).hexdigest()[:10]
-    root = Path(cfg.checkpoint.dir) / f"{m.name}_{cfg.quant.name}_{key}"
-    keep = Checkpointer.keep_for(ctx.world_size, m.queue, cfg.checkpoint.every)
-    return Checkpointer(root, fingerprint(model, calib, settings), ctx.rank, cfg.checkpoint.every, keep,
-                        cfg.checkpoint.resume)
-
-
 def _run_rank(cfg: RunConfig, ctx: DistContext, stop: StopSignal) -> Optional[tuple[dict, torch.nn.Module]]:
     if cfg.method.modules:  # fail before loading anything (modules=0 needs the layer count)
         rank_modules(cfg.method.modules, ctx.world_size)
@@ -94,7 +73,7 @@ def _run_rank(cfg: RunConfig, ctx: DistContext, stop: StopSignal) -> Optional[tu
     model.requires_grad_(False)
     calib = [b.to(device) for b in prepared.calib]
     eval_batches = [b.to(device) for b in prepared.evalset.batches]
-    checkpoint = _checkpointer(cfg, ctx, model, calib) if cfg.checkpoint.dir else None
+    checkpoint = make_checkpointer(cfg, ctx.rank, ctx.world_size, model, calib)
     with timer("quantize"):
         specs = partition(model, adapter, cfg.method.modules, cfg.method.balance, cfg.data.max_length)
         held = set(rank_modules(len(specs), ctx.world_size)[ctx.rank])
@@ -140,7 +119,7 @@ def _run_rank(cfg: RunConfig, ctx: DistContext, stop: StopSignal) -> Optional[tu
             "index": res.index, "rank": ctx.rank, "layers": [spec.start, spec.stop], "steps": settings.steps,
             "error_before": err_before[res.index], "error_after": err_after[res.index],
             "seconds": round(res.seconds, 3), "wait_seconds": round(res.wait_seconds, 3), "losses": res.losses,
-            "lams": res.lams,
+            "lams": res.lams, "resumed_from": stats.resumed_from,
         }
         for res, spec in zip(results, pipe.held)
     ]

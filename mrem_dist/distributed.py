@@ -31,7 +31,7 @@ def launcher() -> str:
       Only inside a step: the batch script itself also sees SLURM_NTASKS and SLURM_PROCID=0, and a
       plain `python -m mrem_dist` there is one process, not rank 0 of a world that never comes;
     - "single": anything else."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
         return "torchrun"
     if "SLURM_PROCID" in os.environ and "SLURM_STEP_NUM_TASKS" in os.environ:
         return "slurm"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import platform
 import time
 from contextlib import contextmanager
@@ -23,6 +25,7 @@ from mrem_dist.artifact import export_quantized
 from mrem_dist.config import BUILTIN_DATA, PARALLEL_METHODS, RECONSTRUCTION_METHODS, MethodConfig, RunConfig
 from mrem_dist.distributed import env_world_size, resolve_device
 from mrem_dist.engine import ReconSettings, partition, reconstruct_sequential
+from mrem_dist.engine.checkpoint import Checkpointer, StopSignal, fingerprint
 from mrem_dist.engine.parallel import peak_memory_gb
 from mrem_dist.evaluate import EvalSet, compare, layer_errors, model_outputs, run_batch
 from mrem_dist.log import get_logger
@@ -129,6 +132,28 @@ def recon_settings(m: MethodConfig) -> ReconSettings:
     )
 
 
+def make_checkpointer(cfg: RunConfig, rank: int, world_size: int, model: torch.nn.Module,
+                      calib: list) -> Optional[Checkpointer]:
+    """This rank's checkpointer (None with checkpoint.dir=null). The directory is keyed by the
+    settings that decide the result, so the same command finds its checkpoints again and other
+    settings never meet them; the fingerprint adds the model weights and the calibration data,
+    checked before anything is loaded."""
+    if not cfg.checkpoint.dir:
+        return None
+    m = cfg.method
+    irrelevant = ("log_every", "cache", "cache_memory_gb", "queue")  # speed and display only
+    settings = {
+        "quant": dataclasses.asdict(cfg.quant), "data": dataclasses.asdict(cfg.data), "seed": cfg.seed,
+        "method": {k: v for k, v in dataclasses.asdict(m).items() if k not in irrelevant},
+        "ranks": world_size, "dtype": cfg.model.dtype,
+    }
+    key = hashlib.sha256(json.dumps({**settings, "model": cfg.model.path}, sort_keys=True).encode()).hexdigest()[:10]
+    root = Path(cfg.checkpoint.dir) / f"{m.name}_{cfg.quant.name}_{key}"
+    keep = Checkpointer.keep_for(world_size, m.queue, cfg.checkpoint.every)
+    return Checkpointer(root, fingerprint(model, calib, settings), rank, cfg.checkpoint.every, keep,
+                        cfg.checkpoint.resume)
+
+
 def run(cfg: RunConfig) -> Optional[dict]:
     """Run the configured method; returns the report (also written to cfg.run_dir) on the main
     rank, None on the other ranks of a parallel run."""
@@ -176,15 +201,21 @@ def execute(cfg: RunConfig) -> Optional[tuple[dict, torch.nn.Module]]:
     with timer("evaluate"):
         fp_out = model_outputs(model, adapter, eval_batches)
     extra: dict = {}
+    checkpoint = make_checkpointer(cfg, 0, 1, model, calib) if reconstruct else None
     if reconstruct:
-        extra = _reconstruct(cfg, model, qmodel, adapter, specs, calib, fp_out, prepared.evalset, eval_batches, timer, device)
+        with StopSignal() as stop:
+            extra = _reconstruct(cfg, model, qmodel, adapter, specs, calib, fp_out, prepared.evalset, eval_batches,
+                                 timer, device, checkpoint, stop)
 
     with timer("evaluate"):
         q_out = model_outputs(qmodel, adapter, eval_batches)
         fp_metrics, q_metrics = compare(fp_out, q_out, prepared.evalset)
     timer.seconds["total"] = round(time.perf_counter() - t0, 3)
     report = build_report(cfg, loaded, prepared, fp_metrics, q_metrics, extra, timer, device)
-    return finish(cfg, report, qmodel, loaded), qmodel
+    report = finish(cfg, report, qmodel, loaded)
+    if checkpoint is not None:  # the artifact and report are written: nothing left to resume
+        checkpoint.remove()
+    return report, qmodel
 
 
 def load_inputs(cfg: RunConfig) -> tuple[LoadedModel, PreparedData]:
@@ -250,13 +281,29 @@ def finish(cfg: RunConfig, report: dict, qmodel: torch.nn.Module, loaded: Loaded
         log.info("wrote the quantized model to %s (%.1f MB, %.3fx of FP32)", report["artifact"]["path"], size / 1e6,
                  report["artifact"]["ratio_to_fp32"])
     write_report(Path(cfg.run_dir), report)
+    _log_summary(report)
     if not report["validation"]["passed"]:
         failures = "; ".join(report["validation"]["failures"])
         raise ValidationFailed(f"the quantized model failed validation: {failures} (report: {cfg.run_dir}/report.json)")
     return report
 
 
-def _reconstruct(cfg, model, qmodel, adapter, specs, calib, fp_out, evalset, eval_batches, timer, device) -> dict:
+def _log_summary(report: dict) -> None:
+    """The end-of-run table in the log (the same figures are in summary.md and report.json)."""
+    rec = report.get("reconstruction")
+    if rec:
+        lines = ["module | layers | rank | error before -> after | train s | resumed from"]
+        for m in rec["modules"]:
+            lines.append(f"{m['index']:>6} | {m['layers'][0]}-{m['layers'][1] - 1:<4} | {m.get('rank', 0):>4} | "
+                         f"{m['error_before']:.4g} -> {m['error_after']:.4g} | {m['seconds']:7.1f} | "
+                         f"{m.get('resumed_from', 0)}")
+        log.info("reconstruction summary:\n  %s", "\n  ".join(lines))
+    fp, q = report["metrics"]["full_precision"], report["metrics"]["quantized"]
+    log.info("metrics: %s", ", ".join(f"{k} {fp.get(k, float('nan')):.4f} -> {v:.4f}" for k, v in q.items()))
+
+
+def _reconstruct(cfg, model, qmodel, adapter, specs, calib, fp_out, evalset, eval_batches, timer, device,
+                 checkpoint, stop) -> dict:
     """Train qmodel's modules in place; returns the report's reconstruction sections (the metrics
     and per-layer error before, each module's error before/after, per-layer error after)."""
     probe = eval_batches[:4]
@@ -268,6 +315,7 @@ def _reconstruct(cfg, model, qmodel, adapter, specs, calib, fp_out, evalset, eva
         engine = reconstruct_sequential(
             model, qmodel, adapter, specs, calib, recon_settings(cfg.method),
             cache=cfg.method.cache, cache_memory_gb=cfg.method.cache_memory_gb, seed=cfg.seed, device=device,
+            checkpoint=checkpoint, stop=stop,
         )
     with timer("evaluate"):
         after = layer_errors(model, qmodel, adapter, probe)

@@ -67,37 +67,6 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def _plot(rows: list[dict], title: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    done = [r for r in rows if r.get("quantized") is not None]
-    fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(11, 0.5 * len(done) + 2.5))
-    labels = [f"{r['method']} {r['quant']}" for r in done]
-    # Points, not bars: the jobs differ in the third decimal of a metric near 1, which bars hide.
-    values = [r["quantized"] for r in done]
-    ax_m.plot(values, labels, "o", color="tab:blue", label="quantized")
-    for v, y in zip(values, labels):
-        ax_m.annotate(f"{v:.4f}", (v, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
-    fps = {r["full_precision"] for r in done if r["full_precision"] is not None}
-    for fp in fps:
-        ax_m.axvline(fp, color="k", ls="--", lw=1, label="full precision" if fp == min(fps) else None)
-    metric = ", ".join(sorted({r["metric"] for r in done}))
-    ax_m.set(xlabel=metric, title="quality")
-    ax_m.legend(fontsize=7)
-    ax_t.barh(labels, [r["total_s"] or 0 for r in done], color="tab:orange")
-    ax_t.set(xlabel="seconds (whole job)", title="time")
-    ax_t.set_yticklabels([])
-    fig.suptitle(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
-
-
 def write_summary(sweep_dir: str | Path) -> Path:
     """Write sweep_summary.md / .csv / .png into `sweep_dir`; returns the markdown file."""
     sweep_dir = Path(sweep_dir)
@@ -109,7 +78,9 @@ def write_summary(sweep_dir: str | Path) -> Path:
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
     if any(r.get("quantized") is not None for r in rows):
         lines += ["", "![sweep](sweep_summary.png)"]
-        atomic_write_bytes(sweep_dir / "sweep_summary.png", _plot(rows, str(sweep_dir)))
+        from mrem_dist.plots import sweep_png
+
+        atomic_write_bytes(sweep_dir / "sweep_summary.png", sweep_png(rows, str(sweep_dir)))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS)
     writer.writeheader()

@@ -155,3 +155,39 @@ def test_a_previous_handler_runs_after_ours():
         assert calls == ["requeue"]
     finally:
         signal.signal(signal.SIGUSR1, old)
+
+
+def test_mrem_s_resumes_mid_module_and_restores_finished_modules(tmp_path, tiny_encoder_dir, sst_like_csv,
+                                                                  monkeypatch):
+    """One process, one module after another: SIGTERM during module 1's step 5. The rerun restores
+    module 0 from its checkpoint (not trained again), continues module 1 from step 5, and ends
+    with the weights and loss curves of an uninterrupted run."""
+    from mrem_dist.engine import reconstruct as R
+    from mrem_dist.pipeline import execute
+
+    def run(name, *extra):
+        common = [x for x in COMMON if x != "method=mrem_p"]
+        return execute(_cfg(tmp_path / name, f"model.path={tiny_encoder_dir}", *common, "method=mrem_s",
+                            "method.modules=2", *_small_data(*sst_like_csv), *extra))
+
+    ckpt = [f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.every=2"]
+    original = R.ModuleTrainer.train_step
+
+    def signalled(self, t, *a, **k):
+        if t == 4 and self.student.spec.index == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, t, *a, **k)
+
+    monkeypatch.setattr(R.ModuleTrainer, "train_step", signalled)
+    with pytest.raises(Preempted, match="stopped after step 5 of 8 of module 1"):
+        run("stopped", *ckpt)
+    monkeypatch.setattr(R.ModuleTrainer, "train_step", original)
+
+    report, qmodel = run("resumed", *ckpt)
+    modules = report["reconstruction"]["modules"]
+    assert [m["resumed_from"] for m in modules] == [0, 5]  # module 0 restored as it was recorded
+    plain, plain_model = run("plain", "checkpoint.dir=null")
+    _assert_same_state(qmodel.state_dict(), plain_model.state_dict())
+    assert [m["losses"] for m in modules] == [m["losses"] for m in plain["reconstruction"]["modules"]]
+    assert [m["error_before"] for m in modules] == [m["error_before"] for m in plain["reconstruction"]["modules"]]
+    assert not any((tmp_path / "ckpt").iterdir())

@@ -167,9 +167,16 @@ def test_sbatch_time_limit_signal_checkpoints_requeues_and_resumes(slurm, tmp_pa
         q = subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True)
         return q.returncode != 0 or not q.stdout.strip()
 
+    def pending():
+        q = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True)
+        return q.stdout.strip() == "PENDING"
+
     try:
         _wait_for(training, 180, "the ranks to start training")
         subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+        _wait_for(pending, 120, f"job {job} to be requeued")
+        # SLURM holds a requeued job for a while (its begin time); release it now: the test waits.
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
         _wait_for(gone, 400, f"job {job} to be requeued and finish")
     finally:
         subprocess.run(["scancel", job], capture_output=True)

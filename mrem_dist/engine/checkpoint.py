@@ -119,20 +119,27 @@ class Checkpointer:
                     f"elsewhere, or delete {self.root}"
                 )
 
-    def steps_on_disk(self) -> list[int]:
+    def _file(self, step: int, tag: str) -> Path:
+        return self.dir / f"{tag}step{step:08d}.pt"
+
+    def steps_on_disk(self, tag: str = "") -> list[int]:
+        """Steps checkpointed under `tag` (a module name in a one-process run; "" for a rank's modules)."""
         if not self.dir.is_dir():
             return []
-        return sorted(int(p.stem[4:]) for p in self.dir.glob("step*.pt") if p.stem[4:].isdigit())
+        digits = (p.stem[len(tag) + 4:] for p in self.dir.glob(f"{tag}step*.pt"))
+        return sorted(int(d) for d in digits if d.isdigit())
 
-    def latest(self) -> int:
-        steps = self.steps_on_disk()
+    def latest(self, tag: str = "") -> int:
+        """The latest step on disk (0: none), or 0 with resume=never."""
+        steps = self.steps_on_disk(tag) if self.resume == "auto" else []
         return steps[-1] if steps else 0
 
-    def load(self, step: int, trainers: list) -> None:
-        path = self.dir / f"step{step:08d}.pt"
+    def load(self, step: int, trainers: list, tag: str = "") -> dict:
+        """Load the trainers' state at `step`; returns what was saved with it as `extra`."""
+        path = self._file(step, tag)
         if not path.is_file():
             raise CheckpointMismatch(
-                f"rank {self.rank} has no checkpoint of step {step} in {self.dir} (it has {self.steps_on_disk()}): "
+                f"rank {self.rank} has no checkpoint of step {step} in {self.dir} (it has {self.steps_on_disk(tag)}): "
                 f"the ranks' checkpoints do not fit together; delete {self.root} or set checkpoint.resume=never"
             )
         state = torch.load(path, map_location="cpu", weights_only=False)
@@ -141,19 +148,28 @@ class Checkpointer:
         for trainer, module_state in zip(trainers, state["modules"]):
             trainer.load_state_dict(module_state)
         log.info("rank %d: resumed from %s (step %d)", self.rank, path, step)
+        return state.get("extra") or {}
 
-    def save(self, step: int, trainers: list) -> None:
+    def extra(self, step: int, tag: str = "") -> Optional[dict]:
+        """What was saved with the checkpoint of `step` as `extra` (None: no such checkpoint, or none saved)."""
+        path = self._file(step, tag)
+        if self.resume != "auto" or not path.is_file():
+            return None
+        return torch.load(path, map_location="cpu", weights_only=False).get("extra")
+
+    def save(self, step: int, trainers: list, tag: str = "", extra: Optional[dict] = None) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = self.root / FINGERPRINT
         if not meta.is_file():  # every rank writes the same content: whoever comes first
             tmp = meta.with_name(f"{meta.name}.{self.rank}.tmp")
             tmp.write_text(json.dumps(asdict(self.fp), indent=1) + "\n")
             os.replace(tmp, meta)
-        state = {"fingerprint": asdict(self.fp), "step": step, "modules": [tr.state_dict() for tr in trainers]}
-        _atomic_save(state, self.dir / f"step{step:08d}.pt")
-        for old in self.steps_on_disk()[: -self.keep]:
-            (self.dir / f"step{old:08d}.pt").unlink(missing_ok=True)
-        log.info("rank %d: checkpoint at step %d -> %s", self.rank, step, self.dir)
+        state = {"fingerprint": asdict(self.fp), "step": step, "modules": [tr.state_dict() for tr in trainers],
+                 "extra": extra}
+        _atomic_save(state, self._file(step, tag))
+        for old in self.steps_on_disk(tag)[: -self.keep]:
+            self._file(old, tag).unlink(missing_ok=True)
+        log.info("rank %d: checkpoint at step %d -> %s", self.rank, step, self._file(step, tag))
 
     def due(self, done: int, total: int) -> bool:
         """A periodic checkpoint after `done` steps (none after the last: the run ends there)."""

@@ -185,7 +185,7 @@ class RankPipeline:
     def _resume(self, checkpoint: Checkpointer, trainers: list[ModuleTrainer]) -> int:
         """The step to start from: the latest one that every rank has a checkpoint of (0: none)."""
         checkpoint.prepare()
-        step = checkpoint.latest() if checkpoint.resume == "auto" else 0
+        step = checkpoint.latest()
         if self.world_size > 1:
             agreed = torch.tensor([step], dtype=torch.int64, device=self.device)
             dist.all_reduce(agreed, op=dist.ReduceOp.MIN)

@@ -12,7 +12,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -234,14 +234,24 @@ class ModuleTrainer:
         return ModuleResult(self.student.spec.index, self.losses, self.lams, seconds, wait_seconds)
 
 
-def reconstruct_module(student: Stage, teacher: Stage, feed: Feed, settings: ReconSettings) -> ModuleResult:
-    """Train `student` for settings.steps steps on the feed. The teacher stage is frozen and run on
-    the full-precision input of each step for the targets."""
-    trainer = ModuleTrainer(student, teacher, settings)
+def reconstruct_module(
+    student: Stage,
+    teacher: Stage,
+    feed: Feed,
+    settings: ReconSettings,
+    trainer: Optional[ModuleTrainer] = None,
+    first: int = 0,
+    after_step: Optional[Callable[[int, ModuleTrainer], None]] = None,
+) -> ModuleResult:
+    """Train `student` for steps first..settings.steps-1 on the feed (which yields exactly those
+    steps' inputs). The teacher stage is frozen and run on the full-precision input of each step for
+    the targets. `trainer`: one restored from a checkpoint; `after_step(steps done, trainer)` runs
+    after every step (checkpoints, the stop signal)."""
+    trainer = trainer or ModuleTrainer(student, teacher, settings)
     waited = 0.0
     it = iter(feed)
     try:
-        for t in range(settings.steps):
+        for t in range(first, settings.steps):
             t_wait = time.perf_counter()
             try:
                 batch, fp_in, q_in = next(it)
@@ -251,6 +261,8 @@ def reconstruct_module(student: Stage, teacher: Stage, feed: Feed, settings: Rec
                 ) from None
             waited += time.perf_counter() - t_wait
             trainer.train_step(t, batch, fp_in, q_in)
+            if after_step is not None:
+                after_step(t + 1, trainer)
     finally:
         result = trainer.finish(waited)
     return result

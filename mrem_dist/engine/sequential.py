@@ -8,6 +8,7 @@ stores of one boundary (plus the next one being built) are alive at any time.
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,9 @@ from mrem_dist.log import get_logger
 from mrem_dist.models.adapters import ModelAdapter
 
 from .cache import ActivationStore, choose_cache
+from .checkpoint import Checkpointer, Preempted, StopSignal
 from .partition import ModuleSpec
-from .reconstruct import Feed, ReconSettings, lam_at, mix_inputs, module_error, reconstruct_module
+from .reconstruct import Feed, ModuleTrainer, ReconSettings, lam_at, mix_inputs, module_error, reconstruct_module
 from .stage import Stage
 
 log = get_logger(__name__)
@@ -65,6 +67,47 @@ def activation_bytes(batches: list[Batch], hidden_size: int, dtype_bytes: int = 
     return sum(b.input_ids.numel() for b in batches) * hidden_size * dtype_bytes
 
 
+def _train_module(spec, student, teacher, batches, settings, fp_store, q_store, device, probe, lam_end, seed,
+                  checkpoint, stop, tag, reached) -> dict:
+    """Train one module (from step `reached` of a checkpoint, or 0) and return its report record."""
+    log.info("%s (%d steps, lam=%s)", spec.describe(), settings.steps, settings.lam)
+    # The error before is the initial module's: measured before a checkpoint is loaded into it.
+    before = module_error(student, teacher, _feed(batches, iter(probe), fp_store, q_store, device), lam_end, settings.loss)
+    trainer = ModuleTrainer(student, teacher, settings)
+    if reached:
+        checkpoint.load(reached, [trainer], tag)
+
+    def after_step(done: int, tr: ModuleTrainer) -> None:
+        stopping = stop is not None and stop.received is not None
+        if checkpoint is not None and (stopping or checkpoint.due(done, settings.steps)):
+            checkpoint.save(done, [tr], tag)
+        if stopping:
+            where = f"checkpoint in {checkpoint.root}" if checkpoint is not None else "no checkpoint (checkpoint.dir=null)"
+            raise Preempted(f"stopped after step {done} of {settings.steps} of {spec.describe()} on a stop signal; "
+                            f"{where}: run the same command again to resume")
+
+    # One batch order for every module (as in MREM-P, where all modules step together).
+    order = itertools.islice(epoch_order(len(batches), settings.steps, seed), reached, None)
+    res = reconstruct_module(student, teacher, _feed(batches, order, fp_store, q_store, device), settings,
+                             trainer, reached, after_step)
+    after = module_error(student, teacher, _feed(batches, iter(probe), fp_store, q_store, device), lam_end, settings.loss)
+    log.info("%s: reconstruction error %.4g -> %.4g in %.1fs", spec.describe(), before, after, res.seconds)
+    record = {
+        "index": spec.index,
+        "layers": [spec.start, spec.stop],
+        "steps": settings.steps,
+        "error_before": before,
+        "error_after": after,
+        "seconds": round(res.seconds, 3),
+        "wait_seconds": round(res.wait_seconds, 3),
+        "losses": res.losses,
+        "resumed_from": reached,
+    }
+    if checkpoint is not None:  # done: a rerun restores it instead of training it again
+        checkpoint.save(settings.steps, [trainer], tag, extra=record)
+    return record
+
+
 def reconstruct_sequential(
     fp_model: nn.Module,
     q_model: nn.Module,
@@ -79,8 +122,15 @@ def reconstruct_sequential(
     seed: int = 0,
     error_batches: int = 4,
     device: torch.device | str = "cpu",
+    checkpoint: Optional[Checkpointer] = None,
+    stop: Optional[StopSignal] = None,
 ) -> EngineResult:
-    """Reconstruct every module of `q_model` in order, in place. `batches` live on `device`."""
+    """Reconstruct every module of `q_model` in order, in place. `batches` live on `device`.
+
+    With a checkpointer, each module is checkpointed every `checkpoint.every` steps and when it is
+    done (with its report record); a rerun skips the modules that were done, continues the one
+    that was training, and recomputes the boundary activations from the restored weights. A stop
+    signal checkpoints the step in progress and raises Preempted."""
     fp_model.requires_grad_(False)
     q_model.requires_grad_(False)
     hidden = adapter.encoder(fp_model).config.hidden_size
@@ -98,25 +148,23 @@ def reconstruct_sequential(
     q_store: Optional[ActivationStore] = None
     probe = list(range(min(error_batches, len(batches))))
     try:
+        if checkpoint is not None:
+            checkpoint.prepare()
         for spec in specs:
             teacher, student = Stage(fp_model, adapter, spec), Stage(q_model, adapter, spec)
-            log.info("%s (%d steps, lam=%s)", spec.describe(), settings.steps, settings.lam)
-            before = module_error(student, teacher, _feed(batches, iter(probe), fp_store, q_store, device), lam_end, settings.loss)
-            # One batch order for every module (as in MREM-P, where all modules step together).
-            order = epoch_order(len(batches), settings.steps, seed)
-            res = reconstruct_module(student, teacher, _feed(batches, order, fp_store, q_store, device), settings)
-            after = module_error(student, teacher, _feed(batches, iter(probe), fp_store, q_store, device), lam_end, settings.loss)
-            log.info("%s: reconstruction error %.4g -> %.4g in %.1fs", spec.describe(), before, after, res.seconds)
-            result.modules.append({
-                "index": spec.index,
-                "layers": [spec.start, spec.stop],
-                "steps": settings.steps,
-                "error_before": before,
-                "error_after": after,
-                "seconds": round(res.seconds, 3),
-                "wait_seconds": round(res.wait_seconds, 3),
-                "losses": res.losses,
-            })
+            tag = f"module{spec.index}_"
+            reached = checkpoint.latest(tag) if checkpoint is not None else 0
+            # Finished before the restart: the checkpoint of its last step carries its report record.
+            record = checkpoint.extra(settings.steps, tag) if reached == settings.steps else None
+            if record is not None:
+                trainer = ModuleTrainer(student, teacher, settings)
+                checkpoint.load(reached, [trainer], tag)
+                trainer.finish()
+                log.info("%s: restored from its checkpoint (trained before the restart)", spec.describe())
+            else:
+                record = _train_module(spec, student, teacher, batches, settings, fp_store, q_store, device, probe,
+                                       lam_end, seed, checkpoint, stop, tag, reached)
+            result.modules.append(record)
             if spec.last:
                 break
             next_fp = ActivationStore(kind, cache_dir, f"fp{spec.index}")
