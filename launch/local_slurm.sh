@@ -42,6 +42,9 @@ SlurmctldHost=$HOST
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job waits until the old job's credential expires: 10 s instead of 120 keeps the
+# requeue test (and trying the pre-timeout path by hand) short.
+AuthInfo=cred_expire=10
 StateSaveLocation=$STATE/state
 SlurmdSpoolDir=$STATE/spool
 SlurmctldLogFile=$STATE/log/slurmctld.log
