@@ -6,22 +6,16 @@ that the ranks shared one run directory holding the report and a loadable artifa
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from conftest import REPO
+from dist_helpers import free_port
 from test_pipeline import _small_data
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra) -> dict:
@@ -97,7 +91,7 @@ def test_torchrun_restart_resumes_from_the_checkpoint(tmp_path, tiny_encoder_dir
 @pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not installed (pip install -e '.[dev]')")
 def test_deepspeed_launcher(tmp_path, tiny_encoder_dir, sst_like_csv):
     _run(["bash", str(REPO / "launch/deepspeed.sh"), *_overrides(tiny_encoder_dir, sst_like_csv)], tmp_path,
-         _env(NPROC="2", MASTER_PORT=str(_free_port())))
+         _env(NPROC="2", MASTER_PORT=str(free_port())))
     _check_run(tmp_path)
 
 
@@ -128,7 +122,7 @@ def test_sbatch_script_on_a_real_cluster(slurm, tmp_path, tiny_encoder_dir, sst_
     sbatch's, and its output is kept next to the run for the failure message."""
     cmd = ["sbatch", "--wait", "--time=10", f"--chdir={tmp_path}", f"--output={tmp_path}/slurm-%j.out",
            str(REPO / "launch" / script), *_overrides(tiny_encoder_dir, sst_like_csv)]
-    done = subprocess.run(cmd, cwd=tmp_path, env=_env(RDZV_PORT=str(_free_port()), **extra), capture_output=True,
+    done = subprocess.run(cmd, cwd=tmp_path, env=_env(RDZV_PORT=str(free_port()), **extra), capture_output=True,
                           text=True, timeout=600)
     logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
     assert done.returncode == 0, done.stdout + done.stderr + logs[-4000:]

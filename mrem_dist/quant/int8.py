@@ -98,7 +98,7 @@ class Int8Linear(nn.Module):
             raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
         if codes.dtype != torch.int8 or codes.dim() != 2:
             raise ValueError(f"{name}: weight codes must be a 2-D int8 tensor, got {codes.dtype} {tuple(codes.shape)}")
-        if act.mode == "static" and not act._is_calibrated:
+        if act.mode == "static" and not bool(act.calibrated):
             raise ValueError(f"{name}: its activation quantizer is not calibrated: calibrate the model before to_int8")
         limit = int(codes.abs().max()) if codes.numel() else 0
         if backend == "onednn" and limit > cpu_int8_code_limit():
