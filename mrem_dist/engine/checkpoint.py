@@ -176,8 +176,13 @@ class Checkpointer:
         return bool(self.every) and done % self.every == 0 and done < total
 
     def remove(self) -> None:
-        """Delete every checkpoint of the run (after its artifact is written)."""
+        """Delete every checkpoint of the run (after its artifact is written), and checkpoint.dir
+        itself when nothing else is left in it."""
         shutil.rmtree(self.root, ignore_errors=True)
+        try:
+            self.root.parent.rmdir()
+        except OSError:  # other runs' checkpoints are there, or it is gone already
+            pass
 
 
 class StopSignal:
