@@ -67,15 +67,14 @@ def ds_quantize(model, bits: int, groups: int):
     # init_compression only attaches the quantizers; DeepSpeed's scheduler switches them on once
     # training reaches schedule_offset (0 here): one step_zero_check does that, as in its examples.
     compression_scheduler(q, get_compression_config(config)).step(step_zero_check=True)
-    enabled = [m for m in q.modules() if getattr(m, "weight_quantization_enabled", False)]
-    if len(enabled) != 6 * adapter_layers(q):
-        raise RuntimeError(f"DeepSpeed enabled weight quantization on {len(enabled)} Linears, expected {6 * adapter_layers(q)}")
+    # Every Linear of the transformer layers must now quantize (a config pattern that matches
+    # nothing would otherwise leave it silently in full precision).
+    linears = sum(isinstance(m, torch.nn.Linear) for layer in q.encoder.layer for m in layer.modules())
+    enabled = sum(bool(getattr(m, "weight_quantization_enabled", False)) for m in q.modules())
+    if enabled != linears:
+        raise RuntimeError(f"DeepSpeed enabled weight quantization on {enabled} Linears, expected {linears}")
     q.eval()
     return q
-
-
-def adapter_layers(model) -> int:
-    return model.config.num_hidden_layers
 
 
 def ds_lkd(fp, q, adapter, batches, steps: int, lr: float, seed: int) -> float:

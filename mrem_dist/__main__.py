@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf

@@ -201,8 +201,9 @@ def execute(cfg: RunConfig) -> Optional[tuple[dict, torch.nn.Module]]:
     with timer("evaluate"):
         fp_out = model_outputs(model, adapter, eval_batches)
     extra: dict = {}
-    checkpoint = make_checkpointer(cfg, 0, 1, model, calib) if reconstruct else None
+    checkpoint = None
     if reconstruct:
+        checkpoint = make_checkpointer(cfg, 0, 1, model, calib)
         with StopSignal() as stop:
             extra = _reconstruct(cfg, model, qmodel, adapter, specs, calib, fp_out, prepared.evalset, eval_batches,
                                  timer, device, checkpoint, stop)
