@@ -73,6 +73,10 @@ class QuantConfig:
     # Activation bits (input of every quantized Linear); null keeps activations in full precision.
     a_bits: Optional[int] = 8
     w_symmetric: bool = True
+    # Symmetric weight and word-embedding grids: false = restricted codes [-(2^(b-1)-1), 2^(b-1)-1]
+    # (2 bits: {-1, 0, 1}); true = all 2^b codes [-2^(b-1), 2^(b-1)-1] with step max|w| / 2^(b-1),
+    # DeepSpeed ZeroQuant's grid (2 bits: {-2, -1, 0, 1}). benchmarks/report.py measures both.
+    w_full_range: bool = False
     w_granularity: str = "row"
     # Number of groups of consecutive output rows, for w_granularity=group (ZeroQuant).
     w_groups: int = 0
@@ -275,6 +279,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         _check(q.w_groups > 0, "quant.w_granularity=group needs quant.w_groups > 0 (e.g. quant.w_groups=48)")
     if q.ternary:
         _check(q.w_bits == 2, f"quant.ternary=true needs quant.w_bits=2 (got {q.w_bits}): set quant.w_bits=2")
+    if q.w_full_range:
+        _check(q.w_symmetric and not q.ternary, "quant.w_full_range=true widens a symmetric grid to all 2^bits codes: "
+               "it needs quant.w_symmetric=true and quant.ternary=false (an asymmetric grid already uses them all)")
     _check(0.0 <= q.ocs_ratio < 1.0, f"quant.ocs_ratio={q.ocs_ratio} must be in [0, 1): e.g. 0.01, 0.02 or 0.05")
     if q.a_mode == "dynamic":
         _check(q.a_symmetric, "quant.a_mode=dynamic (token-wise) is symmetric only: set quant.a_symmetric=true")

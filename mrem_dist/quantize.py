@@ -34,6 +34,7 @@ def weight_quantizer(scheme: QuantConfig, learnable: bool = True) -> WeightQuant
         prior=scheme.aciq_prior,
         ternary=scheme.ternary,
         learnable=learnable,
+        full_range=scheme.w_full_range,
     )
 
 
@@ -108,6 +109,7 @@ def quantize_model(
             clip=scheme.w_clip,
             prior=scheme.aciq_prior,
             learnable=learnable,
+            full_range=scheme.w_full_range,
         )
         adapter.set_word_embeddings(model, QuantEmbedding(emb, wq))
     log.info(

@@ -41,6 +41,7 @@ SCHEMES = {
     "w3-asym": QuantConfig(w_bits=3, w_symmetric=False),
     "w8-group-ocs": QuantConfig(w_bits=8, w_granularity="group", w_groups=4, ocs_ratio=0.05),
     "w4-dynamic-fp-emb": QuantConfig(e_bits=None, a_mode="dynamic"),
+    "w2e4a8-full-range": QuantConfig(w_bits=2, e_bits=4, w_full_range=True),
 }
 
 

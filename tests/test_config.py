@@ -63,6 +63,7 @@ def test_schema_rejects_unknown_keys_and_wrong_types():
         (["quant.a_bits=16"], r"quant.a_bits=16 is outside 2..8.*null"),
         (["quant.w_granularity=group"], r"needs quant.w_groups > 0"),
         (["quant.ternary=true"], r"needs quant.w_bits=2"),
+        (["quant.w_full_range=true", "quant.w_symmetric=false"], r"w_full_range=true .* needs quant.w_symmetric=true"),
         (["quant.w_clip=percentile"], r"quant.w_clip='percentile' is not one of minmax, aciq, mse"),
         (["quant.ocs_ratio=1.5"], r"ocs_ratio"),
         (["quant.a_mode=dynamic", "quant.a_symmetric=false"], r"symmetric only"),

@@ -17,6 +17,13 @@ def test_qrange_known_values():
     assert qrange(8, False) == (0, 255)
 
 
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_full_range_uses_every_code(bits):
+    lo, hi = qrange(bits, True, full_range=True)
+    assert (lo, hi) == (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) and hi - lo + 1 == 2**bits
+    assert qrange(bits, False, full_range=True) == qrange(bits, False)  # asymmetric has them all already
+
+
 @pytest.mark.parametrize("bits", [1, 9, 0, 2.0, True])
 def test_check_bits_errors(bits):
     with pytest.raises(ValueError, match="between 2 and 8"):

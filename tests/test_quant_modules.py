@@ -88,6 +88,37 @@ def test_codes_in_range_and_dequant_invariant(bits, symmetric, granularity):
         assert torch.equal(dequantize(codes, expand_to_rows(scale, 8), zp_rows), q(w))
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_full_range_grid_is_zeroquants(bits):
+    """full_range: step max|w| / 2^(b-1), codes [-2^(b-1), 2^(b-1)-1] (DeepSpeed's SymQuantizer), so
+    2 bits gives 4 levels {-2, -1, 0, 1} * max/2 where the restricted grid gives {-1, 0, 1} * max."""
+    w = _w(8, 64, seed=bits)
+    q = WeightQuantizer(bits, granularity="row", full_range=True).init_from(w)
+    half = 2 ** (bits - 1)
+    torch.testing.assert_close(q.scale, w.abs().amax(dim=1, keepdim=True) / half)
+    codes = q.codes(w)
+    assert (q.qmin, q.qmax) == (-half, half - 1) and codes.min() >= -half and codes.max() <= half - 1
+    # -max|w| of a row reaches the code no restricted grid has.
+    row = int(torch.argmax(-w.min(dim=1).values / w.abs().amax(dim=1)))
+    assert int(codes[row].min()) == -half
+    assert torch.equal(dequantize(codes, expand_to_rows(q.scale, 8), None), q(w))
+    if bits == 2:
+        assert len(torch.unique(codes)) == 4
+        restricted = WeightQuantizer(bits, granularity="row").init_from(w)
+        assert len(torch.unique(restricted.codes(w))) == 3
+        # Four levels fit these (Gaussian) rows better than three.
+        assert (q(w) - w).norm() < (restricted(w) - w).norm()
+    mse = WeightQuantizer(bits, granularity="row", clip="mse", full_range=True).init_from(w)
+    assert (mse(w) - w).norm() <= (q(w) - w).norm() + 1e-6  # the search starts at minmax
+
+
+def test_full_range_needs_a_symmetric_non_ternary_grid():
+    with pytest.raises(ValueError, match="asymmetric grid already uses them"):
+        WeightQuantizer(4, symmetric=False, full_range=True)
+    with pytest.raises(ValueError, match="ternary grid"):
+        WeightQuantizer(2, ternary=True, full_range=True)
+
+
 def test_weight_quantizer_8bit_is_accurate_and_lsq_learnable():
     w = _w(16, 32).requires_grad_()
     q = WeightQuantizer(8).init_from(w)

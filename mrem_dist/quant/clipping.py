@@ -37,15 +37,18 @@ def check_clip(clip: str, prior: str = "laplace") -> None:
         raise ValueError(f"prior={prior!r} is not one of {', '.join(ACIQ_PRIORS)}: pick one of them")
 
 
-def scale_zero_point(lo: Tensor, hi: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor | None]:
+def scale_zero_point(
+    lo: Tensor, hi: Tensor, bits: int, symmetric: bool, full_range: bool = False
+) -> tuple[Tensor, Tensor | None]:
     """Scale (and zero point for asymmetric grids) mapping [lo, hi] onto the integer range.
 
-    symmetric: scale = max(hi, -lo) / qmax (== hi / qmax for the ranges clip_range returns).
+    symmetric: scale = max(hi, -lo) / -qmin (== hi / qmax on the restricted grid; on the full-range
+    grid -max maps to code -2^(b-1) and +max is clipped to (2^(b-1)-1) * scale, as in ZeroQuant).
     asymmetric: scale = (hi - lo) / (qmax - qmin), zero_point = clamp(round(qmin - lo/scale)),
     an integer-valued float tensor. Scale is floored at SCALE_EPS."""
-    qmin, qmax = qrange(bits, symmetric)
+    qmin, qmax = qrange(bits, symmetric, full_range)
     if symmetric:
-        return (torch.maximum(hi, -lo) / qmax).clamp_min(SCALE_EPS), None
+        return (torch.maximum(hi, -lo) / -qmin).clamp_min(SCALE_EPS), None
     scale = ((hi - lo) / (qmax - qmin)).clamp_min(SCALE_EPS)
     zero_point = torch.round(qmin - lo / scale).clamp(qmin, qmax)
     return scale, zero_point
@@ -82,13 +85,13 @@ def _aciq(xg: Tensor, bits: int, symmetric: bool, prior: str) -> tuple[Tensor, T
     return torch.where(constant, lo_mm, lo), torch.where(constant, hi_mm, hi)
 
 
-def _mse(xg: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]:
-    qmin, qmax = qrange(bits, symmetric)
+def _mse(xg: Tensor, bits: int, symmetric: bool, full_range: bool) -> tuple[Tensor, Tensor]:
+    qmin, qmax = qrange(bits, symmetric, full_range)
     lo_mm, hi_mm = _minmax(xg, symmetric)
     # r = 1 (minmax) comes first and argmin returns the first minimum: ties keep the widest range,
     # and mse can never be worse than minmax.
     shrink = [1.0] + MSE_SHRINK.tolist()[:-1]
-    params = [scale_zero_point(lo_mm * r, hi_mm * r, bits, symmetric) for r in shrink]
+    params = [scale_zero_point(lo_mm * r, hi_mm * r, bits, symmetric, full_range) for r in shrink]
     scales = torch.cat([s for s, _ in params], dim=1)  # [G, C]
     zps = None if symmetric else torch.cat([z for _, z in params], dim=1)
     # Blocks that fit in cache: the candidates then re-read cache, not RAM (several times faster
@@ -109,14 +112,14 @@ def _mse(xg: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def clip_range(
-    xg: Tensor, bits: int, symmetric: bool, method: str = "minmax", prior: str = "laplace"
+    xg: Tensor, bits: int, symmetric: bool, method: str = "minmax", prior: str = "laplace", full_range: bool = False
 ) -> tuple[Tensor, Tensor]:
     """Per-row clipping range (lo [G,1], hi [G,1]) of `xg` [G, K].
 
     minmax: the full range (symmetric: +-max|x|; asymmetric: [min, max] widened to contain 0).
     aciq:   Banner et al.'s analytic clip alpha = ACIQ_ALPHA[prior][bits] * b, capped at minmax.
     mse:    the shrink r * minmax range, r in linspace(0.2, 1, 81), with the least squared
-            fake-quant error per row.
+            fake-quant error per row (on the grid `full_range` selects, see qrange).
     Statistics are taken in float32 so that low-precision weights give the same ranges."""
     check_bits(bits)
     check_clip(method, prior)
@@ -130,4 +133,4 @@ def clip_range(
         return _minmax(xg, symmetric)
     if method == "aciq":
         return _aciq(xg, bits, symmetric, prior)
-    return _mse(xg, bits, symmetric)
+    return _mse(xg, bits, symmetric, full_range)

@@ -25,14 +25,16 @@ def check_bits(bits: int, name: str = "bits") -> None:
         raise ValueError(f"{name}={bits} is outside 2..8: choose {name} between 2 and 8")
 
 
-def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
-    """Integer code range. Symmetric uses the restricted range [-(2^(b-1)-1), 2^(b-1)-1]:
-    dropping -2^(b-1) keeps the grid symmetric around 0 (2-bit = {-1, 0, 1}, 8-bit = [-127, 127]),
-    which is what symmetric INT8 kernels assume. Asymmetric is [0, 2^b - 1]."""
+def qrange(bits: int, symmetric: bool, full_range: bool = False) -> tuple[int, int]:
+    """Integer code range. Symmetric uses the restricted range [-(2^(b-1)-1), 2^(b-1)-1] by
+    default: dropping -2^(b-1) keeps the grid symmetric around 0 (2-bit = {-1, 0, 1}, 8-bit =
+    [-127, 127]), which is what symmetric INT8 activation kernels assume. `full_range` keeps all
+    2^b codes [-2^(b-1), 2^(b-1)-1] (DeepSpeed ZeroQuant's weight grid: 2-bit = {-2, -1, 0, 1});
+    at 2 bits that is 4 levels instead of 3. Asymmetric is [0, 2^b - 1] (already all 2^b codes)."""
     check_bits(bits)
     if symmetric:
         q = 2 ** (bits - 1) - 1
-        return -q, q
+        return (-q - 1 if full_range else -q), q
     return 0, 2**bits - 1
 
 

@@ -215,7 +215,7 @@ def _int8_codes(module: QuantLinear | QuantEmbedding, name: str, codes: Optional
     if zp is not None:
         # (codes - zp) is what the dequantized weight multiplies: it fits int8 for up to 7 bits.
         codes = codes - expand_to_rows(zp, rows).to(torch.int32)
-    lo, hi = qrange(8, True)
+    lo, hi = qrange(8, True, full_range=True)  # what int8 holds
     if codes.numel() and (int(codes.min()) < lo or int(codes.max()) > hi):
         raise ValueError(
             f"{name}: asymmetric {wq.bits}-bit weight codes minus their zero points leave the int8 range: "

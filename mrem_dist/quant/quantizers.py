@@ -94,6 +94,7 @@ class WeightQuantizer(nn.Module):
         prior: str = "laplace",
         ternary: bool = False,
         learnable: bool = True,
+        full_range: bool = False,
     ) -> None:
         super().__init__()
         check_bits(bits)
@@ -115,10 +116,16 @@ class WeightQuantizer(nn.Module):
             )
         if ternary and not symmetric:
             raise ValueError("ternary=True is symmetric by definition: set symmetric=True or ternary=False")
-        self.bits, self.symmetric, self.granularity = bits, symmetric, granularity
+        if full_range and (ternary or not symmetric):
+            raise ValueError(
+                "full_range=True widens a symmetric grid to all 2^bits codes; "
+                + ("a ternary grid is {-1, 0, 1} by definition" if ternary else "an asymmetric grid already uses them")
+                + ": set full_range=False"
+            )
+        self.bits, self.symmetric, self.granularity, self.full_range = bits, symmetric, granularity, full_range
         self.groups = int(groups) if granularity == "group" else 0
         self.clip, self.prior, self.ternary, self.learnable = clip, prior, ternary, learnable
-        self.qmin, self.qmax = qrange(bits, symmetric)
+        self.qmin, self.qmax = qrange(bits, symmetric, full_range)
         # Shapes ([G, 1]) are known only at init_from; None buffers stay out of the state_dict.
         self.register_buffer("scale", None)
         self.register_buffer("zero_point", None)
@@ -139,8 +146,8 @@ class WeightQuantizer(nn.Module):
         if self.ternary:
             scale, zero_point = _twn(wg)[0], None
         else:
-            lo, hi = clip_range(wg, self.bits, self.symmetric, self.clip, self.prior)
-            scale, zero_point = scale_zero_point(lo, hi, self.bits, self.symmetric)
+            lo, hi = clip_range(wg, self.bits, self.symmetric, self.clip, self.prior, self.full_range)
+            scale, zero_point = scale_zero_point(lo, hi, self.bits, self.symmetric, self.full_range)
         # Ternary alpha is recomputed from the current weight on every forward: never learned.
         _store(self, "scale", scale, param=self.learnable and not self.ternary)
         _store(self, "zero_point", zero_point, param=False)
@@ -208,8 +215,8 @@ class WeightQuantizer(nn.Module):
     def extra_repr(self) -> str:
         groups = "" if self.scale is None else f", num_groups={self.scale.shape[0]}"
         return (
-            f"bits={self.bits}, symmetric={self.symmetric}, granularity={self.granularity}, groups={self.groups}"
-            f"{groups}, clip={self.clip}, ternary={self.ternary}, learnable={self.learnable}"
+            f"bits={self.bits}, symmetric={self.symmetric}, full_range={self.full_range}, granularity={self.granularity}, "
+            f"groups={self.groups}{groups}, clip={self.clip}, ternary={self.ternary}, learnable={self.learnable}"
         )
 
 
