@@ -56,6 +56,21 @@ def _export(loaded, scheme: QuantConfig, calib_ids: torch.Tensor, folder: Path) 
     return folder
 
 
+def builtin_inputs(loaded) -> tuple[dict, torch.Tensor]:
+    """The timed batch (32 x 128 tokens of the built-in evaluation text) and 64 calibration rows."""
+    texts = D.load_builtin("evaluation").texts_a
+    enc = loaded.tokenizer(texts[:32], padding="max_length", truncation=True, max_length=128, return_tensors="pt")
+    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    calib = loaded.tokenizer(D.load_builtin("calibration").texts_a[:64], padding="max_length", truncation=True,
+                             max_length=128, return_tensors="pt")["input_ids"]
+    return batch, calib
+
+
+def cpu_description() -> str:
+    return (f"{platform.processor() or platform.machine()}, torch CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}, INT8 weight-code limit {cpu_int8_code_limit()}")
+
+
 def sizes(loaded, calib_ids: torch.Tensor, tmp: Path) -> list[dict]:
     loaded.model.save_pretrained(tmp / "fp32", safe_serialization=True)
     fp32 = (tmp / "fp32" / "model.safetensors").stat().st_size
@@ -169,11 +184,7 @@ def main() -> None:
     device = torch.device(args.device)
     with hydra_configs():
         loaded = load_model(BUILTIN_MODEL)
-    texts = D.load_builtin("evaluation").texts_a
-    enc = loaded.tokenizer(texts[:32], padding="max_length", truncation=True, max_length=128, return_tensors="pt")
-    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-    calib = loaded.tokenizer(D.load_builtin("calibration").texts_a[:64], padding="max_length", truncation=True,
-                             max_length=128, return_tensors="pt")["input_ids"]
+    batch, calib = builtin_inputs(loaded)
     with tempfile.TemporaryDirectory() as tmp:
         rows = [] if args.skip_size else sizes(loaded, calib, Path(tmp))
         rows += latency(loaded, calib, batch, Path(tmp), device, args.rounds)
@@ -204,8 +215,7 @@ def main() -> None:
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
     else:
-        where = (f"{platform.processor() or platform.machine()}, torch CPU capability "
-                 f"{torch.backends.cpu.get_cpu_capability()}, INT8 weight-code limit {cpu_int8_code_limit()}")
+        where = cpu_description()
     header = (f"all-MiniLM-L6-v2 (real weights, 22.7M parameters), built-in text. Latency: {device} ({where}), "
               f"{torch.get_num_threads()} threads, median of {args.rounds} rounds, configurations interleaved; "
               f"torch {torch.__version__}.")

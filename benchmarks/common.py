@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -36,6 +38,25 @@ def compose_config(overrides: list[str], run_dir: str | Path) -> RunConfig:
     """`python -m mrem_dist <overrides>`'s config, validated, writing into run_dir."""
     dcfg = compose(config_name="config", overrides=[*overrides, f"run_dir={run_dir}"])
     return validate(OmegaConf.to_object(dcfg))
+
+
+def launch(overrides: list[str], run_dir: Path, ranks: int = 1, threads: int = 0) -> tuple[dict, float]:
+    """`python -m mrem_dist <overrides>` in a subprocess (under torchrun when ranks > 1), exactly as a
+    user starts it; returns (report.json, wall seconds of the whole job)."""
+    launcher = [sys.executable, "-m", "mrem_dist"]
+    if ranks > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                    "-m", "mrem_dist"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    args = [*overrides, f"threads={threads}", f"hydra.run.dir={run_dir}"]
+    start = time.perf_counter()
+    done = subprocess.run(launcher + args, cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads((Path(run_dir) / "report.json").read_text()), wall
 
 
 def write_results(out: str | Path, script: str, header: str, rows: list[dict], table: list[str]) -> None:

@@ -19,28 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from common import REPO, RESULTS, write_results
+from common import RESULTS, launch, write_results
 
 
-def _job(method: str, quant: str, steps: int, threads: int, ranks: int, run_dir: Path, extra: list[str]) -> dict:
+def job(method: str, quant: str, steps: int, threads: int, ranks: int, run_dir: Path, extra: list[str]) -> dict:
+    """One cell: MREM-S or MREM-P on 2 modules, launched as a user would; its timing and memory figures."""
     args = [f"quant={quant}", "clip=mse", f"method={method}", "method.modules=2", f"method.steps={steps}",
-            f"threads={threads}", "device=cpu", f"hydra.run.dir={run_dir}", *extra]
-    launcher = [sys.executable, "-m", "mrem_dist"]
-    if ranks > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m", "mrem_dist"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
-    start = time.perf_counter()
-    done = subprocess.run(launcher + args, cwd=REPO, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"{method} {quant} failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    report = json.loads((run_dir / "report.json").read_text())
+            "device=cpu", *extra]
+    report, wall = launch(args, run_dir, ranks, threads)
     rec = report["reconstruction"]
     ranks_info = rec.get("ranks") or [{"rank": 0, "blocked_fraction": 0.0, "peak_rss_gb": report["peak_memory_gb"]["rss"]}]
     return {
@@ -72,7 +61,7 @@ def main() -> None:
         for quant in args.quant:
             cells = [("mrem_s", t, 1) for t in args.baseline_threads] + [("mrem_p", 1, 2)]
             for method, threads, ranks in cells:
-                row = _job(method, quant, args.steps, threads, ranks, Path(tmp) / str(len(rows)), args.extra)
+                row = job(method, quant, args.steps, threads, ranks, Path(tmp) / str(len(rows)), args.extra)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
 

@@ -14,7 +14,10 @@ Cells per bit width:
   is trained to the full-precision output (masked MSE), Adam on the Linear weights, cosine-decayed,
   with the same steps, learning rate and batch order as mrem-dist's LKD;
 - ptq, lkd: mrem-dist's `method=ptq` / `method=lkd` with `quant=w4a8_fg quant.w_bits=<b>
-  quant.e_bits=null` (mrem-dist's LKD also learns the quantizer step sizes, as it always does).
+  quant.e_bits=null` (mrem-dist's LKD also learns the quantizer step sizes, as it always does);
+- ptq_full_range, lkd_full_range: the same with `quant.w_full_range=true`, DeepSpeed's grid (all 2^b
+  codes, step max|w| / 2^(b-1)) instead of mrem-dist's default restricted one: the ablation that
+  separates the grid from the rest of the two implementations.
 
     python benchmarks/zeroquant_peer.py --bits 8 4 2 --steps 200
 """
@@ -105,50 +108,66 @@ def ds_lkd(fp, q, adapter, batches, steps: int, lr: float, seed: int) -> float:
     return time.perf_counter() - start
 
 
+def peer_rows(bits_list: list[int], steps: int, groups: int, tmp: Path, data: list[str] = (),
+              grids: tuple[str, ...] = ("restricted", "full")) -> tuple[list[dict], dict]:
+    """Every cell of the comparison (module docstring) at each bit width; returns (rows, setup).
+    `data`: Hydra overrides of the data (sample counts) shared by every cell. `grids`: mrem-dist's
+    symmetric weight grid, restricted (its default) and/or full (all 2^b codes, DeepSpeed's)."""
+    import deepspeed
+
+    rows = []
+    base = ["quant=w4a8_fg", f"quant.w_groups={groups}", "quant.e_bits=null", "export=false", "checkpoint.dir=null",
+            *data]
+    cfg = compose_config(base, tmp / "inputs")
+    loaded, prepared = load_inputs(cfg)
+    fp, adapter = loaded.model, loaded.adapter
+    calib, evalb = prepared.calib, prepared.evalset.batches
+    fp_out = model_outputs(fp, adapter, evalb)
+    lr = cfg.method.lr_weight
+    for bits in bits_list:
+        q = ds_quantize(fp, bits, groups)
+        rows.append({"bits": bits, "cell": "ds_ptq", "seconds": 0.0,
+                     **fidelity_metrics(fp_out, model_outputs(q, adapter, evalb))})
+        seconds = ds_lkd(fp, q, adapter, calib, steps, lr, cfg.seed)
+        rows.append({"bits": bits, "cell": "ds_lkd", "seconds": round(seconds, 1),
+                     **fidelity_metrics(fp_out, model_outputs(q, adapter, evalb))})
+        for grid in grids:
+            for method in ("ptq", "lkd"):
+                extra = [f"method={method}", f"quant.w_bits={bits}", f"quant.w_full_range={grid == 'full'}"]
+                extra += [f"method.steps={steps}"] if method == "lkd" else []
+                report, _ = execute(compose_config(base + extra, tmp / f"{method}{bits}{grid}"))
+                cell = method + ("_full_range" if grid == "full" else "")
+                rows.append({"bits": bits, "cell": cell, "seconds": report["timings_s"].get("reconstruct", 0.0),
+                             **report["metrics"]["quantized"]})
+        for r in rows[-2 - 2 * len(grids):]:
+            print(r, flush=True)
+    setup = (f"all-MiniLM-L6-v2 (real weights), built-in text ({len(calib)} calibration batches of "
+             f"{cfg.data.batch_size}, {len(evalb)} evaluation batches), W<b> in {groups} row groups + token-wise "
+             f"dynamic A8, FP embeddings; LKD {steps} steps per layer, lr {lr}, same batch order on both sides. "
+             f"DeepSpeed {deepspeed.__version__} (`deepspeed.compression`, CPU accelerator); ds_lkd's loop is "
+             "written in this script (DeepSpeed ships the quantizer, not the LKD loop). ptq/lkd: mrem-dist on its "
+             "default restricted grid; *_full_range: on all 2^b codes (`quant.w_full_range=true`), DeepSpeed's grid. "
+             "Fidelity of mean-pooled sentence embeddings to FP32.")
+    return rows, {"setup": setup, "deepspeed": deepspeed.__version__, "steps": steps, "groups": groups}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bits", type=int, nargs="+", default=[8, 4, 2])
     p.add_argument("--steps", type=int, default=200, help="LKD steps per layer, both sides")
     p.add_argument("--groups", type=int, default=48)
+    p.add_argument("--grids", nargs="+", default=["restricted", "full"], choices=["restricted", "full"],
+                   help="mrem-dist's weight grids to run")
     p.add_argument("--out", default=str(RESULTS / "zeroquant_peer"))
     args = p.parse_args()
-    import deepspeed
 
-    rows = []
     with hydra_configs(), tempfile.TemporaryDirectory() as tmp:
-        base = ["quant=w4a8_fg", f"quant.w_groups={args.groups}", "quant.e_bits=null", "export=false",
-                "checkpoint.dir=null"]
-        cfg = compose_config(base, Path(tmp) / "inputs")
-        loaded, prepared = load_inputs(cfg)
-        fp, adapter = loaded.model, loaded.adapter
-        calib, evalb = prepared.calib, prepared.evalset.batches
-        fp_out = model_outputs(fp, adapter, evalb)
-        lr = cfg.method.lr_weight
-        for bits in args.bits:
-            q = ds_quantize(fp, bits, args.groups)
-            rows.append({"bits": bits, "cell": "ds_ptq", "seconds": 0.0,
-                         **fidelity_metrics(fp_out, model_outputs(q, adapter, evalb))})
-            seconds = ds_lkd(fp, q, adapter, calib, args.steps, lr, cfg.seed)
-            rows.append({"bits": bits, "cell": "ds_lkd", "seconds": round(seconds, 1),
-                         **fidelity_metrics(fp_out, model_outputs(q, adapter, evalb))})
-            for method in ("ptq", "lkd"):
-                extra = [f"method={method}", f"quant.w_bits={bits}"] + ([f"method.steps={args.steps}"] if method == "lkd" else [])
-                report, _ = execute(compose_config(base + extra, Path(tmp) / f"{method}{bits}"))
-                rows.append({"bits": bits, "cell": method, "seconds": report["timings_s"].get("reconstruct", 0.0),
-                             **report["metrics"]["quantized"]})
-            for r in rows[-4:]:
-                print(r, flush=True)
-
+        rows, setup = peer_rows(args.bits, args.steps, args.groups, Path(tmp), grids=tuple(args.grids))
     table = ["| W bits | cell | cosine | cosine_min | rank_agreement | rel_error | training s |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         table.append(f"| {r['bits']} | {r['cell']} | {r['cosine']:.4f} | {r['cosine_min']:.4f} | {r['rank_agreement']:.4f} "
                      f"| {r['rel_error']:.4f} | {r['seconds']} |")
-    header = (f"all-MiniLM-L6-v2 (real weights), built-in text ({len(calib)} calibration batches), W<b> in "
-              f"{args.groups} row groups + token-wise dynamic A8, FP embeddings; LKD {args.steps} steps per layer, "
-              f"lr {lr}, same batch order on both sides. DeepSpeed {deepspeed.__version__} "
-              "(`deepspeed.compression`, CPU accelerator); ds_lkd's loop is written in this script (DeepSpeed "
-              "ships the quantizer, not the LKD loop). Fidelity of mean-pooled sentence embeddings to FP32.")
-    write_results(args.out, "zeroquant_peer.py", header, rows, table)
+    write_results(args.out, "zeroquant_peer.py", setup["setup"], rows, table)
 
 
 if __name__ == "__main__":
