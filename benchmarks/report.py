@@ -13,13 +13,13 @@ On the real all-MiniLM-L6-v2 and the built-in text (no network), every figure me
 3. artifact: model.safetensors of every quality cell against the FP32 model's, and the INT8 latency
    of the exported model (benchmarks/artifact.py's measurement);
 4. peer: DeepSpeed's own ZeroQuant (PTQ and LKD, `deepspeed.compression`) side by side with
-   mrem-dist's PTQ and LKD on the same scheme, on both of mrem-dist's weight grids
-   (benchmarks/zeroquant_peer.py's cells).
+   mrem-dist's PTQ on both of its weight grids and LKD on DeepSpeed's grid, the same scheme on
+   both sides (benchmarks/zeroquant_peer.py's cells; run that script for LKD on both grids).
 
 Writes <out>.md, <out>.json, <out>_quality.png and <out>_scaling.png.
 
     python benchmarks/report.py             # the full report: benchmarks/results/report.*
-    python benchmarks/report.py --quick     # a smoke run in a few minutes: benchmarks/results/quick/
+    python benchmarks/report.py --quick     # smoke run, ~12 minutes here: benchmarks/results/quick/
 """
 
 from __future__ import annotations
@@ -150,11 +150,13 @@ def headlines(q: list[dict], sc: list[dict], lat: list[dict], pr: list[dict]) ->
                    f"({best['median_ms']} ms per 32 x 128 batch)")
     cells = {(r["bits"], r["cell"]): r for r in pr}
     for bits in dict.fromkeys(r["bits"] for r in pr):
-        ds, ours = cells.get((bits, "ds_lkd")), cells.get((bits, "lkd"))
-        full = cells.get((bits, "lkd_full_range"))
-        if ds and ours:
-            out.append(f"W{bits} LKD vs DeepSpeed ZeroQuant: DeepSpeed {_f(ds['cosine'])}, mrem-dist {_f(ours['cosine'])}"
-                       + (f" (full-range grid {_f(full['cosine'])})" if full else ""))
+        ours = [f"mrem-dist{name} {method} {_f(cells[(bits, cell)]['cosine'])}"
+                for cell, method, name in (("ptq", "PTQ", ""), ("ptq_full_range", "PTQ", " full-range"),
+                                           ("lkd", "LKD", ""), ("lkd_full_range", "LKD", " full-range"))
+                if (bits, cell) in cells]
+        theirs = [f"DeepSpeed {method} {_f(cells[(bits, cell)]['cosine'])}"
+                  for cell, method in (("ds_ptq", "PTQ"), ("ds_lkd", "LKD")) if (bits, cell) in cells]
+        out.append(f"W{bits} (ZeroQuant's scheme) vs the peer: " + ", ".join(theirs) + "; " + ", ".join(ours))
     return out
 
 
@@ -170,8 +172,9 @@ def markdown(meta: dict, q: list[dict], sc: list[dict], lat: list[dict], pr: lis
         cells = {r["setting"]: r for r in q if r["method"] == label}
         if cells:
             lines.append(f"| {label} | " + " | ".join(_f(cells[s]["cosine"]) if s in cells else "" for s in settings) + " |")
-    lines += ["", "Every cell in full (rank agreement: top-1 nearest neighbour among the evaluation sentences "
-              "is the FP32 one's):", "",
+    lines += ["", "Every cell in full (rank agreement: Spearman correlation of all pairwise sentence similarities, "
+              "quantized vs FP32; relative error: mean ||q - fp|| / ||fp|| of the embeddings; training s: the "
+              "reconstruction, MREM-P's slowest rank; job s: the whole run, loading and evaluation included):", "",
               "| setting | method | ranks | cosine | cosine min | rank agreement | rel. error | training s | job s | artifact |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in q:
@@ -243,15 +246,19 @@ def plots(out: Path, q: list[dict], sc: list[dict], pr: list[dict]) -> None:
     fig.savefig(f"{out}_quality.png", dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.2))
     names = [f"{'MREM-S' if r['method'] == 'mrem_s' else 'MREM-P'}\n{r['ranks']} rank{'s' * (r['ranks'] > 1)}" for r in sc]
-    train = [r["train_s"] for r in sc]
-    ax.bar(names, train, color=["tab:gray", "tab:blue", "tab:blue"][: len(sc)])
+    x = range(len(sc))
+    train, wall = [r["train_s"] for r in sc], [r["wall_s"] for r in sc]
+    ax.bar([i - 0.2 for i in x], train, 0.4, label="training (slowest rank)", color="tab:blue")
+    ax.bar([i + 0.2 for i in x], wall, 0.4, label="whole job (load, calibrate, evaluate, assemble)", color="tab:gray")
     for i, r in enumerate(sc):
-        ax.text(i, train[i], f"{r['speedup_train']:.2f}x\nblocked " + "/".join(f"{100 * f:.0f}%" for f in r["blocked_fraction"]),
-                ha="center", va="bottom", fontsize=8)
-    ax.set(ylabel="training seconds (slowest rank)", title="time vs ranks (W4A8, 2 modules, 1 thread per rank)",
-           ylim=(0, 1.25 * max(train)))
+        ax.text(i - 0.2, train[i], f"{r['speedup_train']:.2f}x\nblocked\n" + "/".join(f"{100 * f:.0f}%" for f in r["blocked_fraction"]),
+                ha="center", va="bottom", fontsize=7)
+        ax.text(i + 0.2, wall[i], f"{r['speedup_wall']:.2f}x", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(list(x), names)
+    ax.set(ylabel="seconds", title="time vs ranks (W4A8, 2 modules, 1 thread per rank)", ylim=(0, 1.3 * max(wall)))
+    ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(f"{out}_scaling.png", dpi=110)
     plt.close(fig)
@@ -259,18 +266,23 @@ def plots(out: Path, q: list[dict], sc: list[dict], pr: list[dict]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke run: 2 settings, 2 steps, 64 samples, one peer bit width")
+    p.add_argument("--quick", action="store_true", help="smoke run: W4A8 only, 2 steps, 64 samples, peer at W4")
     p.add_argument("--steps", type=int, default=None, help="training steps per module (default 20; --quick: 2)")
     p.add_argument("--samples", type=int, default=None, help="calibration and evaluation samples (default 256; --quick: 64)")
     p.add_argument("--settings", nargs="+", default=None, choices=SETTINGS)
     p.add_argument("--peer-bits", type=int, nargs="+", default=None)
     p.add_argument("--rounds", type=int, default=None, help="timed latency rounds (default 5; --quick: 1)")
     p.add_argument("--out", default=None, help="output prefix (default benchmarks/results/report, --quick: .../quick/report)")
+    p.add_argument("--render", metavar="JSON", help="rebuild the markdown and plots from a report's json, run nothing")
     args = p.parse_args()
+    if args.render:
+        data = json.loads(Path(args.render).read_text())
+        write(Path(args.out or Path(args.render).with_suffix("")), data)
+        return
     quick = args.quick
     steps = args.steps or (2 if quick else 20)
     samples = args.samples or (64 if quick else 256)
-    settings = args.settings or (["w4a8", "w2a8"] if quick else SETTINGS)
+    settings = args.settings or (["w4a8"] if quick else SETTINGS)
     peer_bits = args.peer_bits or ([4] if quick else [8, 4, 3, 2])
     rounds = args.rounds or (1 if quick else 5)
     out = Path(args.out or RESULTS / ("quick/report" if quick else "report"))
@@ -301,12 +313,17 @@ def main() -> None:
         "latency_setup": f"median of {rounds} interleaved rounds on the CPU, {torch.get_num_threads()} threads",
         "peer_setup": peer_meta["setup"],
     }
-    heads = headlines(q, sc, lat, pr)
+    write(out, {**meta, "quality": q, "scaling": sc, "latency": lat, "peer": pr})
+
+
+def write(out: Path, data: dict) -> None:
+    """<out>.md / .json / _quality.png / _scaling.png from the run's rows and settings."""
+    q, sc, lat, pr = data["quality"], data["scaling"], data["latency"], data["peer"]
+    data["headlines"] = heads = headlines(q, sc, lat, pr)
     out.parent.mkdir(parents=True, exist_ok=True)
-    text = markdown(meta, q, sc, lat, pr, heads)
+    text = markdown(data, q, sc, lat, pr, heads)
     out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(
-        {**meta, "headlines": heads, "quality": q, "scaling": sc, "latency": lat, "peer": pr}, indent=1))
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1))
     plots(out, q, sc, pr)
     print(text)
     print(f"wrote {out}.md / .json / _quality.png / _scaling.png")

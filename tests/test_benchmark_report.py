@@ -1,0 +1,55 @@
+"""CI smoke of the benchmark report: `python benchmarks/report.py --quick` on the real MiniLM runs
+every section (quality grid, MREM-P scaling with torchrun, INT8 latency, DeepSpeed's ZeroQuant)
+and writes a report whose every figure comes from the run's own rows."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_quick_report_runs_every_section(tmp_path):
+    pytest.importorskip("deepspeed", reason="the peer section needs the dev extra (deepspeed==0.19.6)")
+    out = tmp_path / "report"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "benchmarks/report.py", "--quick", "--out", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+
+    methods = ["PTQ min-max", "PTQ ACIQ", "PTQ OCS", "PTQ MSE", "PTQ fine-grained", "REM", "LKD", "MREM-S", "MREM-P"]
+    assert [r["method"] for r in report["quality"]] == methods
+    for r in report["quality"]:
+        assert -1 <= r["cosine"] <= 1 and math.isfinite(r["rel_error"]), r
+        assert 0.1 < r["artifact_ratio"] < 0.3  # W4 + E8: a real, smaller artifact
+    mrem_p = report["quality"][-1]
+    assert mrem_p["ranks"] == 2 and mrem_p["steps"] == 2
+
+    scaling = {(r["method"], r["ranks"]): r for r in report["scaling"]}
+    assert scaling.keys() == {("mrem_s", 1), ("mrem_p", 1), ("mrem_p", 2)}
+    two = scaling[("mrem_p", 2)]
+    assert len(two["blocked_fraction"]) == 2 and len(two["peak_rss_gb"]) == 2 and all(g > 0 for g in two["peak_rss_gb"])
+    assert two["efficiency"] == pytest.approx(two["speedup_train"] / 2, abs=1e-3)
+    # The same modules, steps and batches: MREM-P's result does not depend on its rank count.
+    assert two["cosine"] == pytest.approx(scaling[("mrem_p", 1)]["cosine"], abs=1e-4)
+
+    latency = {r["config"] for r in report["latency"] if r["table"] == "latency"}
+    assert {"fp32", "w4a8-static float", "w4a8-static int8"} <= latency
+
+    peer = {r["cell"]: r for r in report["peer"]}
+    assert peer.keys() == {"ds_ptq", "ds_lkd", "ptq", "ptq_full_range", "lkd_full_range"}
+    # On DeepSpeed's own grid, mrem-dist's PTQ computes DeepSpeed's quantized model.
+    assert peer["ptq_full_range"]["cosine"] == pytest.approx(peer["ds_ptq"]["cosine"], abs=2e-3)
+
+    text = out.with_suffix(".md").read_text()
+    assert text.startswith("`python benchmarks/report.py --quick") and "## Headlines" in text
+    for h in report["headlines"]:
+        assert h in text
+    for png in ("_quality.png", "_scaling.png"):
+        assert (tmp_path / f"report{png}").read_bytes()[:4] == b"\x89PNG"
