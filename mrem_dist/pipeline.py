@@ -22,10 +22,11 @@ import torch
 
 from mrem_dist import data as D
 from mrem_dist.artifact import export_quantized
-from mrem_dist.config import BUILTIN_DATA, PARALLEL_METHODS, RECONSTRUCTION_METHODS, MethodConfig, RunConfig
+from mrem_dist.config import BUILTIN_DATA, MOVIE_REVIEWS, PARALLEL_METHODS, RECONSTRUCTION_METHODS, MethodConfig, RunConfig
 from mrem_dist.distributed import env_world_size, resolve_device
 from mrem_dist.engine import ReconSettings, partition, reconstruct_sequential
 from mrem_dist.engine.checkpoint import Checkpointer, StopSignal, fingerprint
+from mrem_dist.engine.finetune import TrainSet
 from mrem_dist.engine.parallel import peak_memory_gb
 from mrem_dist.evaluate import EvalSet, compare, layer_errors, model_outputs, run_batch
 from mrem_dist.log import get_logger
@@ -48,6 +49,8 @@ def _load_splits(cfg_data, calibration: bool = True) -> tuple[Optional[D.TextDat
     """(calibration split or None when not wanted, evaluation split, task spec or None)."""
     if cfg_data.name == BUILTIN_DATA:
         return (D.load_builtin("calibration") if calibration else None), D.load_builtin("evaluation"), None
+    if cfg_data.name == MOVIE_REVIEWS:
+        return (D.load_movie_reviews("train") if calibration else None), D.load_movie_reviews("validation"), None
     if cfg_data.name == "local":
         fields, label = list(cfg_data.text_fields), cfg_data.label_field or None
         train_path = cfg_data.train_file or cfg_data.validation_file
@@ -106,6 +109,38 @@ def prepare_data(cfg_data, loaded: LoadedModel, calibration: bool = True) -> Pre
         "labeled": labels is not None,
     }
     return PreparedData(calib, EvalSet(eval_batches, labels, metric_names, regression), description)
+
+
+def task_label_count(cfg_data) -> int:
+    """Outputs a classifier for this labeled data needs: the GLUE table's, else from the train labels."""
+    if cfg_data.name not in (BUILTIN_DATA, MOVIE_REVIEWS, "local"):
+        return D.get_task(cfg_data.name).num_labels
+    train, _, _ = _load_splits(cfg_data)
+    if train.labels is None:
+        raise ValueError(f"data={cfg_data.name} has no labels to fine-tune on: set data.label_field=<the label column>")
+    if train.label_names:
+        return len(train.label_names)
+    if any(isinstance(v, float) for v in train.labels):
+        return 1  # regression
+    return int(max(train.labels)) + 1
+
+
+def prepare_train(cfg_data, loaded: LoadedModel) -> TrainSet:
+    """The labeled training examples (data.train_samples of them, 0 = all), tokenized."""
+    train, _, _ = _load_splits(cfg_data)
+    if train.labels is None:
+        raise ValueError(f"data={cfg_data.name} has no labels to fine-tune on: set data.label_field=<the label column>")
+    n = len(train) if cfg_data.train_samples == 0 else min(cfg_data.train_samples, len(train))
+    if n < cfg_data.train_samples:
+        log.warning("data has %d training rows, fewer than data.train_samples=%d: using all", n, cfg_data.train_samples)
+    idx = D.sample_indices(len(train), n, cfg_data.seed + 2)
+    labels = [train.labels[i] for i in idx]
+    regression = loaded.num_labels == 1
+    if not regression and (min(labels) < 0 or max(labels) >= loaded.num_labels):
+        raise ValueError(f"training labels span {min(labels)}..{max(labels)} but the model has {loaded.num_labels} outputs: "
+                         "use class ids 0..num_labels-1")
+    target = torch.tensor(labels, dtype=torch.float32 if regression else torch.long)
+    return TrainSet(D.tokenize(train, loaded.tokenizer, cfg_data.max_length, idx), target)
 
 
 class Timer:
@@ -168,6 +203,10 @@ def execute(cfg: RunConfig) -> Optional[tuple[dict, torch.nn.Module]]:
 
         return run_parallel(cfg)
     world = env_world_size()
+    if cfg.method.name == "prequant" and world == 1:
+        from mrem_dist.prequant import run_prequant
+
+        return run_prequant(cfg)
     if world > 1:
         raise RuntimeError(
             f"method={cfg.method.name} runs in one process but this was launched as {world} ranks: launch it "

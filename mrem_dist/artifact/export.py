@@ -5,7 +5,9 @@ Layout (format `mrem-dist-quantized`, version 1):
     model.safetensors   every tensor of the quantized model's state, except that the latent weight
                         of each quantized Linear / Embedding is replaced by its packed integer codes
                         (`<module>.qweight`, uint8: pack.py); step sizes, zero points, activation
-                        scales, biases, LayerNorms, position embeddings and the head are kept as is
+                        scales, biases, LayerNorms, position embeddings and the head are kept as is,
+                        and so are a PreQuant model's full-precision outlier columns
+                        (`<module>.outlier_index`, `<module>.outlier_weight`)
     quantization.json   format and version, the quantization scheme, per quantized module its bits,
                         grid and weight shape, the model kind, and the SHA-256 of model.safetensors
     config.json, tokenizer files   as Hugging Face writes them
@@ -87,6 +89,8 @@ def export_quantized(
             "granularity": wq.granularity, "groups": int(wq.scale.shape[0]),
             "shape": list(module.weight.shape), "dtype": str(module.weight.dtype).removeprefix("torch."),
         }
+        if getattr(module, "outlier_index", None) is not None:
+            modules[name]["outlier_columns"] = int(module.outlier_index.numel())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
@@ -206,6 +210,11 @@ def load_quantized(
         zp = state.get(f"{name}.weight_quantizer.zero_point")
         weight = dequantize(group_view(codes, scale.shape[0]), scale, zp).reshape(info["shape"])
         state[f"{name}.weight"] = weight.to(getattr(torch, info["dtype"]))
+        if info.get("outlier_columns"):
+            index, values = state.get(f"{name}.outlier_index"), state.get(f"{name}.outlier_weight")
+            if index is None or values is None or index.numel() != info["outlier_columns"]:
+                raise ArtifactError(f"{tensors_file} lacks the {info['outlier_columns']} outlier columns of {name} its metadata lists")
+            model.get_submodule(name).set_outliers(index, values)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]  # a non-persistent buffer in some versions
     if missing or unexpected:

@@ -1,8 +1,10 @@
-"""Data layer: GLUE task table, dataset loading, built-in texts, calibration batches, metrics."""
+"""Data layer: GLUE task table, dataset loading, built-in texts, the movie-review task, calibration
+batches, metrics."""
 
 from .builtin import builtin_texts
 from .calibration import Batch, make_batches, sample_indices, tokenize
 from .metrics import compute_metrics, fidelity_metrics, mean_pool
+from .movie_reviews import load_movie_reviews
 from .sources import TextDataset, load_builtin, load_glue, load_local
 from .tasks import GLUE_TASKS, TaskSpec, get_task
 
@@ -18,6 +20,7 @@ __all__ = [
     "load_builtin",
     "load_glue",
     "load_local",
+    "load_movie_reviews",
     "make_batches",
     "mean_pool",
     "sample_indices",

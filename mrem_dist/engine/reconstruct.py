@@ -136,7 +136,7 @@ class ModuleResult:
     wait_seconds: float  # time spent waiting for the feed (input I/O or upstream ranks)
 
 
-class _Progress:
+class Progress:
     """A tqdm bar on a terminal, periodic log lines otherwise (SLURM logs, CI)."""
 
     def __init__(self, desc: str, total: int, every: int) -> None:
@@ -150,16 +150,18 @@ class _Progress:
 
             self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
 
-    def update(self, t: int, loss: float, lam: float) -> None:
+    def update(self, t: int, loss: float, **extra: float) -> None:
+        """After step t (0-based); `extra` are more figures to show (lam, lr)."""
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4g}", lam=f"{lam:.2f}", refresh=False)
+            self.bar.set_postfix(loss=f"{loss:.4g}", **{k: f"{v:.3g}" for k, v in extra.items()}, refresh=False)
             return
         done = t + 1
         if done % self.every == 0 or done == self.total:
             elapsed = time.perf_counter() - self.start
             eta = elapsed / max(done - self.first, 1) * (self.total - done)
-            log.info("%s step %d/%d loss %.4g lam %.2f (%.1fs, eta %.0fs)", self.desc, done, self.total, loss, lam, elapsed, eta)
+            shown = "".join(f" {k} {v:.3g}" for k, v in extra.items())
+            log.info("%s step %d/%d loss %.4g%s (%.1fs, eta %.0fs)", self.desc, done, self.total, loss, shown, elapsed, eta)
 
     def resume_at(self, step: int) -> None:
         self.first = step
@@ -191,7 +193,7 @@ class ModuleTrainer:
         self.scales = [p for g in self.groups if g["name"] == "scales" for p in g["params"]]
         freeze_stage(teacher)
         every = settings.log_every or max(settings.steps // 10, 1)
-        self.progress = _Progress(f"module {student.spec.index}", settings.steps, every)
+        self.progress = Progress(f"module {student.spec.index}", settings.steps, every)
         self.losses: list[float] = []
         self.lams: list[float] = []
         self.start = time.perf_counter()
@@ -209,7 +211,7 @@ class ModuleTrainer:
                 scale.clamp_(min=SCALE_EPS)
         self.losses.append(loss)
         self.lams.append(lam)
-        self.progress.update(t, loss, lam)
+        self.progress.update(t, loss, lam=lam)
         return target, out
 
     def state_dict(self) -> dict:

@@ -92,22 +92,32 @@ def _check_tokenizer_files(path: str, resolved: str) -> None:
         )
 
 
-def load_model(path: str, kind: str = "auto", dtype: str = "float32") -> LoadedModel:
+def load_model(path: str, kind: str = "auto", dtype: str = "float32", num_labels: int | None = None) -> LoadedModel:
+    """`num_labels` (fine-tuning): load as a classifier with that many outputs, with a new,
+    randomly initialised head when the checkpoint has none (seed torch first)."""
     resolved = resolve_model_path(path)
     config = _load_config(resolved)
     adapter = adapter_for(config.model_type)
     has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    if num_labels is not None:
+        kind = "classifier"
+        if has_head and config.num_labels != num_labels:
+            raise ValueError(
+                f"model {path!r} has a {config.num_labels}-label classification head but the task has {num_labels} "
+                "labels: fine-tune from the pre-trained model (without a head), or use data with its labels"
+            )
     if kind == "auto":
         kind = "classifier" if has_head else "encoder"
-    if kind == "classifier" and not has_head:
+    if kind == "classifier" and not has_head and num_labels is None:
         raise ValueError(
             f"model {path!r} has no fine-tuned sequence-classification head (architectures: "
             f"{config.architectures}); a task metric needs one. Use model.kind=encoder to measure fidelity "
-            "to the full-precision model, or fine-tune the model on the task first"
+            "to the full-precision model, or fine-tune the model on the task first (python -m mrem_dist.finetune)"
         )
     torch_dtype = getattr(torch, dtype)
     cls = AutoModelForSequenceClassification if kind == "classifier" else AutoModel
-    model = cls.from_pretrained(resolved, dtype=torch_dtype, **model_kwargs(kind, adapter.family))
+    extra = {"num_labels": num_labels} if num_labels is not None and not has_head else {}
+    model = cls.from_pretrained(resolved, dtype=torch_dtype, **model_kwargs(kind, adapter.family), **extra)
     model.eval()
     _check_tokenizer_files(path, resolved)
     try:

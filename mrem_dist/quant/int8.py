@@ -80,7 +80,9 @@ class Int8Linear(nn.Module):
 
     codes: int8 [out, in'] (in' = in + OCS extra columns), w_scale: float32 [out] (one step per
     output row; tensor/group granularity expand to rows), act: the calibrated (or dynamic)
-    ActQuantizer of the fake-quant layer, whose grid the input codes reproduce exactly."""
+    ActQuantizer of the fake-quant layer, whose grid the input codes reproduce exactly.
+    outlier_index / outlier_weight (PreQuant): those input columns are left out of the integer
+    GEMM (their codes zeroed) and multiplied in float, on the same quantized activations."""
 
     def __init__(
         self,
@@ -92,6 +94,8 @@ class Int8Linear(nn.Module):
         in_features: int,
         backend: str,
         name: str = "",
+        outlier_index: Optional[Tensor] = None,
+        outlier_weight: Optional[Tensor] = None,
     ) -> None:
         super().__init__()
         if backend not in BACKENDS:
@@ -113,7 +117,11 @@ class Int8Linear(nn.Module):
         self.qmin, self.qmax = act.qmin, act.qmax
         self.act_scale = float(act.scale) if act.mode == "static" else None
         self.act_zero_point = int(act.zero_point) if act.mode == "static" and act.zero_point is not None else 0
+        if outlier_index is not None:
+            codes = codes.index_fill(1, outlier_index, 0)
         self.register_buffer("codes", codes.contiguous())
+        self.register_buffer("outlier_index", outlier_index)
+        self.register_buffer("outlier_weight", None if outlier_weight is None else outlier_weight.detach().float().clone())
         self.register_buffer("w_scale", w_scale.detach().float().reshape(-1).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.register_buffer("in_index", in_index)
@@ -146,10 +154,17 @@ class Int8Linear(nn.Module):
         q, x_scale = self._input_codes(x.reshape(-1, shape[-1]))
         if self.in_index is not None:
             q = q.index_select(-1, self.in_index)
+        outliers = None
+        if self.outlier_index is not None:  # before the GEMM: onednn shifts q in place
+            xo = q.index_select(-1, self.outlier_index)
+            xo = (xo - self.act_zero_point).mul_(x_scale) if self.act_zero_point else xo.mul_(x_scale)
+            outliers = xo @ self.outlier_weight.t()
         if self.backend == "onednn":
             y = self._forward_onednn(q, x_scale)
         else:
             y = self._forward_int_mm(q, x_scale)
+        if outliers is not None:
+            y = y.add_(outliers)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def _forward_onednn(self, q: Tensor, x_scale: Tensor | float) -> Tensor:
@@ -251,7 +266,8 @@ def to_int8(model: nn.Module, backend: Optional[str] = None, codes: Optional[dic
                 )
             w, s = _int8_codes(module, name, codes.get(name))
             bias = None if module.bias is None else module.bias
-            swaps.append((name, Int8Linear(w, s, bias, module.act_quantizer, module.in_index, module.in_features, backend, name)))
+            swaps.append((name, Int8Linear(w, s, bias, module.act_quantizer, module.in_index, module.in_features, backend, name,
+                                           module.outlier_index, module.outlier_weight)))
         elif isinstance(module, QuantEmbedding) and module.weight_quantizer is not None:
             w, s = _int8_codes(module, name, codes.get(name))
             swaps.append((name, Int8Embedding(w, s, module.weight.dtype, module.padding_idx)))

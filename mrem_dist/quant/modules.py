@@ -9,6 +9,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -23,9 +24,13 @@ class QuantLinear(nn.Module):
 
     With ocs_ratio > 0 the weight is OCS-split to [out, in + n] and `in_index` duplicates the
     split input features. Without quantizers (and OCS) it equals the original Linear exactly.
+    With outliers (PreQuant, `set_outliers`) the input columns `outlier_index` of the weight are
+    replaced by the full-precision `outlier_weight`: y = F.linear(aq(x), wq(weight) with those
+    columns swapped in, bias).
     """
 
     in_index: Tensor | None
+    outlier_index: Tensor | None
 
     def __init__(
         self,
@@ -60,6 +65,32 @@ class QuantLinear(nn.Module):
             weight_quantizer.init_from(self.weight)
         self.weight_quantizer = weight_quantizer
         self.act_quantizer = act_quantizer
+        # None entries stay out of the state_dict: saved only for a PreQuant model.
+        self.register_buffer("outlier_index", None)
+        self.register_parameter("outlier_weight", None)
+
+    def set_outliers(self, index: Tensor, weight: Tensor | None = None) -> None:
+        """Keep the input columns `index` in full precision as the parameter `outlier_weight`
+        [out, len(index)], initialised from those columns of the latent (pre-quantization) weight
+        unless `weight` is given (a saved model's values)."""
+        if self.in_index is not None:
+            raise ValueError("outlier columns and OCS splitting do not combine: set quant.ocs_ratio=0 for PreQuant")
+        index = torch.as_tensor(index, dtype=torch.long, device=self.weight.device).reshape(-1)
+        if index.numel() == 0 or int(index.min()) < 0 or int(index.max()) >= self.in_features or index.unique().numel() != index.numel():
+            raise ValueError(f"outlier columns must be distinct indices in [0, {self.in_features}), got {index.tolist()[:8]}")
+        if weight is None:
+            weight = self.weight.detach()[:, index]
+        if tuple(weight.shape) != (self.out_features, index.numel()):
+            raise ValueError(f"outlier_weight must be [{self.out_features}, {index.numel()}], got {tuple(weight.shape)}")
+        self.outlier_index = index
+        self.outlier_weight = nn.Parameter(weight.detach().clone().to(self.weight.dtype))
+
+    def effective_weight(self) -> Tensor:
+        """The weight the layer multiplies with: quantized, outlier columns in full precision."""
+        w = self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+        if self.outlier_index is not None:
+            w = w.index_copy(1, self.outlier_index, self.outlier_weight.to(w.dtype))
+        return w
 
     @property
     def ocs_extra(self) -> int:
@@ -71,12 +102,12 @@ class QuantLinear(nn.Module):
             x = self.act_quantizer(x)
         if self.in_index is not None:
             x = x.index_select(-1, self.in_index)
-        w = self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
-        return F.linear(x, w, self.bias)
+        return F.linear(x, self.effective_weight(), self.bias)
 
     def extra_repr(self) -> str:
         ocs = f", ocs_ratio={self.ocs_ratio}, ocs_extra={self.ocs_extra}" if self.in_index is not None else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{ocs}"
+        outliers = f", outlier_columns={self.outlier_index.numel()}" if self.outlier_index is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{ocs}{outliers}"
 
 
 class QuantEmbedding(nn.Module):

@@ -1,0 +1,124 @@
+"""`python -m mrem_dist.finetune data=<task> ...`: full-precision fine-tuning of every weight on a
+labeled task (console script: `mrem-dist-finetune`).
+
+It makes the task models the quantizers start from (`model.path=<run_dir>/model` for PTQ, REM,
+LKD, MREM) and PreQuant's full-precision baseline (`method.reference=<run_dir>/model`). Writes
+`<run_dir>/model` (a Hugging Face folder: config, weights, tokenizer; renamed into place only when
+complete), `report.json` and `summary.md`. Exit codes: 0 done, 2 invalid configuration, 1 error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from mrem_dist.config import ConfigError, FinetuneConfig, config_dir, register_configs, validate_finetune
+from mrem_dist.log import get_logger
+
+log = get_logger("mrem_dist.finetune")
+
+register_configs()
+
+
+def save_model(loaded, path: Path) -> None:
+    """save_pretrained into a temporary folder renamed into place: never half a model under `path`."""
+    if path.exists():
+        raise FileExistsError(f"{path} already exists: choose a new run directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        loaded.model.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        tmp.chmod(0o755)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict:
+    import platform
+
+    import torch
+
+    from mrem_dist.distributed import resolve_device
+    from mrem_dist.engine.finetune import FinetuneSettings, train_task
+    from mrem_dist.evaluate import model_outputs, task_metrics
+    from mrem_dist.io import atomic_write_json, atomic_write_text
+    from mrem_dist.models import load_model
+    from mrem_dist.pipeline import Timer, prepare_data, prepare_train, task_label_count
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    timer = Timer()
+    t0 = time.perf_counter()
+    with timer("load"):
+        num_labels = task_label_count(cfg.data)
+        loaded = load_model(cfg.model.path, "classifier", cfg.model.dtype, num_labels=num_labels)
+        prepared = prepare_data(cfg.data, loaded, calibration=False)
+        train = prepare_train(cfg.data, loaded)
+    log.info("fine-tuning %s (%d labels) on %s: %d training / %d evaluation examples, %d steps", cfg.model.path,
+             num_labels, cfg.data.name, len(train), len(prepared.evalset.labels), cfg.steps)
+    model, adapter = loaded.model.to(device), loaded.adapter
+    eval_batches = [b.to(device) for b in prepared.evalset.batches]
+    settings = FinetuneSettings(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
+                                batch_size=cfg.data.batch_size, seed=cfg.seed, log_every=cfg.log_every)
+    with timer("finetune"):
+        history = train_task(model, adapter, list(model.parameters()), train, settings, device)
+    with timer("evaluate"):
+        metrics = task_metrics(model_outputs(model, adapter, eval_batches), prepared.evalset)
+    run_dir = Path(cfg.run_dir)
+    save_model(loaded, run_dir / "model")
+    timer.seconds["total"] = round(time.perf_counter() - t0, 3)
+    report = {
+        "command": "finetune", "model": {"path": cfg.model.path, "parameters": loaded.num_parameters, "labels": num_labels},
+        "data": {**prepared.description, "train_samples": len(train)},
+        "metrics": metrics, "output": str(run_dir / "model"),
+        "finetune": {"steps": cfg.steps, "lr": cfg.lr, "loss_first": history["losses"][0],
+                     "loss_last": history["losses"][-1], "seconds": history["seconds"]},
+        "timings_s": timer.seconds,
+        "environment": {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+                        "python": platform.python_version()},
+        "config": dataclasses.asdict(cfg),
+    }
+    atomic_write_json(run_dir / "report.json", report)
+    lines = [f"# mrem-dist finetune: {cfg.model.path} on {cfg.data.name}", "",
+             f"- {len(train)} training examples, {cfg.steps} steps of batch {cfg.data.batch_size}, lr {cfg.lr}, "
+             f"loss {history['losses'][0]:.4f} -> {history['losses'][-1]:.4f}",
+             f"- model: `{run_dir / 'model'}`", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items()]
+    atomic_write_text(run_dir / "summary.md", "\n".join(lines) + "\n")
+    log.info("done: %s -> %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), run_dir / "model")
+    return report
+
+
+@hydra.main(config_path=config_dir(), config_name="finetune", version_base=None)
+def _hydra_main(dcfg: DictConfig) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    cfg: FinetuneConfig = OmegaConf.to_object(dcfg)
+    try:
+        validate_finetune(cfg)
+    except ConfigError as e:
+        log.error("invalid configuration: %s", e)
+        raise SystemExit(2) from e
+    run_finetune(cfg)
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
