@@ -40,13 +40,15 @@ def compose_config(overrides: list[str], run_dir: str | Path) -> RunConfig:
     return validate(OmegaConf.to_object(dcfg))
 
 
-def launch(overrides: list[str], run_dir: Path, ranks: int = 1, threads: int = 0) -> tuple[dict, float]:
-    """`python -m mrem_dist <overrides>` in a subprocess (under torchrun when ranks > 1), exactly as a
-    user starts it; returns (report.json, wall seconds of the whole job)."""
-    launcher = [sys.executable, "-m", "mrem_dist"]
+def launch(overrides: list[str], run_dir: Path, ranks: int = 1, threads: int = 0,
+           module: str = "mrem_dist") -> tuple[dict, float]:
+    """`python -m <module> <overrides>` (mrem_dist, or mrem_dist.finetune) in a subprocess (under
+    torchrun when ranks > 1), exactly as a user starts it; returns (report.json, wall seconds of
+    the whole job)."""
+    launcher = [sys.executable, "-m", module]
     if ranks > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-                    "-m", "mrem_dist"]
+                    "-m", module]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)

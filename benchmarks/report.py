@@ -14,9 +14,13 @@ On the real all-MiniLM-L6-v2 and the built-in text (no network), every figure me
    of the exported model (benchmarks/artifact.py's measurement);
 4. peer: DeepSpeed's own ZeroQuant (PTQ and LKD, `deepspeed.compression`) side by side with
    mrem-dist's PTQ on both of its weight grids and LKD on DeepSpeed's grid, the same scheme on
-   both sides (benchmarks/zeroquant_peer.py's cells; run that script for LKD on both grids).
+   both sides (benchmarks/zeroquant_peer.py's cells; run that script for LKD on both grids);
+5. prequant: PreQuant against FP fine-tuning and fine-tune -> PTQ / MREM-S on the movie-review
+   task, accuracy at W4 and W3 (benchmarks/prequant.py's cells).
 
-Writes <out>.md, <out>.json, <out>_quality.png and <out>_scaling.png.
+Writes <out>.md, <out>.json, <out>_quality.png and <out>_scaling.png. `--sections` runs some of
+them; `--render A.json B.json` rebuilds one report from runs that measured different sections
+(each section from the first file that has it; every run's command and machine are listed).
 
     python benchmarks/report.py             # the full report: benchmarks/results/report.*
     python benchmarks/report.py --quick     # smoke run, ~12 minutes here: benchmarks/results/quick/
@@ -40,6 +44,7 @@ from common import RESULTS, compose_config, hydra_configs, launch
 
 from mrem_dist.pipeline import run
 
+SECTIONS = ("scaling", "latency", "quality", "peer", "prequant")
 SETTINGS = ["w8a8", "w4a8", "w3a8", "w2a8", "w4e4a8", "w2e2a8"]  # conf/quant presets
 FINE_GRAINED = ["quant.w_granularity=group", "quant.w_groups=48", "quant.a_mode=dynamic"]
 # (label, method, overrides, ranks): every reconstruction starts from the MSE clip, the best PTQ
@@ -119,6 +124,12 @@ def peer(bits: list[int], steps: int, data: list[str], tmp: Path) -> tuple[list[
     return peer_rows(bits, steps, 48, tmp, data)
 
 
+def prequant(bits: list[int], steps: int, recon_steps: int, eval_samples: int, tmp: Path) -> tuple[list[dict], dict]:
+    from prequant import prequant_rows
+
+    return prequant_rows(bits, steps, recon_steps, tmp, eval_samples=eval_samples)
+
+
 # ------------------------------------------------------------------------------------------ output
 
 
@@ -126,7 +137,7 @@ def _f(x: float, nd: int = 4) -> str:
     return f"{x:.{nd}f}"
 
 
-def headlines(q: list[dict], sc: list[dict], lat: list[dict], pr: list[dict]) -> list[str]:
+def headlines(q: list[dict], sc: list[dict], lat: list[dict], pr: list[dict], pq: list[dict] = ()) -> list[str]:
     """The figures the README quotes, computed from the rows (nothing typed in)."""
     out = []
     by = {(r["setting"], r["method"]): r for r in q}
@@ -157,15 +168,46 @@ def headlines(q: list[dict], sc: list[dict], lat: list[dict], pr: list[dict]) ->
         theirs = [f"DeepSpeed {method} {_f(cells[(bits, cell)]['cosine'])}"
                   for cell, method in (("ds_ptq", "PTQ"), ("ds_lkd", "LKD")) if (bits, cell) in cells]
         out.append(f"W{bits} (ZeroQuant's scheme) vs the peer: " + ", ".join(theirs) + "; " + ", ".join(ours))
+    fp = next((r for r in pq if r["cell"] == "fp"), None)
+    for bits in dict.fromkeys(r["bits"] for r in pq if r["bits"]):
+        cells = {r["cell"]: r for r in pq if r["bits"] == bits}
+        pqr = cells.get("prequant")
+        others = ", ".join(f"{cells[c]['method']} {_f(cells[c]['accuracy'])}" for c in ("ft_mrem_s", "ft_ptq") if c in cells)
+        if pqr and fp:
+            out.append(f"PreQuant W{bits}A8 on movie reviews: accuracy {_f(pqr['accuracy'])} training "
+                       f"{100 * pqr['trainable_fraction']:.2f}% of the parameters (FP fine-tuning {_f(fp['accuracy'])}, "
+                       f"drop {pqr['drop_pts']:.2f} points); {others}")
     return out
 
 
-def markdown(meta: dict, q: list[dict], sc: list[dict], lat: list[dict], pr: list[dict], heads: list[str]) -> str:
-    lines = [f"`{meta['command']}`", "", f"Machine: {meta['machine']}. Started {meta['started']}, took "
-             f"{meta['minutes']:.0f} min. {meta['setup']}", "", "## Headlines", ""]
+def markdown(meta: dict, q: list[dict], sc: list[dict], lat: list[dict], pr: list[dict], heads: list[str],
+             pq: list[dict] = ()) -> str:
+    lines = []
+    for job in meta["runs"]:
+        lines += [f"`{job['command']}` ({', '.join(job['sections'])})", "", f"Machine: {job['machine']}. Started "
+                  f"{job['started']}, took {job['minutes']:.0f} min.", ""]
+    if "setup" in meta:
+        lines += [meta["setup"], ""]
+    lines += ["## Headlines", ""]
     lines += [f"- {h}" for h in heads]
+    if q:
+        lines += _quality_md(meta, q)
+    if sc:
+        lines += _scaling_md(meta, sc)
+    if lat:
+        lines += _latency_md(meta, lat)
+    if pr:
+        lines += _peer_md(meta, pr)
+    if pq:
+        lines += _prequant_md(meta, pq)
+    lines += ["", "Not run here: GPUs and NCCL (this machine has none; the same commands run there with "
+              "`device=cuda`), DeepSpeed's fused `quantizer_kernel` (CUDA only), multi-node MREM-P.", ""]
+    return "\n".join(lines)
+
+
+def _quality_md(meta: dict, q: list[dict]) -> list[str]:
     settings = list(dict.fromkeys(r["setting"] for r in q))
-    lines += ["", f"## Quality: cosine to FP32 ({meta['steps']} steps per module for the "
+    lines = ["", f"## Quality: cosine to FP32 ({meta['steps']} steps per module for the "
               "reconstruction methods)", "", "| method | " + " | ".join(s.upper() for s in settings) + " |",
               "|---|" + "---|" * len(settings)]
     for label, *_ in CELLS:
@@ -181,7 +223,11 @@ def markdown(meta: dict, q: list[dict], sc: list[dict], lat: list[dict], pr: lis
         lines.append(f"| {r['setting']} | {r['method']} | {r['ranks']} | {_f(r['cosine'])} | {_f(r['cosine_min'])} | "
                      f"{_f(r['rank_agreement'])} | {_f(r['rel_error'])} | {r['train_s']} | {r['wall_s']} | "
                      f"{r['artifact_bytes'] / 1e6:.1f} MB ({r['artifact_ratio']:.3f}x) |")
-    lines += ["", "## Scaling: MREM-P against MREM-S", "", meta["scaling_setup"], "",
+    return lines
+
+
+def _scaling_md(meta: dict, sc: list[dict]) -> list[str]:
+    lines = ["", "## Scaling: MREM-P against MREM-S", "", meta["scaling_setup"], "",
               "| method | ranks x threads | training s | job s | training speed-up | parallel efficiency | "
               "blocked per rank | peak RSS GB per rank | cosine |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sc:
@@ -189,7 +235,11 @@ def markdown(meta: dict, q: list[dict], sc: list[dict], lat: list[dict], pr: lis
                      f"{r['speedup_train']:.2f}x | {100 * r['efficiency']:.0f}% | "
                      + ", ".join(f"{100 * f:.1f}%" for f in r["blocked_fraction"]) + " | "
                      + ", ".join(f"{g:.2f}" for g in r["peak_rss_gb"]) + f" | {_f(r['cosine'])} |")
-    lines += ["", "## Artifact: size and INT8 latency", "", "Sizes are in the quality table (model.safetensors of "
+    return lines
+
+
+def _latency_md(meta: dict, lat: list[dict]) -> list[str]:
+    lines = ["", "## Artifact: size and INT8 latency", "", "Sizes are in the quality table (model.safetensors of "
               "each cell against 4 bytes per FP32 parameter). Latency of the exported W4A8 and W8A8 models, "
               f"{meta['latency_setup']}:", "",
               "| model (batch 32 x 128) | median ms | speed-up vs FP32 | cosine to FP32 |", "|---|---|---|---|"]
@@ -202,15 +252,23 @@ def markdown(meta: dict, q: list[dict], sc: list[dict], lat: list[dict], pr: lis
     for r in lat:
         if r.get("table") == "gemm":
             lines.append(f"| GEMM alone: {r['config']} | {r['median_ms']} | {r['speedup_vs_fp32']:.2f}x | |")
-    lines += ["", "## The peer: DeepSpeed ZeroQuant, side by side", "", meta["peer_setup"], "",
+    return lines
+
+
+def _peer_md(meta: dict, pr: list[dict]) -> list[str]:
+    lines = ["", "## The peer: DeepSpeed ZeroQuant, side by side", "", meta["peer_setup"], "",
               "| W bits | " + " | ".join(PEER_LABELS.values()) + " |", "|---|" + "---|" * len(PEER_LABELS)]
     cells = {(r["bits"], r["cell"]): r for r in pr}
     for bits in dict.fromkeys(r["bits"] for r in pr):
         lines.append(f"| W{bits} | " + " | ".join(_f(cells[(bits, c)]["cosine"]) if (bits, c) in cells else ""
                                                   for c in PEER_LABELS) + " |")
-    lines += ["", "Not run here: GPUs and NCCL (this machine has none; the same commands run there with "
-              "`device=cuda`), DeepSpeed's fused `quantizer_kernel` (CUDA only), multi-node MREM-P.", ""]
-    return "\n".join(lines)
+    return lines
+
+
+def _prequant_md(meta: dict, pq: list[dict]) -> list[str]:
+    from prequant import table
+
+    return ["", "## PreQuant: quantize first, fine-tune 0.5% of the weights", "", meta["prequant_setup"], "", *table(pq)]
 
 
 PEER_LABELS = {"ds_ptq": "DeepSpeed PTQ", "ptq": "mrem-dist PTQ", "ptq_full_range": "mrem-dist PTQ, full-range grid",
@@ -218,6 +276,13 @@ PEER_LABELS = {"ds_ptq": "DeepSpeed PTQ", "ptq": "mrem-dist PTQ", "ptq_full_rang
 
 
 def plots(out: Path, q: list[dict], sc: list[dict], pr: list[dict]) -> None:
+    if q or pr:
+        _quality_png(out, q, pr)
+    if sc:
+        _scaling_png(out, sc)
+
+
+def _quality_png(out: Path, q: list[dict], pr: list[dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -246,6 +311,13 @@ def plots(out: Path, q: list[dict], sc: list[dict], pr: list[dict]) -> None:
     fig.savefig(f"{out}_quality.png", dpi=110)
     plt.close(fig)
 
+
+def _scaling_png(out: Path, sc: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4.2))
     names = [f"{'MREM-S' if r['method'] == 'mrem_s' else 'MREM-P'}\n{r['ranks']} rank{'s' * (r['ranks'] > 1)}" for r in sc]
     x = range(len(sc))
@@ -266,18 +338,22 @@ def plots(out: Path, q: list[dict], sc: list[dict], pr: list[dict]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke run: W4A8 only, 2 steps, 64 samples, peer at W4")
+    p.add_argument("--quick", action="store_true", help="smoke run: W4A8 only, 2 steps, 64 samples, peer at W4, "
+                   "PreQuant at W4 with 2 steps")
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS, help="what to measure (default: all)")
     p.add_argument("--steps", type=int, default=None, help="training steps per module (default 20; --quick: 2)")
     p.add_argument("--samples", type=int, default=None, help="calibration and evaluation samples (default 256; --quick: 64)")
     p.add_argument("--settings", nargs="+", default=None, choices=SETTINGS)
     p.add_argument("--peer-bits", type=int, nargs="+", default=None)
     p.add_argument("--rounds", type=int, default=None, help="timed latency rounds (default 5; --quick: 1)")
+    p.add_argument("--prequant-bits", type=int, nargs="+", default=None, help="PreQuant widths (default 4 3; --quick: 4)")
+    p.add_argument("--prequant-steps", type=int, default=None, help="fine-tuning steps, FP and PreQuant (default 200; --quick: 2)")
     p.add_argument("--out", default=None, help="output prefix (default benchmarks/results/report, --quick: .../quick/report)")
-    p.add_argument("--render", metavar="JSON", help="rebuild the markdown and plots from a report's json, run nothing")
+    p.add_argument("--render", metavar="JSON", nargs="+", help="rebuild the markdown and plots from report json(s), run nothing")
     args = p.parse_args()
     if args.render:
-        data = json.loads(Path(args.render).read_text())
-        write(Path(args.out or Path(args.render).with_suffix("")), data)
+        data = merge([json.loads(Path(f).read_text()) for f in args.render])
+        write(Path(args.out or Path(args.render[0]).with_suffix("")), data)
         return
     quick = args.quick
     steps = args.steps or (2 if quick else 20)
@@ -285,48 +361,92 @@ def main() -> None:
     settings = args.settings or (["w4a8"] if quick else SETTINGS)
     peer_bits = args.peer_bits or ([4] if quick else [8, 4, 3, 2])
     rounds = args.rounds or (1 if quick else 5)
+    pq_bits = args.prequant_bits or ([4] if quick else [4, 3])
+    pq_steps = args.prequant_steps or (2 if quick else 200)
     out = Path(args.out or RESULTS / ("quick/report" if quick else "report"))
     data = [f"data.calib_samples={samples}", f"data.eval_samples={samples}"]
+    todo = set(args.sections)
 
     started, t0 = datetime.datetime.now(), time.perf_counter()
+    found: dict = {name: [] for name in SECTIONS}
+    meta: dict = {}
+    cpu = None
     with hydra_configs(), tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         # Timing-sensitive sections first, on a machine that is otherwise idle.
-        sc = scaling(steps, data, tmp)
-        lat, cpu = latency(rounds, tmp)
-        q = quality(settings, steps, data, tmp)
-        pr, peer_meta = peer(peer_bits, steps, data, tmp)
+        if "scaling" in todo:
+            found["scaling"] = scaling(steps, data, tmp)
+        if "latency" in todo:
+            found["latency"], cpu = latency(rounds, tmp)
+        if "quality" in todo:
+            found["quality"] = quality(settings, steps, data, tmp)
+        if "peer" in todo:
+            found["peer"], peer_meta = peer(peer_bits, steps, data, tmp)
+            meta["peer_setup"] = peer_meta["setup"]
+        if "prequant" in todo:
+            found["prequant"], pq_meta = prequant(pq_bits, pq_steps, 2 if quick else 30, 64 if quick else 1000, tmp)
+            meta["prequant_setup"] = pq_meta["setup"]
+
+    import deepspeed
 
     command = "python benchmarks/report.py " + " ".join(sys.argv[1:])
-    meta = {
-        "command": command.strip(), "started": started.strftime("%Y-%m-%d %H:%M"),
-        "minutes": (time.perf_counter() - t0) / 60, "steps": steps, "samples": samples,
-        "machine": f"{os.cpu_count()} CPU cores ({cpu}), {platform.system()}, Python {platform.python_version()}, "
-                   f"torch {torch.__version__}, DeepSpeed {peer_meta['deepspeed']}",
-        "setup": (f"all-MiniLM-L6-v2 (real weights), built-in text: {samples} calibration and {samples} evaluation "
-                  "sentences, batches of 32 x 128 tokens. Quality is the mean cosine of mean-pooled sentence "
-                  "embeddings to FP32's. One-process cells use both cores; MREM-P runs as 2 torchrun ranks of "
-                  "1 thread each (gloo)."),
-        "scaling_setup": (f"W4A8, MSE-clip init, 2 modules, {steps} steps per module; every rank and the MREM-S "
-                          "baseline get one thread (one device each). Speed-up and efficiency are of the training "
-                          "time (the slowest rank's), relative to MREM-S; efficiency = speed-up / ranks."),
-        "latency_setup": f"median of {rounds} interleaved rounds on the CPU, {torch.get_num_threads()} threads",
-        "peer_setup": peer_meta["setup"],
-    }
-    write(out, {**meta, "quality": q, "scaling": sc, "latency": lat, "peer": pr})
+    this_run = {"command": command.strip(), "started": started.strftime("%Y-%m-%d %H:%M"),
+           "minutes": (time.perf_counter() - t0) / 60, "sections": [n for n in SECTIONS if n in todo],
+           "machine": f"{os.cpu_count()} CPU cores ({cpu or _cpu()}), {platform.system()}, Python "
+                      f"{platform.python_version()}, torch {torch.__version__}, DeepSpeed {deepspeed.__version__}"}
+    if todo & {"scaling", "latency", "quality", "peer"}:
+        meta.update({
+            "steps": steps, "samples": samples,
+            "setup": (f"all-MiniLM-L6-v2 (real weights), built-in text: {samples} calibration and {samples} evaluation "
+                      "sentences, batches of 32 x 128 tokens. Quality is the mean cosine of mean-pooled sentence "
+                      "embeddings to FP32's. One-process cells use both cores; MREM-P runs as 2 torchrun ranks of "
+                      "1 thread each (gloo)."),
+        })
+    if "scaling" in todo:
+        meta["scaling_setup"] = (f"W4A8, MSE-clip init, 2 modules, {steps} steps per module; every rank and the MREM-S "
+                                 "baseline get one thread (one device each). Speed-up and efficiency are of the training "
+                                 "time (the slowest rank's), relative to MREM-S; efficiency = speed-up / ranks.")
+    if "latency" in todo:
+        meta["latency_setup"] = f"median of {rounds} interleaved rounds on the CPU, {torch.get_num_threads()} threads"
+    write(out, {"runs": [this_run], **meta, **found})
+
+
+def _cpu() -> str:
+    from artifact import cpu_description
+
+    return cpu_description()
+
+
+def merge(reports: list[dict]) -> dict:
+    """One report from several runs: each section (and its setup text) from the first report that
+    measured it; every run listed. Reads reports written before `runs` existed (one run each)."""
+    merged: dict = {"runs": []}
+    for r in reports:
+        runs = r.get("runs") or [{"command": r["command"], "started": r["started"], "minutes": r["minutes"],
+                                  "machine": r["machine"], "sections": [n for n in SECTIONS if r.get(n)]}]
+        merged["runs"] += runs
+        for name in SECTIONS:
+            if r.get(name) and not merged.get(name):
+                merged[name] = r[name]
+        for key, value in r.items():
+            if key not in SECTIONS and key not in ("runs", "headlines", "command", "started", "minutes", "machine"):
+                merged.setdefault(key, value)
+    for name in SECTIONS:
+        merged.setdefault(name, [])
+    return merged
 
 
 def write(out: Path, data: dict) -> None:
     """<out>.md / .json / _quality.png / _scaling.png from the run's rows and settings."""
-    q, sc, lat, pr = data["quality"], data["scaling"], data["latency"], data["peer"]
-    data["headlines"] = heads = headlines(q, sc, lat, pr)
+    q, sc, lat, pr, pq = (data.get(n, []) for n in ("quality", "scaling", "latency", "peer", "prequant"))
+    data["headlines"] = heads = headlines(q, sc, lat, pr, pq)
     out.parent.mkdir(parents=True, exist_ok=True)
-    text = markdown(data, q, sc, lat, pr, heads)
+    text = markdown(data, q, sc, lat, pr, heads, pq)
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps(data, indent=1))
     plots(out, q, sc, pr)
     print(text)
-    print(f"wrote {out}.md / .json / _quality.png / _scaling.png")
+    print(f"wrote {out}.md / .json" + (" / _quality.png" if q or pr else "") + (" / _scaling.png" if sc else ""))
 
 
 if __name__ == "__main__":

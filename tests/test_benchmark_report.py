@@ -1,6 +1,7 @@
 """CI smoke of the benchmark report: `python benchmarks/report.py --quick` on the real MiniLM runs
-every section (quality grid, MREM-P scaling with torchrun, INT8 latency, DeepSpeed's ZeroQuant)
-and writes a report whose every figure comes from the run's own rows."""
+every section (quality grid, MREM-P scaling with torchrun, INT8 latency, DeepSpeed's ZeroQuant,
+PreQuant on the movie-review task) and writes a report whose every figure comes from the run's own
+rows; `--render` merges reports of runs that measured different sections."""
 
 import json
 import math
@@ -47,9 +48,31 @@ def test_quick_report_runs_every_section(tmp_path):
     # On DeepSpeed's own grid, mrem-dist's PTQ computes DeepSpeed's quantized model.
     assert peer["ptq_full_range"]["cosine"] == pytest.approx(peer["ds_ptq"]["cosine"], abs=2e-3)
 
+    pq = {(r["bits"], r["cell"]): r for r in report["prequant"]}
+    assert pq.keys() == {(None, "fp"), (4, "prequant"), (4, "ft_ptq"), (4, "ft_mrem_s")}
+    assert all(0 <= r["accuracy"] <= 1 for r in pq.values())
+    fp = pq[(None, "fp")]["accuracy"]
+    assert pq[(4, "prequant")]["drop_pts"] == pytest.approx(100 * (fp - pq[(4, "prequant")]["accuracy"]), abs=0.01)
+    assert 0 < pq[(4, "prequant")]["outlier_fraction"] < pq[(4, "prequant")]["trainable_fraction"] < 0.02
+
     text = out.with_suffix(".md").read_text()
     assert text.startswith("`python benchmarks/report.py --quick") and "## Headlines" in text
+    assert "## PreQuant" in text
     for h in report["headlines"]:
         assert h in text
     for png in ("_quality.png", "_scaling.png"):
         assert (tmp_path / f"report{png}").read_bytes()[:4] == b"\x89PNG"
+
+    # Two runs, one report: sections from the run that measured them, both commands listed.
+    other = dict(report, runs=[dict(report["runs"][0], command="python benchmarks/report.py --sections prequant",
+                                    sections=["prequant"])], quality=[], scaling=[], latency=[], peer=[],
+                 prequant=[dict(r, accuracy=0.5) for r in report["prequant"]])
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    merged = tmp_path / "merged"
+    done = subprocess.run([sys.executable, "benchmarks/report.py", "--render", str(out.with_suffix(".json")),
+                           str(tmp_path / "other.json"), "--out", str(merged)], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    both = json.loads(merged.with_suffix(".json").read_text())
+    assert [r["command"] for r in both["runs"]][1] == "python benchmarks/report.py --sections prequant"
+    assert both["prequant"] == report["prequant"]  # the first report that has a section wins
+    assert merged.with_suffix(".md").read_text().count("Machine:") == 2
