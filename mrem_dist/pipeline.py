@@ -308,9 +308,10 @@ def finish(cfg: RunConfig, report: dict, qmodel: torch.nn.Module, loaded: Loaded
         report["validation"]["failures"][:0] = failures
         report["validation"]["passed"] = False
     if report["validation"]["passed"] and cfg.export:
-        meta = export_quantized(
-            qmodel, loaded.tokenizer, cfg.quant, loaded.kind, Path(cfg.run_dir) / "model", source=cfg.model.path
-        )
+        # The full-precision model `mrem_dist.evaluate` compares the artifact with: PreQuant's
+        # starting point has no trained head, its counterpart is the FP fine-tuned reference.
+        source = cfg.method.reference if cfg.method.name == "prequant" else cfg.model.path
+        meta = export_quantized(qmodel, loaded.tokenizer, cfg.quant, loaded.kind, Path(cfg.run_dir) / "model", source=source)
         size = meta["bytes"]["model.safetensors"]
         report["artifact"] = {
             "path": str(Path(cfg.run_dir) / "model"),

@@ -330,5 +330,12 @@ def test_finetune_then_prequant_end_to_end(tmp_path, sst_like_csv):
     assert len(report["prequant"]["finetune"]["loss_curve"]) == 8
 
     art = load_quantized(tmp_path / "pq" / "model")
-    assert art.kind == "classifier"
+    assert art.kind == "classifier" and art.meta["source"] == str(tmp_path / "ft" / "model")
     assert sum(m.get("outlier_columns", 0) for m in art.meta["modules"].values()) == 4 * (5 * 2 + 4)
+    # The evaluate command scores the artifact against that reference, as shipped.
+    ev = subprocess.run([sys.executable, "-m", "mrem_dist.evaluate", f"artifact={tmp_path / 'pq' / 'model'}", *data,
+                         f"hydra.run.dir={tmp_path / 'ev'}"], env=env, capture_output=True, text=True, timeout=300)
+    assert ev.returncode == 0, ev.stderr
+    evaluation = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    assert evaluation["metrics"]["quantized"]["accuracy"] == report["metrics"]["quantized"]["accuracy"]
+    assert evaluation["metrics"]["full_precision"] == report["metrics"]["full_precision"]
