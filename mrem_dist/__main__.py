@@ -18,7 +18,7 @@ import time
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from mrem_dist.config import ConfigError, RunConfig, config_dir, register_configs, validate
+from mrem_dist.config import RunConfig, config_dir, entry_config, register_configs, validate
 from mrem_dist.distributed import env_world_size
 from mrem_dist.log import get_logger
 
@@ -65,21 +65,12 @@ def _join_ranks(argv: list[str]) -> list[str]:
 
 @hydra.main(config_path=config_dir(), config_name="config", version_base=None)
 def _hydra_main(dcfg: DictConfig) -> None:
-    # Imported here so `--help` and config errors do not pay for importing torch/transformers.
-    from transformers.utils import logging as hf_logging
-
+    # Imported here so that `--help` does not pay for importing torch/transformers.
     from mrem_dist.engine.checkpoint import Preempted
     from mrem_dist.pipeline import run
     from mrem_dist.validation import ValidationFailed
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    cfg: RunConfig = OmegaConf.to_object(dcfg)
-    try:
-        validate(cfg)
-    except ConfigError as e:
-        log.error("invalid configuration: %s", e)
-        raise SystemExit(2) from e
+    cfg: RunConfig = entry_config(dcfg, validate, log)
     try:
         report = run(cfg)
     except ValidationFailed as e:

@@ -250,6 +250,22 @@ def register_configs() -> None:
     cs.store(name="finetune_schema", node=FinetuneConfig)
 
 
+def entry_config(dcfg, check, log):
+    """What every Hydra entry point does first: Hugging Face's logging quietened (errors only, no
+    progress bars), the typed config built and checked by `check` (validate, validate_evaluate,
+    validate_finetune); an invalid one is logged and exits with code 2 before anything loads."""
+    from omegaconf import OmegaConf
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return check(OmegaConf.to_object(dcfg))
+    except ConfigError as e:
+        log.error("invalid configuration: %s", e)
+        raise SystemExit(2) from e
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from mrem_dist.config import ConfigError, FinetuneConfig, config_dir, register_configs, validate_finetune
+from mrem_dist.config import FinetuneConfig, config_dir, entry_config, register_configs, validate_finetune
 from mrem_dist.log import get_logger
 
 log = get_logger("mrem_dist.finetune")
@@ -103,16 +103,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
 
 @hydra.main(config_path=config_dir(), config_name="finetune", version_base=None)
 def _hydra_main(dcfg: DictConfig) -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    cfg: FinetuneConfig = OmegaConf.to_object(dcfg)
-    try:
-        validate_finetune(cfg)
-    except ConfigError as e:
-        log.error("invalid configuration: %s", e)
-        raise SystemExit(2) from e
+    cfg: FinetuneConfig = entry_config(dcfg, validate_finetune, log)
     run_finetune(cfg)
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from mrem_dist.config import ConfigError, EvaluateConfig, config_dir, register_configs, validate_evaluate
+from mrem_dist.config import EvaluateConfig, config_dir, entry_config, register_configs, validate_evaluate
 from mrem_dist.log import get_logger
 
 from .export import ArtifactError, load_quantized
@@ -105,16 +105,7 @@ register_configs()
 
 @hydra.main(config_path=config_dir(), config_name="evaluate", version_base=None)
 def _hydra_main(dcfg: DictConfig) -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    cfg: EvaluateConfig = OmegaConf.to_object(dcfg)
-    try:
-        validate_evaluate(cfg)
-    except ConfigError as e:
-        log.error("invalid configuration: %s", e)
-        raise SystemExit(2) from e
+    cfg: EvaluateConfig = entry_config(dcfg, validate_evaluate, log)
     start = time.perf_counter()
     try:
         result = evaluate_artifact(cfg)
