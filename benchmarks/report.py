@@ -23,7 +23,7 @@ them; `--render A.json B.json` rebuilds one report from runs that measured diffe
 (each section from the first file that has it; every run's command and machine are listed).
 
     python benchmarks/report.py             # the full report: benchmarks/results/report.*
-    python benchmarks/report.py --quick     # smoke run, ~12 minutes here: benchmarks/results/quick/
+    python benchmarks/report.py --quick     # smoke run (30 min here beside two other jobs): results/quick/
 """
 
 from __future__ import annotations
