@@ -268,7 +268,7 @@ def _peer_md(meta: dict, pr: list[dict]) -> list[str]:
 def _prequant_md(meta: dict, pq: list[dict]) -> list[str]:
     from prequant import table
 
-    return ["", "## PreQuant: quantize first, fine-tune 0.5% of the weights", "", meta["prequant_setup"], "", *table(pq)]
+    return ["", "## PreQuant: quantize first, then fine-tune only the outlier columns and the head", "", meta["prequant_setup"], "", *table(pq)]
 
 
 PEER_LABELS = {"ds_ptq": "DeepSpeed PTQ", "ptq": "mrem-dist PTQ", "ptq_full_range": "mrem-dist PTQ, full-range grid",
