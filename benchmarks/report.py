@@ -387,13 +387,17 @@ def main() -> None:
             found["prequant"], pq_meta = prequant(pq_bits, pq_steps, 2 if quick else 30, 64 if quick else 1000, tmp)
             meta["prequant_setup"] = pq_meta["setup"]
 
-    import deepspeed
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:  # the peer section needs it; a report of the other sections does not
+        ds = f", DeepSpeed {version('deepspeed')}"
+    except PackageNotFoundError:
+        ds = ""
     command = "python benchmarks/report.py " + " ".join(sys.argv[1:])
     this_run = {"command": command.strip(), "started": started.strftime("%Y-%m-%d %H:%M"),
            "minutes": (time.perf_counter() - t0) / 60, "sections": [n for n in SECTIONS if n in todo],
            "machine": f"{os.cpu_count()} CPU cores ({cpu or _cpu()}), {platform.system()}, Python "
-                      f"{platform.python_version()}, torch {torch.__version__}, DeepSpeed {deepspeed.__version__}"}
+                      f"{platform.python_version()}, torch {torch.__version__}{ds}"}
     if todo & {"scaling", "latency", "quality", "peer"}:
         meta.update({
             "steps": steps, "samples": samples,

@@ -10,9 +10,6 @@ complete), `report.json` and `summary.md`. Exit codes: 0 done, 2 invalid configu
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 from mrem_dist.config import FinetuneConfig, config_dir, entry_config, register_configs, validate_finetune
+from mrem_dist.io import atomic_dir
 from mrem_dist.log import get_logger
 
 log = get_logger("mrem_dist.finetune")
@@ -28,19 +26,10 @@ register_configs()
 
 
 def save_model(loaded, path: Path) -> None:
-    """save_pretrained into a temporary folder renamed into place: never half a model under `path`."""
-    if path.exists():
-        raise FileExistsError(f"{path} already exists: choose a new run directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
+    """save_pretrained into a folder renamed into place when complete: never half a model at `path`."""
+    with atomic_dir(path, "run directory") as tmp:
         loaded.model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
-        tmp.chmod(0o755)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
@@ -53,7 +42,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     from mrem_dist.evaluate import model_outputs, task_metrics
     from mrem_dist.io import atomic_write_json, atomic_write_text
     from mrem_dist.models import load_model
-    from mrem_dist.pipeline import Timer, prepare_data, prepare_train, task_label_count
+    from mrem_dist.pipeline import Timer, prepare_data, prepare_train, task_train_split
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -62,10 +51,10 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     timer = Timer()
     t0 = time.perf_counter()
     with timer("load"):
-        num_labels = task_label_count(cfg.data)
+        train_split, num_labels = task_train_split(cfg.data)
         loaded = load_model(cfg.model.path, "classifier", cfg.model.dtype, num_labels=num_labels)
         prepared = prepare_data(cfg.data, loaded, calibration=False)
-        train = prepare_train(cfg.data, loaded)
+        train = prepare_train(train_split, cfg.data, loaded)
     log.info("fine-tuning %s (%d labels) on %s: %d training / %d evaluation examples, %d steps", cfg.model.path,
              num_labels, cfg.data.name, len(train), len(prepared.evalset.labels), cfg.steps)
     model, adapter = loaded.model.to(device), loaded.adapter

@@ -111,25 +111,23 @@ def prepare_data(cfg_data, loaded: LoadedModel, calibration: bool = True) -> Pre
     return PreparedData(calib, EvalSet(eval_batches, labels, metric_names, regression), description)
 
 
-def task_label_count(cfg_data) -> int:
-    """Outputs a classifier for this labeled data needs: the GLUE table's, else from the train labels."""
-    if cfg_data.name not in (BUILTIN_DATA, MOVIE_REVIEWS, "local"):
-        return D.get_task(cfg_data.name).num_labels
-    train, _, _ = _load_splits(cfg_data)
+def task_train_split(cfg_data) -> tuple[D.TextDataset, int]:
+    """The labeled training split, and the outputs a classifier for it needs: the GLUE table's,
+    else the label names' count, 1 for float labels (regression), or the largest class id + 1."""
+    train, _, spec = _load_splits(cfg_data)
     if train.labels is None:
         raise ValueError(f"data={cfg_data.name} has no labels to fine-tune on: set data.label_field=<the label column>")
+    if spec is not None:
+        return train, spec.num_labels
     if train.label_names:
-        return len(train.label_names)
+        return train, len(train.label_names)
     if any(isinstance(v, float) for v in train.labels):
-        return 1  # regression
-    return int(max(train.labels)) + 1
+        return train, 1
+    return train, int(max(train.labels)) + 1
 
 
-def prepare_train(cfg_data, loaded: LoadedModel) -> TrainSet:
-    """The labeled training examples (data.train_samples of them, 0 = all), tokenized."""
-    train, _, _ = _load_splits(cfg_data)
-    if train.labels is None:
-        raise ValueError(f"data={cfg_data.name} has no labels to fine-tune on: set data.label_field=<the label column>")
+def prepare_train(train: D.TextDataset, cfg_data, loaded: LoadedModel) -> TrainSet:
+    """data.train_samples (0 = all) labeled examples of `train`, tokenized for `loaded`."""
     n = len(train) if cfg_data.train_samples == 0 else min(cfg_data.train_samples, len(train))
     if n < cfg_data.train_samples:
         log.warning("data has %d training rows, fewer than data.train_samples=%d: using all", n, cfg_data.train_samples)

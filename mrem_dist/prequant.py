@@ -123,7 +123,7 @@ def trainable_parameters(model: nn.Module, adapter) -> list[nn.Parameter]:
 
 def run_prequant(cfg: RunConfig):
     """method=prequant; returns (report, quantized model) like pipeline.execute."""
-    from mrem_dist.pipeline import Timer, build_report, finish, prepare_data, prepare_train, task_label_count
+    from mrem_dist.pipeline import Timer, build_report, finish, prepare_data, prepare_train, task_train_split
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -133,10 +133,10 @@ def run_prequant(cfg: RunConfig):
     timer = Timer()
     t0 = time.perf_counter()
     with timer("load"):
-        num_labels = task_label_count(cfg.data)
+        train_split, num_labels = task_train_split(cfg.data)
         loaded = load_model(cfg.model.path, "classifier", cfg.model.dtype, num_labels=num_labels)
         prepared = prepare_data(cfg.data, loaded)
-        train = prepare_train(cfg.data, loaded)
+        train = prepare_train(train_split, cfg.data, loaded)
     log.info("PreQuant on %s (%d labels): %d training / %d calibration / %d evaluation examples", cfg.model.path,
              num_labels, len(train), prepared.description["calibration_samples"], prepared.description["evaluation_samples"])
     prepared.description["train_samples"] = len(train)

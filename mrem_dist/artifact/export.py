@@ -23,8 +23,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ import torch
 from torch import nn
 
 from mrem_dist.config import QuantConfig
+from mrem_dist.io import atomic_dir
 from mrem_dist.quant import QuantEmbedding, QuantLinear
 from mrem_dist.quant.functional import dequantize
 from mrem_dist.quant.int8 import KERNELS, to_int8
@@ -74,8 +73,6 @@ def export_quantized(
     from safetensors.torch import save_file
 
     path = Path(path)
-    if path.exists():
-        raise FileExistsError(f"{path} already exists: choose a new directory for the artifact")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     modules = {}
     for name, module in _quantized_modules(model):
@@ -91,9 +88,7 @@ def export_quantized(
         }
         if getattr(module, "outlier_index", None) is not None:
             modules[name]["outlier_columns"] = int(module.outlier_index.numel())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
+    with atomic_dir(path, "directory for the artifact") as tmp:
         save_file(state, str(tmp / TENSORS), metadata={"format": FORMAT, "version": str(VERSION)})
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -103,22 +98,8 @@ def export_quantized(
             "sha256": {TENSORS: _sha256(tmp / TENSORS)},
         }
         (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
-        _readable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     meta["bytes"] = {TENSORS: (path / TENSORS).stat().st_size}
     return meta
-
-
-def _readable(folder: Path) -> None:
-    """mkdtemp makes a private (0700) folder: give it, and its files, the usual umask permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for f in folder.iterdir():
-        f.chmod(0o666 & ~umask)
 
 
 @dataclass
