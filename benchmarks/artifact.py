@@ -44,14 +44,14 @@ from mrem_dist.quantize import calibrate_activations, needs_calibration, quantiz
 
 
 def _quantized(loaded, scheme: QuantConfig, calib_ids: torch.Tensor):
-    q = quantize_model(copy.deepcopy(loaded.model), loaded.adapter, scheme, learnable=False)
+    q = quantize_model(copy.deepcopy(loaded.model), loaded.family, scheme, learnable=False)
     if needs_calibration(q):
         calibrate_activations(q, lambda m, ids: m(input_ids=ids, attention_mask=torch.ones_like(ids)), calib_ids.split(16))
     return q
 
 
 def _export(loaded, scheme: QuantConfig, calib_ids: torch.Tensor, folder: Path) -> Path:
-    export_quantized(_quantized(loaded, scheme, calib_ids), loaded.tokenizer, scheme, loaded.kind, folder,
+    export_quantized(_quantized(loaded, scheme, calib_ids), loaded.tokenizer, scheme, loaded.task.kind, folder,
                      source=BUILTIN_MODEL)
     return folder
 
@@ -77,7 +77,7 @@ def sizes(loaded, calib_ids: torch.Tensor, tmp: Path) -> list[dict]:
     rows = []
     for e_bits in (None, 8, 4):
         for w_bits in (8, 4, 2):
-            scheme = QuantConfig(name=f"w{w_bits}e{e_bits}", w_bits=w_bits, e_bits=e_bits)
+            scheme = QuantScheme(name=f"w{w_bits}e{e_bits}", w_bits=w_bits, e_bits=e_bits)
             folder = _export(loaded, scheme, calib_ids, tmp / scheme.name)
             size = (folder / "model.safetensors").stat().st_size
             rows.append({"table": "size", "w_bits": w_bits, "e_bits": e_bits, "bytes": size, "fp32_bytes": fp32,
@@ -88,9 +88,9 @@ def sizes(loaded, calib_ids: torch.Tensor, tmp: Path) -> list[dict]:
 
 def latency(loaded, calib_ids: torch.Tensor, batch: dict, tmp: Path, device: torch.device, rounds: int) -> list[dict]:
     schemes = [
-        QuantConfig(name="w4a8-static", w_bits=4),
-        QuantConfig(name="w4a8-dynamic", w_bits=4, a_mode="dynamic"),
-        QuantConfig(name="w8a8-static", w_bits=8),
+        QuantScheme(name="w4a8-static", w_bits=4),
+        QuantScheme(name="w4a8-dynamic", w_bits=4, a_mode="dynamic"),
+        QuantScheme(name="w8a8-static", w_bits=8),
     ]
     fp = copy.deepcopy(loaded.model).to(device)
     runners = {"fp32": fp}

@@ -20,10 +20,10 @@ from common import RESULTS, write_results
 import torch  # noqa: E402
 
 from mrem_dist import data as D  # noqa: E402
-from mrem_dist.config import QuantConfig  # noqa: E402
+from mrem_dist.scheme import QuantScheme  # noqa: E402
 from mrem_dist.engine import ModuleSpec, ReconSettings, Stage, module_error, reconstruct_module  # noqa: E402
 from mrem_dist.engine.sequential import epoch_order  # noqa: E402
-from mrem_dist.evaluate import run_batch  # noqa: E402
+from mrem_dist.scoring import run_batch  # noqa: E402
 from mrem_dist.models import load_model  # noqa: E402
 from mrem_dist.quantize import calibrate_activations, quantize_model  # noqa: E402
 
@@ -43,28 +43,28 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
     loaded = load_model("builtin:all-MiniLM-L6-v2")
-    model, adapter = loaded.model, loaded.adapter
+    model, family = loaded.model, loaded.family
     texts = D.load_builtin("calibration")
     batches = D.make_batches(D.tokenize(texts, loaded.tokenizer, 64, D.sample_indices(len(texts), 512, 0)), 32)
-    scheme = QuantConfig(name="sweep", w_bits=args.w_bits, w_clip="mse")
-    base = quantize_model(copy.deepcopy(model), adapter, scheme, learnable=True)
-    calibrate_activations(base, lambda m, b: run_batch(m, adapter, b), batches)
+    scheme = QuantScheme(name="sweep", w_bits=args.w_bits, w_clip="mse")
+    base = quantize_model(copy.deepcopy(model), family, scheme, learnable=True)
+    calibrate_activations(base, lambda m, b: run_batch(m, family, b), batches)
     spec = ModuleSpec(1, 3, args.layer, args.layer + 1)  # a middle module: no embeddings, no head
     with torch.no_grad():  # full-precision input of the layer, for every batch
         inputs = []
         for b in batches:
-            h = adapter.embed(model, b.input_ids, b.token_type_ids)
-            mask = adapter.layer_mask(adapter.encoder(model).config, h, b.attention_mask)
-            for layer in list(adapter.layers(model))[: args.layer]:
-                h = adapter.run_layer(layer, h, mask)
+            h = family.embed(family.embeddings(model), b)
+            context = family.layer_context(family.config(model), h, b)
+            for layer in list(family.layers(model))[: args.layer]:
+                h = family.run_layer(layer, h, context)
             inputs.append(h)
-    teacher = Stage(model, adapter, spec)
+    teacher = Stage(model, family, spec)
     probe = [(batches[i], inputs[i], None) for i in range(4)]
     rows = []
     for lr_w in args.lr_weight:
         for lr_s in args.lr_scale:
             q = copy.deepcopy(base)
-            student = Stage(q, adapter, spec)
+            student = Stage(q, family, spec)
             before = module_error(student, teacher, probe, 1.0, "every_layer")
             feed = ((batches[i], inputs[i], None) for i in epoch_order(len(batches), args.steps, 0))
             settings = ReconSettings(steps=args.steps, lam="one", lr_weight=lr_w, lr_scale=lr_s, log_every=10**9)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from common import RESULTS, compose_config, hydra_configs, write_results
 
-from mrem_dist.pipeline import run
+from mrem_dist.runner import run
 
 
 def main() -> None:

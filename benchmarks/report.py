@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from common import RESULTS, compose_config, hydra_configs, launch
 
-from mrem_dist.pipeline import run
+from mrem_dist.runner import run
 
 SECTIONS = ("scaling", "latency", "quality", "peer", "prequant")
 SETTINGS = ["w8a8", "w4a8", "w3a8", "w2a8", "w4e4a8", "w2e2a8"]  # conf/quant presets

@@ -38,7 +38,7 @@ from mrem_dist.data import fidelity_metrics
 from mrem_dist.engine import epoch_order
 from mrem_dist.engine.reconstruct import masked_mse
 from mrem_dist.evaluate import model_outputs
-from mrem_dist.pipeline import execute, load_inputs
+from mrem_dist.runner import execute
 
 TARGETS = ["attention.self", "intermediate", "output.dense"]  # every Linear of a BERT layer, once
 
@@ -80,16 +80,16 @@ def ds_quantize(model, bits: int, groups: int):
     return q
 
 
-def ds_lkd(fp, q, adapter, batches, steps: int, lr: float, seed: int) -> float:
+def ds_lkd(fp, q, family, batches, steps: int, lr: float, seed: int) -> float:
     """ZeroQuant's LKD on DeepSpeed's compressed layers (see the module docstring); returns seconds."""
     start = time.perf_counter()
-    config = adapter.encoder(fp).config
+    config = family.config(fp)
     with torch.no_grad():
-        hidden = [adapter.embed(fp, b.input_ids, b.token_type_ids) for b in batches]
-    masks = [adapter.layer_mask(config, h, b.attention_mask) for h, b in zip(hidden, batches)]
-    for fp_layer, q_layer in zip(adapter.layers(fp), adapter.layers(q)):
+        hidden = [family.embed(family.embeddings(fp), b) for b in batches]
+    masks = [family.layer_context(config, h, b) for h, b in zip(hidden, batches)]
+    for fp_layer, q_layer in zip(family.layers(fp), family.layers(q)):
         with torch.no_grad():
-            targets = [adapter.run_layer(fp_layer, h, m) for h, m in zip(hidden, masks)]
+            targets = [family.run_layer(fp_layer, h, m) for h, m in zip(hidden, masks)]
         weights = [mod.weight for mod in q_layer.modules() if isinstance(mod, torch.nn.Linear)]
         for w in weights:
             w.requires_grad_(True)
@@ -97,7 +97,7 @@ def ds_lkd(fp, q, adapter, batches, steps: int, lr: float, seed: int) -> float:
         for t, i in enumerate(epoch_order(len(batches), steps, seed)):
             for g in opt.param_groups:
                 g["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * t / steps))
-            out = adapter.run_layer(q_layer, hidden[i], masks[i])
+            out = family.run_layer(q_layer, hidden[i], masks[i])
             loss = masked_mse(out, targets[i], batches[i].attention_mask)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -122,17 +122,17 @@ def peer_rows(bits_list: list[int], steps: int, groups: int, tmp: Path, data: li
             *data]
     cfg = compose_config(base, tmp / "inputs")
     loaded, prepared = load_inputs(cfg)
-    fp, adapter = loaded.model, loaded.adapter
+    fp, family = loaded.model, loaded.family
     calib, evalb = prepared.calib, prepared.evalset.batches
-    fp_out = model_outputs(fp, adapter, evalb)
+    fp_out = model_outputs(fp, family, evalb)
     lr = cfg.method.lr_weight
     for bits in bits_list:
         q = ds_quantize(fp, bits, groups)
         rows.append({"bits": bits, "cell": "ds_ptq", "seconds": 0.0,
-                     **fidelity_metrics(fp_out, model_outputs(q, adapter, evalb))})
-        seconds = ds_lkd(fp, q, adapter, calib, steps, lr, cfg.seed)
+                     **fidelity_metrics(fp_out, model_outputs(q, family, evalb))})
+        seconds = ds_lkd(fp, q, family, calib, steps, lr, cfg.seed)
         rows.append({"bits": bits, "cell": "ds_lkd", "seconds": round(seconds, 1),
-                     **fidelity_metrics(fp_out, model_outputs(q, adapter, evalb))})
+                     **fidelity_metrics(fp_out, model_outputs(q, family, evalb))})
         for grid in dict.fromkeys([*grids, *lkd_grids]):
             for method in [m for m in ("ptq", "lkd") if grid in (grids if m == "ptq" else lkd_grids)]:
                 extra = [f"method={method}", f"quant.w_bits={bits}", f"quant.w_full_range={grid == 'full'}"]

@@ -67,7 +67,7 @@ def _join_ranks(argv: list[str]) -> list[str]:
 def _hydra_main(dcfg: DictConfig) -> None:
     # Imported here so that `--help` does not pay for importing torch/transformers.
     from mrem_dist.engine.checkpoint import Preempted
-    from mrem_dist.pipeline import run
+    from mrem_dist.runner import run
     from mrem_dist.validation import ValidationFailed
 
     cfg: RunConfig = entry_config(dcfg, validate, log)

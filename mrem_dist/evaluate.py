@@ -1,98 +1,112 @@
-"""Score a model on held-out data: the task metric for a classifier, fidelity to the
-full-precision model for a bare encoder.
+"""Score a saved artifact as it will be shipped:
 
-Run as `python -m mrem_dist.evaluate artifact=<dir> ...` it scores a saved artifact
-(mrem_dist.artifact.evaluate)."""
+    python -m mrem_dist.evaluate artifact=runs/.../model [data=sst2] [kernel=int8] [reference=<fp model>]
+
+The artifact is loaded with `load_quantized` (kernel float or int8) and run on the evaluation split
+of `data`. With compare=true (the default) the full-precision model it was quantized from (recorded
+in the artifact, or `reference=`) runs on the same batches, so the result carries the same metrics as
+the run's report: the task metric of both (labeled data) and the fidelity of the artifact to full
+precision. Writes `evaluation.json` to the Hydra run directory (runs/evaluate/...).
+
+Exit codes: 0 done, 2 invalid configuration, 1 any other error (an unreadable artifact included).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+import json
+import time
+from pathlib import Path
 
-import torch
-from torch import nn
+import hydra
+from omegaconf import DictConfig
 
-from mrem_dist.data import Batch, compute_metrics, fidelity_metrics, mean_pool
-from mrem_dist.models.adapters import ModelAdapter
+from mrem_dist.artifact import ArtifactError, load_quantized
+from mrem_dist.config import EvaluateConfig, config_dir, entry_config, register_configs, validate_evaluate
+from mrem_dist.log import get_logger
 
-
-@dataclass
-class EvalSet:
-    batches: list[Batch]
-    labels: Optional[list]  # None for unlabeled text
-    metric_names: tuple[str, ...]  # task metrics; empty for fidelity-only evaluation
-    regression: bool = False
+log = get_logger("mrem_dist.evaluate")
 
 
-def run_batch(model: nn.Module, adapter: ModelAdapter, batch: Batch) -> torch.Tensor:
-    return adapter.forward(model, batch.input_ids, batch.attention_mask, batch.token_type_ids)
+def evaluate_artifact(cfg: EvaluateConfig) -> dict:
+    """Evaluate the artifact `cfg.artifact`; returns the result (also written to cfg.run_dir)."""
+    from mrem_dist.context import RunContext, environment
+    from mrem_dist.models import LoadedModel, load_model
+    from mrem_dist.models.tasks import ClassificationState
+    from mrem_dist.quant.int8 import Int8Linear
+    from mrem_dist.scoring import score
 
+    ctx = RunContext.begin(cfg)
+    timer, device = ctx.timer, ctx.device
+    with timer("load"):
+        art = load_quantized(cfg.artifact, cfg.kernel, cfg.backend, device)
+    size = sum(f.stat().st_size for f in Path(cfg.artifact).iterdir() if f.is_file())
+    ctx.use(LoadedModel(art.model, art.tokenizer, art.family, art.task, str(cfg.artifact), 0), calibration=False)
+    prepared = ctx.data
+    log.info("loaded %s (%s, kernel %s) and %d evaluation samples of data=%s", cfg.artifact, art.task.kind, cfg.kernel,
+             prepared.description["evaluation_samples"], cfg.data.name)
 
-@torch.no_grad()
-def model_outputs(model: nn.Module, adapter: ModelAdapter, batches: list[Batch]) -> torch.Tensor:
-    """Logits of a task model, or mean-pooled sentence embeddings of a bare encoder."""
-    outs = []
-    for batch in batches:
-        out = run_batch(model, adapter, batch)
-        if not adapter.is_task_model(model):
-            out = mean_pool(out, batch.attention_mask)
-        if not torch.isfinite(out).all():
-            raise FloatingPointError(
-                "the model produced NaN/inf outputs on the evaluation data: check the quantization settings "
-                "(e.g. a too-low activation bit width) and the input data"
+    reference, ref_model = None, None
+    if cfg.compare:
+        reference = cfg.reference or art.meta.source
+        if not reference:
+            raise ValueError(
+                f"{cfg.artifact} does not record the model it was quantized from: pass reference=<full-precision model "
+                "path> to compare against it, or compare=false to score the artifact alone"
             )
-        outs.append(out.float().cpu())
-    return torch.cat(outs)
+        with timer("reference"):
+            ref_model = load_model(reference, art.task.kind).model.to(device)
+    elif not isinstance(art.task.metric(prepared.evalset), ClassificationState):
+        raise ValueError(
+            f"compare=false on data={cfg.data.name} leaves nothing to measure: the artifact is an encoder "
+            "(scored by fidelity to full precision) or the data has no labels; set compare=true"
+        )
+    with timer("evaluate"):
+        state = score(ref_model, art.model, art.family, art.task, prepared.evalset)
+    try:
+        fp_metrics, q_metrics = state.compute()
+    except ValueError as e:  # outputs of another shape: not the model it was quantized from
+        raise ValueError(f"reference={reference}: {e}") from e
+    n = prepared.description["evaluation_samples"]
+    result = {
+        "artifact": str(cfg.artifact),
+        "kernel": cfg.kernel,
+        "backend": next((m.backend for m in art.model.modules() if isinstance(m, Int8Linear)), None),
+        "kind": art.task.kind,
+        "quant": art.meta.to_json()["quant"],
+        "artifact_bytes": size,
+        "reference": reference,
+        "data": prepared.description,
+        "metrics": {"full_precision": fp_metrics, "quantized": q_metrics},
+        "timings_s": timer.seconds,
+        "samples_per_s": round(n / timer.seconds["evaluate"], 2),
+        "environment": environment(device),
+    }
+    out = Path(cfg.run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evaluation.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
-def task_metrics(outputs: torch.Tensor, evalset: EvalSet) -> dict[str, float]:
-    if evalset.regression:
-        preds = outputs.squeeze(-1).tolist()
-    else:
-        preds = outputs.argmax(-1).tolist()
-    return compute_metrics(evalset.metric_names, preds, evalset.labels)
+register_configs()
 
 
-def compare(fp_outputs: torch.Tensor, q_outputs: torch.Tensor, evalset: EvalSet) -> tuple[dict, dict]:
-    """Metrics of the full-precision and the quantized model on the same data.
+@hydra.main(config_path=config_dir(), config_name="evaluate", version_base=None)
+def _hydra_main(dcfg: DictConfig) -> None:
+    cfg: EvaluateConfig = entry_config(dcfg, validate_evaluate, log)
+    start = time.perf_counter()
+    try:
+        result = evaluate_artifact(cfg)
+    except ArtifactError as e:
+        log.error("cannot load the artifact: %s", e)
+        raise SystemExit(1) from e
+    q = result["metrics"]["quantized"]
+    log.info("done in %.1f s: %s -> %s/evaluation.json", time.perf_counter() - start,
+             ", ".join(f"{k}={v:.4f}" for k, v in q.items()), cfg.run_dir)
 
-    With labels, both get the task metrics; the quantized model also gets its fidelity to the
-    full-precision outputs (how closely it reproduces them, label-free)."""
-    fidelity = fidelity_metrics(fp_outputs, q_outputs)
-    if evalset.labels is None or not evalset.metric_names:
-        identity = fidelity_metrics(fp_outputs, fp_outputs)
-        return identity, fidelity
-    fp = task_metrics(fp_outputs, evalset)
-    q = task_metrics(q_outputs, evalset)
-    q.update({f"fidelity_{k}": v for k, v in fidelity.items()})
-    return fp, q
 
-
-@torch.no_grad()
-def layer_errors(fp_model: nn.Module, q_model: nn.Module, adapter: ModelAdapter, batches: list[Batch]) -> list[float]:
-    """Relative error ||h_q - h_fp||^2 / ||h_fp||^2 of every layer's output (real tokens only),
-    with each model run end to end: the quantized layer k sees the quantized layers before it,
-    so this is the error that accumulates through the network."""
-    config = adapter.encoder(fp_model).config
-    num, den = None, None
-    for batch in batches:
-        m = batch.attention_mask.unsqueeze(-1).float()
-        h_fp = adapter.embed(fp_model, batch.input_ids, batch.token_type_ids)
-        h_q = adapter.embed(q_model, batch.input_ids, batch.token_type_ids)
-        mask = adapter.layer_mask(config, h_fp, batch.attention_mask)
-        diffs, norms = [], []
-        for l_fp, l_q in zip(adapter.layers(fp_model), adapter.layers(q_model)):
-            h_fp, h_q = adapter.run_layer(l_fp, h_fp, mask), adapter.run_layer(l_q, h_q, mask)
-            diffs.append((((h_q - h_fp) ** 2) * m).sum().item())
-            norms.append(((h_fp**2) * m).sum().item())
-        num = diffs if num is None else [a + b for a, b in zip(num, diffs)]
-        den = norms if den is None else [a + b for a, b in zip(den, norms)]
-    return [a / max(b, 1e-30) for a, b in zip(num or [], den or [])]
+def main() -> None:
+    _hydra_main()
 
 
 if __name__ == "__main__":
-    # The command line lives in its own module, so that this one is not imported twice
-    # (once as __main__, once as mrem_dist.evaluate by the pipeline it calls).
-    from mrem_dist.artifact.evaluate import main
-
     main()

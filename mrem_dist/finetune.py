@@ -33,41 +33,31 @@ def save_model(loaded, path: Path) -> None:
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
-    import platform
-
-    import torch
-
-    from mrem_dist.distributed import resolve_device
+    from mrem_dist.context import RunContext, environment
     from mrem_dist.engine.finetune import FinetuneSettings, train_task
-    from mrem_dist.evaluate import model_outputs, task_metrics
+    from mrem_dist.inputs import prepare_train, task_train_split
     from mrem_dist.io import atomic_write_json, atomic_write_text
-    from mrem_dist.models import load_model
-    from mrem_dist.pipeline import Timer, prepare_data, prepare_train, task_train_split
+    from mrem_dist.scoring import score
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    timer = Timer()
-    t0 = time.perf_counter()
+    ctx = RunContext.begin(cfg)
+    timer, device = ctx.timer, ctx.device
     with timer("load"):
         train_split, num_labels = task_train_split(cfg.data)
-        loaded = load_model(cfg.model.path, "classifier", cfg.model.dtype, num_labels=num_labels)
-        prepared = prepare_data(cfg.data, loaded, calibration=False)
+        loaded = ctx.load("classifier", num_labels, calibration=False)
         train = prepare_train(train_split, cfg.data, loaded)
+    prepared = ctx.data
     log.info("fine-tuning %s (%d labels) on %s: %d training / %d evaluation examples, %d steps", cfg.model.path,
-             num_labels, cfg.data.name, len(train), len(prepared.evalset.labels), cfg.steps)
-    model, adapter = loaded.model.to(device), loaded.adapter
-    eval_batches = [b.to(device) for b in prepared.evalset.batches]
+             num_labels, cfg.data.name, len(train), prepared.description["evaluation_samples"], cfg.steps)
+    model, family = loaded.model, loaded.family
     settings = FinetuneSettings(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
                                 batch_size=cfg.data.batch_size, seed=cfg.seed, log_every=cfg.log_every)
     with timer("finetune"):
-        history = train_task(model, adapter, list(model.parameters()), train, settings, device)
+        history = train_task(model, family, list(model.parameters()), train, settings, device)
     with timer("evaluate"):
-        metrics = task_metrics(model_outputs(model, adapter, eval_batches), prepared.evalset)
+        _, metrics = score(None, model, family, loaded.task, prepared.evalset).compute()
     run_dir = Path(cfg.run_dir)
     save_model(loaded, run_dir / "model")
-    timer.seconds["total"] = round(time.perf_counter() - t0, 3)
+    timer.seconds["total"] = round(time.perf_counter() - ctx.started, 3)
     report = {
         "command": "finetune", "model": {"path": cfg.model.path, "parameters": loaded.num_parameters, "labels": num_labels},
         "data": {**prepared.description, "train_samples": len(train)},
@@ -75,8 +65,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         "finetune": {"steps": cfg.steps, "lr": cfg.lr, "loss_first": history["losses"][0],
                      "loss_last": history["losses"][-1], "seconds": history["seconds"]},
         "timings_s": timer.seconds,
-        "environment": {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
-                        "python": platform.python_version()},
+        "environment": environment(device),
         "config": dataclasses.asdict(cfg),
     }
     atomic_write_json(run_dir / "report.json", report)

@@ -16,15 +16,19 @@ from typing import Collection, Iterable, Iterator, Optional
 import torch
 from torch import nn
 
-from mrem_dist.config import QuantConfig
 from mrem_dist.log import get_logger
-from mrem_dist.models.adapters import ModelAdapter
+from mrem_dist.models.families import ModelFamily
 from mrem_dist.quant import ActQuantizer, QuantEmbedding, QuantLinear, WeightQuantizer, calibrating
+from mrem_dist.scheme import QuantScheme
 
 log = get_logger(__name__)
 
 
-def weight_quantizer(scheme: QuantConfig, learnable: bool = True) -> WeightQuantizer:
+def weight_grid(scheme: QuantScheme) -> str:
+    return "ternary" if scheme.ternary else "full" if scheme.w_full_range else "restricted"
+
+
+def weight_quantizer(scheme: QuantScheme, learnable: bool = True) -> WeightQuantizer:
     return WeightQuantizer(
         bits=scheme.w_bits,
         symmetric=scheme.w_symmetric,
@@ -32,13 +36,12 @@ def weight_quantizer(scheme: QuantConfig, learnable: bool = True) -> WeightQuant
         groups=scheme.w_groups,
         clip=scheme.w_clip,
         prior=scheme.aciq_prior,
-        ternary=scheme.ternary,
+        grid=weight_grid(scheme),
         learnable=learnable,
-        full_range=scheme.w_full_range,
     )
 
 
-def act_quantizer(scheme: QuantConfig, name: str, learnable: bool = True) -> ActQuantizer | None:
+def act_quantizer(scheme: QuantScheme, name: str, learnable: bool = True) -> ActQuantizer | None:
     if scheme.a_bits is None:
         return None
     return ActQuantizer(
@@ -51,7 +54,7 @@ def act_quantizer(scheme: QuantConfig, name: str, learnable: bool = True) -> Act
     )
 
 
-def quantize_layers(layers: Iterable[tuple[str, nn.Module]], scheme: QuantConfig, learnable: bool = True) -> int:
+def quantize_layers(layers: Iterable[tuple[str, nn.Module]], scheme: QuantScheme, learnable: bool = True) -> int:
     """Replace every nn.Linear inside the given (name, layer) pairs by a QuantLinear, in place.
     Returns the number of Linears replaced."""
     count = 0
@@ -85,33 +88,35 @@ def _linears(module: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
 
 def quantize_model(
     model: nn.Module,
-    adapter: ModelAdapter,
-    scheme: QuantConfig,
+    family: ModelFamily,
+    scheme: QuantScheme,
     learnable: bool = True,
     layers: Optional[Collection[int]] = None,
     embeddings: bool = True,
 ) -> nn.Module:
     """Quantize `model` in place (callers deep-copy first when they keep the FP model).
 
-    `layers` (indices) and `embeddings` restrict it to a partition: a rank of MREM-P quantizes
-    only the modules it holds."""
-    prefix = adapter.layer_prefix(model)
+    Projections that are not nn.Linear are first normalized into nn.Linear by the family (a layer
+    with none left is an error). `layers` (indices) and `embeddings` restrict it to a partition:
+    a rank of MREM-P quantizes only the modules it holds."""
+    family.normalize_projections(model)
+    prefix = family.layer_prefix(model)
     chosen = [
-        (f"{prefix}.{i}", layer) for i, layer in enumerate(adapter.layers(model)) if layers is None or i in layers
+        (f"{prefix}.{i}", layer) for i, layer in enumerate(family.layers(model)) if layers is None or i in layers
     ]
     n = quantize_layers(chosen, scheme, learnable)
     if scheme.e_bits is not None and embeddings:
-        emb = adapter.word_embeddings(model)
+        emb = family.word_embeddings(model)
         wq = WeightQuantizer(
             bits=scheme.e_bits,
             symmetric=True,
             granularity=scheme.e_granularity,
             clip=scheme.w_clip,
             prior=scheme.aciq_prior,
+            grid="full" if scheme.w_full_range else "restricted",
             learnable=learnable,
-            full_range=scheme.w_full_range,
         )
-        adapter.set_word_embeddings(model, QuantEmbedding(emb, wq))
+        family.set_word_embeddings(model, QuantEmbedding(emb, wq))
     log.info(
         "quantized %d Linear layers to W%d%s, word embeddings %s, activations %s",
         n,

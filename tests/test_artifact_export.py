@@ -9,10 +9,10 @@ import torch
 
 from conftest import build_tiny, minilm_dir
 from mrem_dist.artifact import ArtifactError, export_quantized, load_quantized
-from mrem_dist.config import QuantConfig
-from mrem_dist.models.adapters import ADAPTERS
+from mrem_dist.scheme import QuantScheme
+from mrem_dist.models import FAMILIES
 from mrem_dist.quantize import calibrate_activations, quantize_model
-from mrem_dist.evaluate import run_batch
+from mrem_dist.scoring import run_batch
 from test_engine import _batches
 
 
@@ -25,38 +25,38 @@ def tokenizer():
 
 def _quantized(family, head, scheme):
     model = build_tiny(family, head)
-    adapter = ADAPTERS[family]
-    q = quantize_model(copy.deepcopy(model), adapter, scheme, learnable=True)
+    family = FAMILIES[family]
+    q = quantize_model(copy.deepcopy(model), family, scheme, learnable=True)
     batches = _batches(2)
-    calibrate_activations(q, lambda m, b: run_batch(m, adapter, b), batches)
+    calibrate_activations(q, lambda m, b: run_batch(m, family, b), batches)
     with torch.no_grad():  # move weights and step sizes off their init, as training would
         for p in q.parameters():
             p.add_(0.01 * torch.randn_like(p) * p.abs().mean())
-    return q.eval(), adapter
+    return q.eval(), family
 
 
 SCHEMES = {
-    "w4a8": QuantConfig(),
-    "w2e2a8-ternary": QuantConfig(w_bits=2, e_bits=2, ternary=True),
-    "w3-asym": QuantConfig(w_bits=3, w_symmetric=False),
-    "w8-group-ocs": QuantConfig(w_bits=8, w_granularity="group", w_groups=4, ocs_ratio=0.05),
-    "w4-dynamic-fp-emb": QuantConfig(e_bits=None, a_mode="dynamic"),
-    "w2e4a8-full-range": QuantConfig(w_bits=2, e_bits=4, w_full_range=True),
+    "w4a8": QuantScheme(),
+    "w2e2a8-ternary": QuantScheme(w_bits=2, e_bits=2, ternary=True),
+    "w3-asym": QuantScheme(w_bits=3, w_symmetric=False),
+    "w8-group-ocs": QuantScheme(w_bits=8, w_granularity="group", w_groups=4, ocs_ratio=0.05),
+    "w4-dynamic-fp-emb": QuantScheme(e_bits=None, a_mode="dynamic"),
+    "w2e4a8-full-range": QuantScheme(w_bits=2, e_bits=4, w_full_range=True),
 }
 
 
 @pytest.mark.parametrize("family,head", [("bert", True), ("bert", False), ("roberta", False), ("distilbert", True)])
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_loaded_model_reproduces_the_fake_quantized_one(tmp_path, tokenizer, family, head, scheme):
-    q, adapter = _quantized(family, head, SCHEMES[scheme])
+    q, family = _quantized(family, head, SCHEMES[scheme])
     kind = "classifier" if head else "encoder"
     meta = export_quantized(q, tokenizer, SCHEMES[scheme], kind, tmp_path / "art")
     loaded = load_quantized(tmp_path / "art")
-    assert loaded.kind == kind and loaded.meta["modules"].keys() == meta["modules"].keys()
+    assert loaded.task.kind == kind and loaded.meta.modules.keys() == meta["modules"].keys()
     b = _batches(1, seed=3)[0]
     with torch.no_grad():
-        want = run_batch(q, adapter, b)
-        got = run_batch(loaded.model, loaded.adapter, b)
+        want = run_batch(q, family, b)
+        got = run_batch(loaded.model, loaded.family, b)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not list(tmp_path.glob(".*tmp"))
 
@@ -64,8 +64,8 @@ def test_loaded_model_reproduces_the_fake_quantized_one(tmp_path, tokenizer, fam
 def test_packed_file_is_smaller(tmp_path, tokenizer):
     from safetensors.torch import save_file
 
-    q, _ = _quantized("bert", False, QuantConfig(w_bits=4, e_bits=8))
-    meta = export_quantized(q, tokenizer, QuantConfig(w_bits=4, e_bits=8), "encoder", tmp_path / "art")
+    q, _ = _quantized("bert", False, QuantScheme(w_bits=4, e_bits=8))
+    meta = export_quantized(q, tokenizer, QuantScheme(w_bits=4, e_bits=8), "encoder", tmp_path / "art")
     fp = build_tiny("bert", False)
     save_file({k: v.contiguous() for k, v in fp.state_dict().items()}, str(tmp_path / "fp.safetensors"))
     ratio = meta["bytes"]["model.safetensors"] / (tmp_path / "fp.safetensors").stat().st_size
@@ -74,15 +74,15 @@ def test_packed_file_is_smaller(tmp_path, tokenizer):
 
 @pytest.fixture()
 def artifact(tmp_path, tokenizer):
-    q, _ = _quantized("bert", True, QuantConfig())
-    export_quantized(q, tokenizer, QuantConfig(), "classifier", tmp_path / "art")
+    q, _ = _quantized("bert", True, QuantScheme())
+    export_quantized(q, tokenizer, QuantScheme(), "classifier", tmp_path / "art")
     return tmp_path / "art"
 
 
 def test_existing_target_is_refused(artifact, tokenizer):
-    q, _ = _quantized("bert", True, QuantConfig())
+    q, _ = _quantized("bert", True, QuantScheme())
     with pytest.raises(FileExistsError, match="already exists"):
-        export_quantized(q, tokenizer, QuantConfig(), "classifier", artifact)
+        export_quantized(q, tokenizer, QuantScheme(), "classifier", artifact)
 
 
 def test_truncated_tensors_are_refused(artifact):
@@ -121,7 +121,7 @@ def test_int8_kernel_reproduces_the_float_kernel(tmp_path, tokenizer, family, he
     grid boundary (one code step), so the whole model is compared with a relative L2 tolerance."""
     from mrem_dist.quant.int8 import Int8Linear, cpu_int8_code_limit
 
-    q, adapter = _quantized(family, head, SCHEMES[scheme])
+    q, family = _quantized(family, head, SCHEMES[scheme])
     export_quantized(q, tokenizer, SCHEMES[scheme], "classifier" if head else "encoder", tmp_path / "art")
     if backend == "onednn" and SCHEMES[scheme].w_bits == 8 and cpu_int8_code_limit() < 127:
         with pytest.raises(ValueError, match="exact only up to"):
@@ -132,8 +132,8 @@ def test_int8_kernel_reproduces_the_float_kernel(tmp_path, tokenizer, family, he
     reference = load_quantized(tmp_path / "art")
     b = _batches(1, seed=3)[0]
     with torch.no_grad():
-        want = run_batch(reference.model, adapter, b)
-        got = run_batch(art.model, adapter, b)
+        want = run_batch(reference.model, family, b)
+        got = run_batch(art.model, family, b)
     rel = ((got - want).norm() / want.norm()).item()
     assert rel < 1e-3, rel
 

@@ -30,7 +30,7 @@ FP = Fingerprint("m1", "d1", "s1")
 
 
 def test_save_keeps_the_latest_and_loads_them_back(tmp_path):
-    ck = Checkpointer(tmp_path / "run", FP, rank=0, every=2, keep=2)
+    ck = Checkpointer(tmp_path / "run", FP, stage=0, every=2, keep=2)
     ck.prepare()
     assert not (tmp_path / "run").exists()  # nothing is created before the first checkpoint
     for step in (2, 4, 6):
@@ -76,7 +76,7 @@ def test_fingerprint_sees_weights_and_data(tiny_encoder_dir):
 
 
 def _run(tmp_path, name, model_dir, csvs, *extra):
-    from mrem_dist.pipeline import execute
+    from mrem_dist.runner import execute
 
     return execute(_cfg(tmp_path / name, f"model.path={model_dir}", *COMMON, "method.modules=2",
                         *_small_data(*csvs), *extra))
@@ -101,7 +101,7 @@ def test_stop_signal_checkpoints_and_the_rerun_resumes(tmp_path, tiny_encoder_di
     with pytest.raises(Preempted, match="stopped after step 3 of 8") as stopped:
         _run(tmp_path, "stopped", tiny_encoder_dir, sst_like_csv, *extra)
     assert stopped.value.exit_code == 4
-    assert [p.name for p in ckpt.glob("*/rank0/*.pt")] == ["step00000003.pt"]
+    assert [p.name for p in ckpt.glob("*/stage0/*.pt")] == ["step00000003.pt"]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
     monkeypatch.setattr(R.ModuleTrainer, "train_step", original)
 
@@ -163,7 +163,7 @@ def test_mrem_s_resumes_mid_module_and_restores_finished_modules(tmp_path, tiny_
     module 0 from its checkpoint (not trained again), continues module 1 from step 5, and ends
     with the weights and loss curves of an uninterrupted run."""
     from mrem_dist.engine import reconstruct as R
-    from mrem_dist.pipeline import execute
+    from mrem_dist.runner import execute
 
     def run(name, *extra):
         common = [x for x in COMMON if x != "method=mrem_p"]

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import build_tiny
-from mrem_dist.config import MethodConfig, QuantConfig
+from mrem_dist.config import MethodConfig
+from mrem_dist.scheme import QuantScheme
 from mrem_dist.data import Batch
 from mrem_dist.engine import (
     ActivationStore,
@@ -26,10 +27,10 @@ from mrem_dist.engine import (
     split_contiguous,
     trainable_groups,
 )
-from mrem_dist.models.adapters import ADAPTERS
-from mrem_dist.pipeline import recon_settings
+from mrem_dist.models import FAMILIES
+from mrem_dist.context import recon_settings
 from mrem_dist.quantize import calibrate_activations, quantize_model
-from mrem_dist.evaluate import run_batch
+from mrem_dist.scoring import run_batch
 
 # -- partition --------------------------------------------------------------------------------
 
@@ -71,29 +72,29 @@ def test_more_modules_than_layers_is_a_clear_error():
         split_contiguous([1.0] * 4, 5)
     model = build_tiny("bert", head=False)  # 4 layers
     with pytest.raises(ValueError, match="cannot cut 4 layers into 7 modules"):
-        partition(model, ADAPTERS["bert"], 7)
+        partition(model, FAMILIES["bert"], 7)
 
 
 def test_partition_specs_cover_the_model():
     model = build_tiny("bert", head=True)
-    specs = partition(model, ADAPTERS["bert"], 0)
+    specs = partition(model, FAMILIES["bert"], 0)
     assert [(s.start, s.stop) for s in specs] == [(0, 1), (1, 2), (2, 3), (3, 4)]
     assert specs[0].first and not specs[0].last and specs[-1].last
     assert specs[0].describe() == "module 0: embeddings + layers 0-0"
     assert specs[-1].describe() == "module 3: layers 3-3 + head"
-    two = partition(model, ADAPTERS["bert"], 2)
+    two = partition(model, FAMILIES["bert"], 2)
     assert [(s.start, s.stop) for s in two] == [(0, 2), (2, 4)]
 
 
 def test_param_balance_charges_the_embeddings_to_the_first_layer():
     model = build_tiny("bert", head=False)
-    adapter = ADAPTERS["bert"]
-    by_params = layer_costs(model, adapter, "params")
-    emb = sum(p.numel() for p in adapter.embeddings(model).parameters())
+    family = FAMILIES["bert"]
+    by_params = layer_costs(model, family, "params")
+    emb = sum(p.numel() for p in family.embeddings(model).parameters())
     assert by_params[0] == pytest.approx(by_params[1] + emb)
     # The table is huge in parameters but a lookup in compute: the cost balance keeps layers even.
-    assert _sizes([(s.start, s.stop) for s in partition(model, adapter, 2, "cost")]) == [2, 2]
-    assert _sizes([(s.start, s.stop) for s in partition(model, adapter, 2, "params")]) == [1, 3]
+    assert _sizes([(s.start, s.stop) for s in partition(model, family, 2, "cost")]) == [2, 2]
+    assert _sizes([(s.start, s.stop) for s in partition(model, family, 2, "params")]) == [1, 3]
 
 
 # -- schedule ---------------------------------------------------------------------------------
@@ -140,15 +141,15 @@ def _batches(n=3, b=4, s=12, seed=0, vocab=30522):
 @pytest.mark.parametrize("head", [False, True])
 def test_chained_stages_equal_the_whole_model(family, head):
     model = build_tiny(family, head=head)
-    adapter = ADAPTERS[family]
+    family = FAMILIES[family]
     batch = _batches(1)[0]
     if family == "distilbert":
         batch = Batch(batch.input_ids, batch.attention_mask)
     with torch.no_grad():
-        whole = run_batch(model, adapter, batch)
+        whole = run_batch(model, family, batch)
         hidden = None
-        for spec in partition(model, adapter, 2):
-            out = Stage(model, adapter, spec)(hidden, batch)
+        for spec in partition(model, family, 2):
+            out = Stage(model, family, spec)(hidden, batch)
             hidden = out.hidden[-1]
         result = out.logits if head else hidden
     assert torch.equal(result, whole)
@@ -159,17 +160,17 @@ def test_chained_stages_equal_the_whole_model(family, head):
 
 def _setup(head=False, w_bits=2, seed=0, family="bert"):
     model = build_tiny(family, head=head, seed=seed)
-    adapter = ADAPTERS[family]
-    q = quantize_model(copy.deepcopy(model), adapter, QuantConfig(name="t", w_bits=w_bits, w_clip="mse"), learnable=True)
+    family = FAMILIES[family]
+    q = quantize_model(copy.deepcopy(model), family, QuantScheme(name="t", w_bits=w_bits, w_clip="mse"), learnable=True)
     batches = _batches(4)
-    calibrate_activations(q, lambda m, b: run_batch(m, adapter, b), batches)
-    return model, q, adapter, batches
+    calibrate_activations(q, lambda m, b: run_batch(m, family, b), batches)
+    return model, q, family, batches
 
 
 def _run(method: MethodConfig, head=False, **kw):
-    model, q, adapter, batches = _setup(head=head)
-    specs = partition(model, adapter, method.modules)
-    result = reconstruct_sequential(model, q, adapter, specs, batches, recon_settings(method), seed=0, **kw)
+    model, q, family, batches = _setup(head=head)
+    specs = partition(model, family, method.modules)
+    result = reconstruct_sequential(model, q, family, specs, batches, recon_settings(method), seed=0, **kw)
     return q, result
 
 
@@ -240,8 +241,8 @@ def test_activation_store_round_trip(tmp_path):
 
 
 def test_only_weights_and_scales_train_by_default():
-    model, q, adapter, _ = _setup()
-    stage = Stage(q, adapter, partition(q, adapter, 2)[1])
+    model, q, family, _ = _setup()
+    stage = Stage(q, family, partition(q, family, 2)[1])
     names = {id(p): n for n, p in stage.named_parameters()}
     default = [names[id(p)] for g in trainable_groups(stage, ReconSettings()) for p in g["params"]]
     assert default and all(n.endswith(".weight") and "LayerNorm" not in n or n.endswith(".scale") for n in default)
@@ -265,14 +266,14 @@ def test_diverging_training_names_the_module():
 def test_module_trainer_steps_return_the_streams_for_the_next_module():
     from mrem_dist.engine import ModuleTrainer
 
-    model, q, adapter, batches = _setup()
-    specs = partition(model, adapter, 2)
-    first = ModuleTrainer(Stage(q, adapter, specs[0]), Stage(model, adapter, specs[0]), ReconSettings(steps=3, lam="anneal"))
-    second = ModuleTrainer(Stage(q, adapter, specs[1]), Stage(model, adapter, specs[1]), ReconSettings(steps=3, lam="anneal"))
+    model, q, family, batches = _setup()
+    specs = partition(model, family, 2)
+    first = ModuleTrainer(Stage(q, family, specs[0]), Stage(model, family, specs[0]), ReconSettings(steps=3, lam="anneal"))
+    second = ModuleTrainer(Stage(q, family, specs[1]), Stage(model, family, specs[1]), ReconSettings(steps=3, lam="anneal"))
     for t in range(3):  # lockstep: both modules step on the same batch, module 0's outputs feeding module 1
         teacher_out, student_out = first.train_step(t, batches[t], None, None)
         with torch.no_grad():
-            assert torch.equal(teacher_out.hidden[-1], Stage(model, adapter, specs[0])(None, batches[t]).hidden[-1])
+            assert torch.equal(teacher_out.hidden[-1], Stage(model, family, specs[0])(None, batches[t]).hidden[-1])
         second.train_step(t, batches[t], teacher_out.hidden[-1], student_out.hidden[-1].detach())
     results = [first.finish(), second.finish()]
     assert [r.lams for r in results] == [[1.0, 0.0, 0.0]] * 2  # anneal over half of 3 steps: t0 = 1
@@ -287,9 +288,9 @@ def test_every_tensor_has_exactly_one_owning_module():
     from mrem_dist.engine import tensor_owner
 
     model = build_tiny("bert", head=True)
-    adapter = ADAPTERS["bert"]
-    specs = partition(model, adapter, 2)  # layers 0-1 | 2-3
-    owner = tensor_owner(model, adapter, specs)
+    family = FAMILIES["bert"]
+    specs = partition(model, family, 2)  # layers 0-1 | 2-3
+    owner = tensor_owner(model, family, specs)
     owners = {name: owner(name) for name in model.state_dict()}
     assert owners["bert.embeddings.word_embeddings.weight"] == 0
     assert owners["bert.encoder.layer.1.output.dense.weight"] == 0
@@ -302,19 +303,19 @@ def test_a_rank_keeps_only_its_modules_and_they_still_run():
     from mrem_dist.engine import owned_state, release_unowned, tensor_owner
 
     model = build_tiny("bert", head=True)
-    adapter = ADAPTERS["bert"]
-    specs = partition(model, adapter, 2)
+    family = FAMILIES["bert"]
+    specs = partition(model, family, 2)
     whole = copy.deepcopy(model)
     batch = _batches(1)[0]
     hidden = torch.randn(*batch.input_ids.shape, 32)
-    expected = Stage(whole, adapter, specs[1])(hidden, batch)
-    owner = tensor_owner(model, adapter, specs)
+    expected = Stage(whole, family, specs[1])(hidden, batch)
+    owner = tensor_owner(model, family, specs)
     total = sum(p.numel() for p in model.parameters())
     freed = release_unowned(model, owner, {1})
     assert 0 < freed < total + 1000
     assert model.bert.embeddings.word_embeddings.weight.numel() == 0
     assert model.bert.encoder.layer[0].attention.self.query.weight.numel() == 0
-    got = Stage(model, adapter, specs[1])(hidden, batch)
+    got = Stage(model, family, specs[1])(hidden, batch)
     assert torch.equal(got.logits, expected.logits)
     state = owned_state(model, owner, {1})
     assert state and all(owner(k) == 1 and v.numel() > 0 for k, v in state.items())

@@ -12,9 +12,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import REPO
-from mrem_dist.artifact.evaluate import evaluate_artifact
+from mrem_dist.evaluate import evaluate_artifact
 from mrem_dist.config import register_configs, validate_evaluate
-from mrem_dist.pipeline import run
+from mrem_dist.runner import run
 from test_pipeline import _cfg, _small_data
 
 register_configs()

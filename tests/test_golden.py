@@ -70,14 +70,14 @@ def _overrides(model_dir: str, data: tuple, name: str) -> list[str]:
 
 
 def _single(tmp: Path, model_dir: str, data: tuple, name: str) -> str:
-    from mrem_dist.pipeline import execute
+    from mrem_dist.runner import execute
 
     _, qmodel = execute(_cfg(tmp / name, *_overrides(model_dir, data, name)))
     return state_hash(qmodel.state_dict())
 
 
 def _rank_job(rank: int, model_dir: str, data: tuple, run_dir: str, out: str) -> None:
-    from mrem_dist.pipeline import execute
+    from mrem_dist.runner import execute
 
     result = execute(_cfg(run_dir, *_overrides(model_dir, data, "mrem_p")))
     if result is not None:

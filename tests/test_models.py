@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from conftest import build_tiny
-from mrem_dist.models import ADAPTERS, adapter_for, load_model, resolve_model_path
+from mrem_dist.data import Batch
+from mrem_dist.models import FAMILIES, family_for, load_model, resolve_model_path
 
 
 def _inputs(batch=3, seq=12, vocab=30522, seed=0):
@@ -14,45 +15,45 @@ def _inputs(batch=3, seq=12, vocab=30522, seed=0):
     return ids, mask
 
 
-@pytest.mark.parametrize("family", sorted(ADAPTERS))
+@pytest.mark.parametrize("name", sorted(FAMILIES))
 @pytest.mark.parametrize("head", [False, True])
-def test_adapter_forward_matches_hf_forward(family, head):
-    model = build_tiny(family, head)
-    adapter = ADAPTERS[family]
+def test_family_forward_matches_hf_forward(name, head):
+    model = build_tiny(name, head)
+    family = FAMILIES[name]
     ids, mask = _inputs()
     with torch.no_grad():
         hf = model(input_ids=ids, attention_mask=mask)
         ref = hf.logits if head else hf.last_hidden_state
-        ours = adapter.forward(model, ids, mask)
+        ours = family.forward(model, Batch(ids, mask))
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
-    assert len(adapter.layers(model)) == model.config.num_hidden_layers if family != "distilbert" else 3
-    assert adapter.is_task_model(model) == head
-    assert isinstance(adapter.word_embeddings(model), torch.nn.Embedding)
+    assert len(family.layers(model)) == (model.config.num_hidden_layers if name != "distilbert" else 3)
+    assert family.is_task_model(model) == head
+    assert isinstance(family.word_embeddings(model), torch.nn.Embedding)
 
 
 def test_layer_prefix_names_real_modules():
     for head in (False, True):
         model = build_tiny("bert", head)
-        prefix = ADAPTERS["bert"].layer_prefix(model)
-        assert model.get_submodule(prefix + ".0") is ADAPTERS["bert"].layers(model)[0]
+        prefix = FAMILIES["bert"].layer_prefix(model)
+        assert model.get_submodule(prefix + ".0") is FAMILIES["bert"].layers(model)[0]
 
 
 def test_unknown_family_error_names_fix():
-    with pytest.raises(ValueError, match="has no adapter.*mrem_dist/models/adapters.py"):
-        adapter_for("t5")
+    with pytest.raises(ValueError, match="has no family.*mrem_dist/models/adapters.py"):
+        family_for("t5")
 
 
 @pytest.mark.slow
 def test_load_builtin_minilm_is_encoder():
     loaded = load_model("builtin:all-MiniLM-L6-v2")
-    assert loaded.kind == "encoder" and loaded.adapter.family == "bert"
-    assert len(loaded.adapter.layers(loaded.model)) == 6
+    assert loaded.task.kind == "encoder" and loaded.family.name == "bert"
+    assert len(loaded.family.layers(loaded.model)) == 6
     assert loaded.model.config.hidden_size == 384
 
 
 def test_load_local_classifier(tiny_classifier_dir):
     loaded = load_model(tiny_classifier_dir)
-    assert loaded.kind == "classifier" and loaded.num_labels == 2
+    assert loaded.task.kind == "classifier" and loaded.task.num_labels == 2
 
 
 def test_classifier_kind_without_head_is_refused(tiny_encoder_dir):

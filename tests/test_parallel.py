@@ -23,7 +23,7 @@ def _job(rank: int, model_dir: str, data: tuple, run_dir: str, out_dir: str, ove
     import os
 
     from mrem_dist.engine import reconstruct as R
-    from mrem_dist.pipeline import execute
+    from mrem_dist.runner import execute
 
     if rank == fail_rank:  # fault injection: this rank raises (or, kill=True, dies at once) mid-training
         original = R.ModuleTrainer.train_step
@@ -50,7 +50,7 @@ def _job(rank: int, model_dir: str, data: tuple, run_dir: str, out_dir: str, ove
 
 
 def _single(model_dir, data, run_dir, overrides):
-    from mrem_dist.pipeline import execute
+    from mrem_dist.runner import execute
 
     report, qmodel = execute(_cfg(run_dir, f"model.path={model_dir}", *COMMON, *_small_data(*data), *overrides))
     return report, qmodel.state_dict()
@@ -87,7 +87,7 @@ def test_two_ranks_train_at_once_and_equal_one_process(tmp_path, tiny_encoder_di
     assert [m["losses"] for m in single["reconstruction"]["modules"]] == [m["losses"] for m in rec["modules"]]
     # The coordinator's artifact loads and runs like the model it assembled.
     import mrem_dist
-    from mrem_dist.evaluate import run_batch
+    from mrem_dist.scoring import run_batch
     from test_engine import _batches
 
     art = mrem_dist.load_quantized(run_dir / "model")
@@ -95,7 +95,7 @@ def test_two_ranks_train_at_once_and_equal_one_process(tmp_path, tiny_encoder_di
     reference.load_state_dict(state)
     b = _batches(1)[0]
     with torch.no_grad():
-        torch.testing.assert_close(run_batch(art.model, art.adapter, b), run_batch(reference, art.adapter, b))
+        torch.testing.assert_close(run_batch(art.model, art.family, b), run_batch(reference, art.family, b))
     assert report["artifact"]["ratio_to_fp32"] < 0.5
 
 
@@ -106,7 +106,7 @@ def test_lam_one_on_three_ranks_equals_sequential_lkd(tmp_path, tiny_encoder_dir
     out = tmp_path / "out"
     out.mkdir()
     run_ranks(_job, 3, tiny_encoder_dir, sst_like_csv, str(tmp_path / "run"), str(out), overrides, -1)
-    from mrem_dist.pipeline import execute
+    from mrem_dist.runner import execute
 
     cfg = _cfg(tmp_path / "seq", f"model.path={tiny_encoder_dir}", *COMMON, *_small_data(*sst_like_csv),
                "method=lkd", "method.modules=3")
@@ -141,7 +141,7 @@ def test_a_killed_rank_resumes_to_the_uninterrupted_result(tmp_path, tiny_encode
     assert codes[1] == 9 and codes[0] not in (0, None), codes
     (run_key,) = [p for p in ckpt.iterdir()]
     assert (run_key / "fingerprint.json").is_file()
-    assert max(int(p.stem[4:]) for p in (run_key / "rank1").glob("step*.pt")) == 4
+    assert max(int(p.stem[4:]) for p in (run_key / "stage1").glob("step*.pt")) == 4
 
     run_ranks(_job, 2, tiny_encoder_dir, sst_like_csv, str(tmp_path / "run2"), str(resumed), overrides, -1)
     report = json.loads((resumed / "report.json").read_text())

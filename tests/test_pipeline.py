@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from conftest import REPO
 from mrem_dist.config import register_configs, validate
-from mrem_dist.pipeline import execute, run
+from mrem_dist.runner import execute, run
 
 register_configs()
 
@@ -117,7 +117,7 @@ def test_nan_weight_is_named(tmp_path, tiny_encoder_dir):
         loaded.model.encoder.layer[2].output.dense.weight[0, 0] = float("inf")
     cfg = _cfg(tmp_path)
     with pytest.raises(ValueError, match=r"encoder.layer.2.output.dense.*NaN/inf"):
-        quantize_model(loaded.model, loaded.adapter, cfg.quant)
+        quantize_model(loaded.model, loaded.family, cfg.quant)
 
 
 @pytest.mark.slow
@@ -218,7 +218,7 @@ def test_builtin_default_on_the_real_minilm(tmp_path):
     # Its artifact: W8 weights, E8 embeddings packed one code per byte (about a quarter of FP32),
     # readable by others, and loading it gives the model that was evaluated.
     import mrem_dist
-    from mrem_dist.evaluate import run_batch
+    from mrem_dist.scoring import run_batch
 
     art_dir = tmp_path / "model"
     assert 0.2 < report["artifact"]["ratio_to_fp32"] < 0.3 and oct(art_dir.stat().st_mode)[-3:] != "700"
@@ -228,6 +228,6 @@ def test_builtin_default_on_the_real_minilm(tmp_path):
 
     b = Batch(enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"))
     with torch.no_grad():
-        torch.testing.assert_close(run_batch(art.model, art.adapter, b), run_batch(qmodel, art.adapter, b),
+        torch.testing.assert_close(run_batch(art.model, art.family, b), run_batch(qmodel, art.family, b),
                                    rtol=1e-4, atol=1e-4)
 

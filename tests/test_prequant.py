@@ -17,11 +17,12 @@ from torch import nn
 
 from conftest import REPO, build_tiny
 from mrem_dist.artifact import export_quantized, load_quantized
-from mrem_dist.config import ConfigError, QuantConfig, register_configs, validate, validate_finetune
+from mrem_dist.config import ConfigError, register_configs, validate, validate_finetune
+from mrem_dist.scheme import QuantScheme
 from mrem_dist.data import Batch
 from mrem_dist.data.movie_reviews import FILE, load_movie_reviews, split_of
-from mrem_dist.engine.finetune import FinetuneSettings, TrainSet, head_parameters, lr_factor, train_task
-from mrem_dist.models.adapters import adapter_for
+from mrem_dist.engine.finetune import FinetuneSettings, TrainSet, lr_factor, train_task
+from mrem_dist.models.families import family_for
 from mrem_dist.prequant import (
     outlier_count,
     outlier_scores,
@@ -33,7 +34,7 @@ from mrem_dist.quant import ActQuantizer, QuantLinear, WeightQuantizer, calibrat
 from mrem_dist.quantize import quantize_model
 
 register_configs()
-W4A8 = QuantConfig(name="w4a8", w_bits=4, e_bits=8, a_bits=8)
+W4A8 = QuantScheme(name="w4a8", w_bits=4, e_bits=8, a_bits=8)
 
 
 def _qlinear(weight: torch.Tensor, act: bool = False) -> QuantLinear:
@@ -80,14 +81,14 @@ def test_quant_error_rule_weighs_the_rounding_error_by_the_activation():
 def test_select_outliers_finds_the_outlier_activation_dimension():
     # Real BERT-like behaviour, planted: one hidden dimension with huge activations.
     model = build_tiny("bert", head=True)
-    adapter = adapter_for("bert")
+    family = family_for("bert")
     with torch.no_grad():
         model.bert.embeddings.LayerNorm.weight[5] = 40.0  # every layer's input at dim 5 is large
-    quantize_model(model, adapter, W4A8, learnable=False)
+    quantize_model(model, family, W4A8, learnable=False)
     batches = [Batch(torch.randint(1000, 2000, (4, 12)), torch.ones(4, 12, dtype=torch.long))]
     with torch.no_grad(), calibrating(model):
-        adapter.forward(model, batches[0].input_ids, batches[0].attention_mask)
-    chosen = select_outliers(model, adapter, "quant_error", 0.005, batches)
+        family.forward(model, Batch(batches[0].input_ids, batches[0].attention_mask))
+    chosen = select_outliers(model, family, "quant_error", 0.005, batches)
     query = "bert.encoder.layer.0.attention.self.query"
     assert chosen[query] == [5]  # 1 of 32 columns; the planted dimension
     assert len(chosen) == 4 * 6  # every quantized Linear
@@ -159,19 +160,19 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 
 def test_prequant_finetuning_changes_only_the_outliers_and_the_head():
     model = build_tiny("bert", head=True)
-    adapter = adapter_for("bert")
-    quantize_model(model, adapter, W4A8, learnable=False)
+    family = family_for("bert")
+    quantize_model(model, family, W4A8, learnable=False)
     data = _train_set()
     calib = [data.batch(torch.arange(8))]
     with torch.no_grad(), calibrating(model):
-        adapter.forward(model, calib[0].input_ids, calib[0].attention_mask)
-    select_outliers(model, adapter, "weight_norm", 0.05, calib)
+        family.forward(model, Batch(calib[0].input_ids, calib[0].attention_mask))
+    select_outliers(model, family, "weight_norm", 0.05, calib)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     buffers = {n: b.clone() for n, b in model.named_buffers() if b is not None}
-    params = trainable_parameters(model, adapter)
-    history = train_task(model, adapter, params, data, FinetuneSettings(steps=6, lr=1e-2, batch_size=8), torch.device("cpu"))
+    params = trainable_parameters(model, family)
+    history = train_task(model, family, params, data, FinetuneSettings(steps=6, lr=1e-2, batch_size=8), torch.device("cpu"))
     assert len(history["losses"]) == 6
-    head = {n for n, _ in head_parameters(model, adapter)}
+    head = {n for n, _ in family.head_parameters(model)}
     assert head == {"bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"}
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     outliers = {n for n in before if n.endswith("outlier_weight")}
@@ -183,11 +184,11 @@ def test_prequant_finetuning_changes_only_the_outliers_and_the_head():
 
 def test_trainable_fraction_is_counted_exactly():
     model = build_tiny("bert", head=True)
-    adapter = adapter_for("bert")
-    quantize_model(model, adapter, QuantConfig(name="w4", w_bits=4, e_bits=None, a_bits=None), learnable=False)
+    family = family_for("bert")
+    quantize_model(model, family, QuantScheme(name="w4", w_bits=4, e_bits=None, a_bits=None), learnable=False)
     total = sum(p.numel() for p in model.parameters())
-    select_outliers(model, adapter, "weight_norm", 0.05, [])
-    counts = parameter_counts(model, adapter)
+    select_outliers(model, family, "weight_norm", 0.05, [])
+    counts = parameter_counts(model, family)
     # 4 layers x (4 Linears of 32 inputs: 2 columns of 32 rows; the 64-input one: 4 columns of 32
     # rows; the 32->64 one: 2 columns of 64 rows).
     outlier = 4 * (4 * 2 * 32 + 4 * 32 + 2 * 64)
@@ -202,25 +203,25 @@ def test_prequant_model_exports_and_loads_back_exactly(tmp_path):
     from conftest import minilm_dir
 
     model = build_tiny("bert", head=True)
-    adapter = adapter_for("bert")
-    quantize_model(model, adapter, W4A8, learnable=False)
+    family = family_for("bert")
+    quantize_model(model, family, W4A8, learnable=False)
     data = _train_set()
     batch = data.batch(torch.arange(8))
     with torch.no_grad(), calibrating(model):
-        adapter.forward(model, batch.input_ids, batch.attention_mask)
-    select_outliers(model, adapter, "quant_error", 0.05, [batch])
-    train_task(model, adapter, trainable_parameters(model, adapter), data, FinetuneSettings(steps=3, lr=1e-2, batch_size=8),
+        family.forward(model, Batch(batch.input_ids, batch.attention_mask))
+    select_outliers(model, family, "quant_error", 0.05, [batch])
+    train_task(model, family, trainable_parameters(model, family), data, FinetuneSettings(steps=3, lr=1e-2, batch_size=8),
                torch.device("cpu"))
-    ref = adapter.forward(model, batch.input_ids, batch.attention_mask).detach()
+    ref = family.forward(model, Batch(batch.input_ids, batch.attention_mask)).detach()
     meta = export_quantized(model, AutoTokenizer.from_pretrained(minilm_dir()), W4A8, "classifier", tmp_path / "art")
     name = "bert.encoder.layer.0.output.dense"
     assert meta["modules"][name]["outlier_columns"] == 4
     loaded = load_quantized(tmp_path / "art")
-    out = loaded.adapter.forward(loaded.model, batch.input_ids, batch.attention_mask)
+    out = loaded.family.forward(loaded.model, Batch(batch.input_ids, batch.attention_mask))
     assert torch.equal(out, ref)
     assert torch.equal(loaded.model.get_submodule(name).outlier_weight, model.get_submodule(name).outlier_weight)
     int8 = load_quantized(tmp_path / "art", kernel="int8")
-    assert torch.allclose(int8.adapter.forward(int8.model, batch.input_ids, batch.attention_mask), ref, atol=1e-3)
+    assert torch.allclose(int8.family.forward(int8.model, Batch(batch.input_ids, batch.attention_mask)), ref, atol=1e-3)
 
 
 # ----------------------------------------------------------------------------- the data
@@ -330,8 +331,8 @@ def test_finetune_then_prequant_end_to_end(tmp_path, sst_like_csv):
     assert len(report["prequant"]["finetune"]["loss_curve"]) == 8
 
     art = load_quantized(tmp_path / "pq" / "model")
-    assert art.kind == "classifier" and art.meta["source"] == str(tmp_path / "ft" / "model")
-    assert sum(m.get("outlier_columns", 0) for m in art.meta["modules"].values()) == 4 * (5 * 2 + 4)
+    assert art.task.kind == "classifier" and art.meta.source == str(tmp_path / "ft" / "model")
+    assert sum(m.outlier_columns for m in art.meta.modules.values()) == 4 * (5 * 2 + 4)
     # The evaluate command scores the artifact against that reference, as shipped.
     ev = subprocess.run([sys.executable, "-m", "mrem_dist.evaluate", f"artifact={tmp_path / 'pq' / 'model'}", *data,
                          f"hydra.run.dir={tmp_path / 'ev'}"], env=env, capture_output=True, text=True, timeout=300)

@@ -59,8 +59,8 @@ def test_bad_constructor_arguments():
         WeightQuantizer(9)
     with pytest.raises(ValueError, match="granularity='channel'"):
         WeightQuantizer(4, granularity="channel")
-    with pytest.raises(ValueError, match="ternary=True needs bits=2"):
-        WeightQuantizer(4, ternary=True)
+    with pytest.raises(ValueError, match="grid='ternary' needs bits=2"):
+        WeightQuantizer(4, grid="ternary")
     with pytest.raises(ValueError, match="dynamic"):
         ActQuantizer(8, mode="dynamic", symmetric=False)
     with pytest.raises(ValueError, match="mode='per_token'"):
@@ -93,7 +93,7 @@ def test_full_range_grid_is_zeroquants(bits):
     """full_range: step max|w| / 2^(b-1), codes [-2^(b-1), 2^(b-1)-1] (DeepSpeed's SymQuantizer), so
     2 bits gives 4 levels {-2, -1, 0, 1} * max/2 where the restricted grid gives {-1, 0, 1} * max."""
     w = _w(8, 64, seed=bits)
-    q = WeightQuantizer(bits, granularity="row", full_range=True).init_from(w)
+    q = WeightQuantizer(bits, granularity="row", grid="full").init_from(w)
     half = 2 ** (bits - 1)
     torch.testing.assert_close(q.scale, w.abs().amax(dim=1, keepdim=True) / half)
     codes = q.codes(w)
@@ -108,15 +108,16 @@ def test_full_range_grid_is_zeroquants(bits):
         assert len(torch.unique(restricted.codes(w))) == 3
         # Four levels fit these (Gaussian) rows better than three.
         assert (q(w) - w).norm() < (restricted(w) - w).norm()
-    mse = WeightQuantizer(bits, granularity="row", clip="mse", full_range=True).init_from(w)
+    mse = WeightQuantizer(bits, granularity="row", clip="mse", grid="full").init_from(w)
     assert (mse(w) - w).norm() <= (q(w) - w).norm() + 1e-6  # the search starts at minmax
 
 
-def test_full_range_needs_a_symmetric_non_ternary_grid():
+def test_full_range_needs_a_symmetric_grid_and_grids_are_one_choice():
     with pytest.raises(ValueError, match="asymmetric grid already uses them"):
-        WeightQuantizer(4, symmetric=False, full_range=True)
-    with pytest.raises(ValueError, match="ternary grid"):
-        WeightQuantizer(2, ternary=True, full_range=True)
+        WeightQuantizer(4, symmetric=False, grid="full")
+    # full range and ternary are values of one setting: a weight cannot ask for both.
+    with pytest.raises(ValueError, match="grid='trinary' is not one of restricted, full, ternary"):
+        WeightQuantizer(2, grid="trinary")
 
 
 def test_weight_quantizer_8bit_is_accurate_and_lsq_learnable():
@@ -139,7 +140,7 @@ def test_reinit_keeps_parameter_identity():
 
 def test_ternary_twn():
     w = _w(6, 10).requires_grad_()
-    q = WeightQuantizer(2, granularity="row", ternary=True).init_from(w)
+    q = WeightQuantizer(2, granularity="row", grid="ternary").init_from(w)
     out = q(w)
     a = w.detach().abs()
     delta = 0.7 * a.mean(1, keepdim=True)

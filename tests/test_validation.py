@@ -5,22 +5,22 @@ import copy
 import pytest
 
 from conftest import build_tiny
-from mrem_dist.config import QuantConfig
-from mrem_dist.models.adapters import ADAPTERS
+from mrem_dist.scheme import QuantScheme
+from mrem_dist.models import FAMILIES
 from mrem_dist.quantize import quantize_model
 from mrem_dist.validation import check_model, headline_metric, validate_result
 
 
 @pytest.fixture()
 def qmodel():
-    return quantize_model(copy.deepcopy(build_tiny("bert", head=True)), ADAPTERS["bert"], QuantConfig(w_bits=2))
+    return quantize_model(copy.deepcopy(build_tiny("bert", head=True)), FAMILIES["bert"], QuantScheme(w_bits=2))
 
 
-@pytest.mark.parametrize("scheme", [QuantConfig(), QuantConfig(w_bits=2, ternary=True),
-                                    QuantConfig(w_bits=3, w_symmetric=False),
-                                    QuantConfig(w_granularity="group", w_groups=4, ocs_ratio=0.05)])
+@pytest.mark.parametrize("scheme", [QuantScheme(), QuantScheme(w_bits=2, ternary=True),
+                                    QuantScheme(w_bits=3, w_symmetric=False),
+                                    QuantScheme(w_granularity="group", w_groups=4, ocs_ratio=0.05)])
 def test_a_sound_model_passes(scheme):
-    model = quantize_model(copy.deepcopy(build_tiny("bert", head=True)), ADAPTERS["bert"], scheme)
+    model = quantize_model(copy.deepcopy(build_tiny("bert", head=True)), FAMILIES["bert"], scheme)
     assert check_model(model) == []
 
 

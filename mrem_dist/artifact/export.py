@@ -10,6 +10,7 @@ Layout (format `mrem-dist-quantized`, version 1):
                         (`<module>.outlier_index`, `<module>.outlier_weight`)
     quantization.json   format and version, the quantization scheme, per quantized module its bits,
                         grid and weight shape, the model kind, and the SHA-256 of model.safetensors
+                        (artifact/schema.py: the schema, versioned on its own)
     config.json, tokenizer files   as Hugging Face writes them
 
 The directory is written under a temporary name and renamed into place at the end, so a crash
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,23 +30,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from mrem_dist.config import QuantConfig
 from mrem_dist.io import atomic_dir
+from mrem_dist.models.families import ModelFamily
+from mrem_dist.models.tasks import Task
 from mrem_dist.quant import QuantEmbedding, QuantLinear
 from mrem_dist.quant.functional import dequantize
 from mrem_dist.quant.int8 import KERNELS, to_int8
 from mrem_dist.quant.quantizers import group_view
+from mrem_dist.scheme import QuantScheme
 
 from .pack import pack_codes, unpack_codes
+from .schema import FORMAT, VERSION, ArtifactError, ArtifactMeta, ModuleEntry, read_meta, write_meta
 
-FORMAT = "mrem-dist-quantized"
-VERSION = 1
 TENSORS = "model.safetensors"
-META = "quantization.json"
-
-
-class ArtifactError(ValueError):
-    """A saved artifact cannot be loaded; the message names the file and the problem."""
 
 
 def _quantized_modules(model: nn.Module):
@@ -65,11 +61,12 @@ def _sha256(path: Path) -> str:
 
 @torch.no_grad()
 def export_quantized(
-    model: nn.Module, tokenizer: Any, scheme: QuantConfig, kind: str, path: str | os.PathLike, source: str | None = None
+    model: nn.Module, tokenizer: Any, scheme: QuantScheme, kind: str, path: str | os.PathLike, source: str | None = None
 ) -> dict:
-    """Write `model` (fake-quantized, mrem-dist modules inside) to the directory `path`. Returns
-    the metadata written to quantization.json (with the file sizes). `source`: the full-precision
-    model it was quantized from (recorded so that `mrem_dist.evaluate` can compare against it)."""
+    """Write `model` (fake-quantized, mrem-dist modules inside) to the directory `path`. `kind`:
+    its task's kind (Task.kind). Returns the metadata written to quantization.json (with the file
+    sizes). `source`: the full-precision model it was quantized from (recorded so that
+    `mrem_dist.evaluate` can compare against it)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -80,55 +77,27 @@ def export_quantized(
         codes = wq.codes(module.weight)
         del state[f"{name}.weight"]
         state[f"{name}.qweight"] = pack_codes(codes.cpu(), wq.bits, signed=wq.symmetric)
-        modules[name] = {
-            "kind": "linear" if isinstance(module, QuantLinear) else "embedding",
-            "bits": wq.bits, "symmetric": wq.symmetric, "ternary": wq.ternary,
-            "granularity": wq.granularity, "groups": int(wq.scale.shape[0]),
-            "shape": list(module.weight.shape), "dtype": str(module.weight.dtype).removeprefix("torch."),
-        }
-        if getattr(module, "outlier_index", None) is not None:
-            modules[name]["outlier_columns"] = int(module.outlier_index.numel())
+        outliers = getattr(module, "outlier_index", None)
+        modules[name] = ModuleEntry(
+            "linear" if isinstance(module, QuantLinear) else "embedding", wq.bits, wq.symmetric, wq.ternary,
+            wq.granularity, int(wq.scale.shape[0]), list(module.weight.shape),
+            str(module.weight.dtype).removeprefix("torch."), 0 if outliers is None else int(outliers.numel()))
     with atomic_dir(path, "directory for the artifact") as tmp:
         save_file(state, str(tmp / TENSORS), metadata={"format": FORMAT, "version": str(VERSION)})
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        meta = {
-            "format": FORMAT, "version": VERSION, "kind": kind, "model_type": model.config.model_type,
-            "source": source, "quant": dataclasses.asdict(scheme), "modules": modules,
-            "sha256": {TENSORS: _sha256(tmp / TENSORS)},
-        }
-        (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
-    meta["bytes"] = {TENSORS: (path / TENSORS).stat().st_size}
-    return meta
+        meta = ArtifactMeta(kind, model.config.model_type, scheme, modules, source, {TENSORS: _sha256(tmp / TENSORS)})
+        write_meta(tmp, meta)
+    return {**meta.to_json(), "bytes": {TENSORS: (path / TENSORS).stat().st_size}}
 
 
 @dataclass
 class QuantizedArtifact:
     model: nn.Module  # a Hugging Face model with mrem-dist quantized modules: model(input_ids, attention_mask)
     tokenizer: Any
-    adapter: Any
-    kind: str
-    meta: dict
-
-
-def _read_meta(path: Path) -> dict:
-    meta_file = path / META
-    if not path.is_dir():
-        raise ArtifactError(f"{path} is not a directory: give the directory export_quantized wrote")
-    if not meta_file.is_file():
-        raise ArtifactError(f"{meta_file} is missing: {path} is not an mrem-dist artifact (or was copied incompletely)")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{meta_file} is not valid JSON ({e}): the file is corrupt") from e
-    if meta.get("format") != FORMAT:
-        raise ArtifactError(f"{meta_file}: format {meta.get('format')!r} is not {FORMAT!r}")
-    if meta.get("version") != VERSION:
-        raise ArtifactError(
-            f"{meta_file}: format version {meta.get('version')!r} is not supported by this mrem-dist "
-            f"(it reads version {VERSION}): use the mrem-dist release that wrote it, or re-export"
-        )
-    return meta
+    family: ModelFamily
+    task: Task
+    meta: ArtifactMeta
 
 
 @torch.no_grad()
@@ -146,18 +115,19 @@ def load_quantized(
         raise ValueError(f"kernel={kernel!r} is not one of {', '.join(KERNELS)}")
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    from mrem_dist.models.adapters import adapter_for
+    from mrem_dist.models.families import family_for
     from mrem_dist.models.loading import TOKENIZER_FILES, model_kwargs
+    from mrem_dist.models.tasks import task_for
     from mrem_dist.quantize import quantize_model
 
     path = Path(path)
-    meta = _read_meta(path)
+    meta = read_meta(path)
     tensors_file = path / TENSORS
     if not tensors_file.is_file():
         raise ArtifactError(f"{tensors_file} is missing")
-    expected = meta["sha256"][TENSORS]
+    expected = meta.sha256[TENSORS]
     if _sha256(tensors_file) != expected:
         raise ArtifactError(f"{tensors_file}: checksum mismatch (the file is truncated or was modified after export)")
     try:
@@ -172,29 +142,28 @@ def load_quantized(
     except (OSError, ValueError) as e:
         raise ArtifactError(f"the tokenizer files in {path} are missing or unreadable ({e}): re-export the model") from e
     config = AutoConfig.from_pretrained(str(path))
-    cls = AutoModelForSequenceClassification if meta["kind"] == "classifier" else AutoModel
-    adapter = adapter_for(config.model_type)
-    kwargs = model_kwargs(meta["kind"], adapter.family)
+    family = family_for(config.model_type)
+    task = task_for(meta.kind, int(config.num_labels))
+    kwargs = model_kwargs(task, family)
     if "add_pooling_layer" in kwargs:  # whatever the exported model had
         kwargs["add_pooling_layer"] = any(k.startswith("pooler.") for k in state)
-    model = cls.from_config(config, **kwargs).eval()
+    model = task.auto_class().from_config(config, **kwargs).eval()
     # The structure only: every value is overwritten below, so skip the clipping search.
-    scheme = dataclasses.replace(QuantConfig(**meta["quant"]), w_clip="minmax")
-    quantize_model(model, adapter, scheme, learnable=False)
+    quantize_model(model, family, dataclasses.replace(meta.scheme, w_clip="minmax"), learnable=False)
     codes_by_module = {}
-    for name, info in meta["modules"].items():
+    for name, info in meta.modules.items():
         packed = state.pop(f"{name}.qweight", None)
         if packed is None:
             raise ArtifactError(f"{tensors_file} has no packed weight for {name}: the file does not match its metadata")
-        codes = codes_by_module[name] = unpack_codes(packed, info["bits"], info["symmetric"], tuple(info["shape"]))
+        codes = codes_by_module[name] = unpack_codes(packed, info.bits, info.symmetric, tuple(info.shape))
         scale = state[f"{name}.weight_quantizer.scale"]
         zp = state.get(f"{name}.weight_quantizer.zero_point")
-        weight = dequantize(group_view(codes, scale.shape[0]), scale, zp).reshape(info["shape"])
-        state[f"{name}.weight"] = weight.to(getattr(torch, info["dtype"]))
-        if info.get("outlier_columns"):
+        weight = dequantize(group_view(codes, scale.shape[0]), scale, zp).reshape(info.shape)
+        state[f"{name}.weight"] = weight.to(getattr(torch, info.dtype))
+        if info.outlier_columns:
             index, values = state.get(f"{name}.outlier_index"), state.get(f"{name}.outlier_weight")
-            if index is None or values is None or index.numel() != info["outlier_columns"]:
-                raise ArtifactError(f"{tensors_file} lacks the {info['outlier_columns']} outlier columns of {name} its metadata lists")
+            if index is None or values is None or index.numel() != info.outlier_columns:
+                raise ArtifactError(f"{tensors_file} lacks the {info.outlier_columns} outlier columns of {name} its metadata lists")
             model.get_submodule(name).set_outliers(index, values)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]  # a non-persistent buffer in some versions
@@ -206,4 +175,4 @@ def load_quantized(
     model.requires_grad_(False).to(device)
     if kernel == "int8":
         to_int8(model, backend, {k: v.to(device) for k, v in codes_by_module.items()})
-    return QuantizedArtifact(model, tokenizer, adapter, meta["kind"], meta)
+    return QuantizedArtifact(model, tokenizer, family, task, meta)

@@ -6,7 +6,7 @@ from .calibration import Batch, make_batches, sample_indices, tokenize
 from .metrics import compute_metrics, fidelity_metrics, mean_pool
 from .movie_reviews import load_movie_reviews
 from .sources import TextDataset, load_builtin, load_glue, load_local
-from .tasks import GLUE_TASKS, TaskSpec, get_task
+from .glue import GLUE_TASKS, TaskSpec, get_task
 
 __all__ = [
     "GLUE_TASKS",

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .builtin import builtin_texts
-from .tasks import get_task
+from .glue import get_task
 
 # Extension -> (datasets packaged builder, extra builder kwargs). These builders are part of the
 # datasets package, so loading local files never touches the network.

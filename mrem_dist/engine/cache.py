@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mrem_dist.config import CACHE_MODES
+# memory, disk, or auto: disk when the estimate exceeds the memory budget.
+CACHE_MODES = ("auto", "memory", "disk")
 
 
 def choose_cache(mode: str, bytes_needed: int, budget_gb: float) -> str:

@@ -5,8 +5,9 @@ gets a new timestamped run directory):
 
     fingerprint.json      what the checkpoints belong to: hashes of the model weights, the
                           calibration data and the settings that decide the result
-    rank<R>/step<T>.pt    rank R's modules after T training steps: each module's student state,
-                          optimizer state, and loss / lam history
+    stage<S>/step<T>.pt   the modules of stage S (parallel layout; one process: stage 0) after T
+                          training steps: each module's student state, optimizer state, and
+                          loss / lam history (a one-process run: module<M>_step<T>.pt)
 
 Files are written under a temporary name and renamed, so a crash leaves either the old or the new
 checkpoint, never half of one. Ranks checkpoint at the same steps but not at the same moment (an
@@ -80,30 +81,30 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 class Checkpointer:
-    """One rank's checkpoints. `every`: steps between checkpoints (0: only on a stop signal).
-    `keep`: how many of its latest checkpoints a rank keeps (see the module docstring)."""
+    """One stage's checkpoints (written by its leader). `every`: steps between checkpoints (0: only
+    on a stop signal). `keep`: how many of its latest checkpoints it keeps (see the module docstring)."""
 
-    def __init__(self, root: str | os.PathLike, fp: Fingerprint, rank: int, every: int, keep: int = 2,
+    def __init__(self, root: str | os.PathLike, fp: Fingerprint, stage: int, every: int, keep: int = 2,
                  resume: str = "auto") -> None:
         if resume not in RESUME_MODES:
             raise ValueError(f"checkpoint.resume={resume!r} is not one of {', '.join(RESUME_MODES)}")
-        self.root, self.fp, self.rank, self.every, self.keep = Path(root), fp, rank, every, max(keep, 2)
+        self.root, self.fp, self.stage, self.every, self.keep = Path(root), fp, stage, every, max(keep, 2)
         self.resume = resume
-        self.dir = self.root / f"rank{rank}"
+        self.dir = self.root / f"stage{stage}"
 
     @staticmethod
-    def keep_for(world_size: int, queue: int, every: int) -> int:
-        """Checkpoints a rank must keep so that the step the last rank reached is still there:
-        rank 0 can be up to (world - 1) * queue steps ahead of the last rank."""
-        return 2 + (math.ceil((world_size - 1) * queue / every) if every else 0)
+    def keep_for(stages: int, queue: int, every: int) -> int:
+        """Checkpoints a stage must keep so that the step the last stage reached is still there:
+        stage 0 can be up to (stages - 1) * queue steps ahead of the last one."""
+        return 2 + (math.ceil((stages - 1) * queue / every) if every else 0)
 
     def prepare(self) -> None:
-        """Check (resume=auto) or discard (resume=never) what the directory holds. Every rank
+        """Check (resume=auto) or discard (resume=never) what the directory holds. Every stage
         checks for itself. Nothing is created before the first checkpoint is written."""
         meta = self.root / FINGERPRINT
         if self.resume == "never":
             shutil.rmtree(self.dir, ignore_errors=True)
-            if self.rank == 0:
+            if self.stage == 0:
                 meta.unlink(missing_ok=True)
             return
         if meta.is_file():
@@ -139,15 +140,15 @@ class Checkpointer:
         path = self._file(step, tag)
         if not path.is_file():
             raise CheckpointMismatch(
-                f"rank {self.rank} has no checkpoint of step {step} in {self.dir} (it has {self.steps_on_disk(tag)}): "
-                f"the ranks' checkpoints do not fit together; delete {self.root} or set checkpoint.resume=never"
+                f"stage {self.stage} has no checkpoint of step {step} in {self.dir} (it has {self.steps_on_disk(tag)}): "
+                f"the stages' checkpoints do not fit together; delete {self.root} or set checkpoint.resume=never"
             )
         state = torch.load(path, map_location="cpu", weights_only=False)
         if state["fingerprint"] != asdict(self.fp) or len(state["modules"]) != len(trainers):
             raise CheckpointMismatch(f"{path} belongs to a different run: delete {self.root} or set checkpoint.resume=never")
         for trainer, module_state in zip(trainers, state["modules"]):
             trainer.load_state_dict(module_state)
-        log.info("rank %d: resumed from %s (step %d)", self.rank, path, step)
+        log.info("stage %d: resumed from %s (step %d)", self.stage, path, step)
         return state.get("extra") or {}
 
     def extra(self, step: int, tag: str = "") -> Optional[dict]:
@@ -161,7 +162,7 @@ class Checkpointer:
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = self.root / FINGERPRINT
         if not meta.is_file():  # every rank writes the same content: whoever comes first
-            tmp = meta.with_name(f"{meta.name}.{self.rank}.tmp")
+            tmp = meta.with_name(f"{meta.name}.{self.stage}.tmp")
             tmp.write_text(json.dumps(asdict(self.fp), indent=1) + "\n")
             os.replace(tmp, meta)
         state = {"fingerprint": asdict(self.fp), "step": step, "modules": [tr.state_dict() for tr in trainers],
@@ -169,7 +170,7 @@ class Checkpointer:
         _atomic_save(state, self._file(step, tag))
         for old in self.steps_on_disk(tag)[: -self.keep]:
             self._file(old, tag).unlink(missing_ok=True)
-        log.info("rank %d: checkpoint at step %d -> %s", self.rank, step, self._file(step, tag))
+        log.info("stage %d: checkpoint at step %d -> %s", self.stage, step, self._file(step, tag))
 
     def due(self, done: int, total: int) -> bool:
         """A periodic checkpoint after `done` steps (none after the last: the run ends there)."""

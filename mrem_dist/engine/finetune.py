@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from mrem_dist.data import Batch
 from mrem_dist.log import get_logger
-from mrem_dist.models.adapters import ModelAdapter
+from mrem_dist.models.families import ModelFamily
 
 from .reconstruct import Progress
 
@@ -72,16 +72,7 @@ def task_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits.float(), labels)
 
 
-def head_parameters(model: nn.Module, adapter: ModelAdapter) -> list[tuple[str, nn.Parameter]]:
-    """The task head's parameters: everything outside the embeddings and the transformer layers
-    (BERT: pooler + classifier; RoBERTa: classifier; DistilBERT: pre_classifier + classifier)."""
-    if not adapter.is_task_model(model):
-        raise ValueError("the model has no task head: load it as a classifier (model.kind=classifier)")
-    body = (f"{adapter.base_prefix}.{adapter.embeddings_attr}.", adapter.layer_prefix(model) + ".")
-    return [(n, p) for n, p in model.named_parameters() if not n.startswith(body)]
-
-
-def train_task(model: nn.Module, adapter: ModelAdapter, params: list[nn.Parameter], data: TrainSet,
+def train_task(model: nn.Module, family: ModelFamily, params: list[nn.Parameter], data: TrainSet,
                s: FinetuneSettings, device: torch.device, desc: str = "finetune") -> dict:
     """Fine-tune `params` of the task model on `data` for s.steps steps, in place. Every other
     parameter is left untouched (its requires_grad is switched off for the loop and restored).
@@ -114,7 +105,7 @@ def train_task(model: nn.Module, adapter: ModelAdapter, params: list[nn.Paramete
             lr = s.lr * lr_factor(t, s.steps, s.warmup)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            logits = adapter.forward(model, batch.input_ids, batch.attention_mask, batch.token_type_ids)
+            logits = family.forward(model, batch)
             loss = task_loss(logits, batch.labels)
             if not torch.isfinite(loss):
                 raise FloatingPointError(

@@ -1,12 +1,13 @@
 """MREM-P: every rank trains its own module partition at the same time.
 
-A rank holds the modules `rank_modules(...)[rank]` (one module per rank by default, a contiguous
-group when there are more modules than ranks), as a frozen full-precision teacher Stage and a
-quantized student Stage each. At step t it receives from the previous rank the boundary
+A rank holds the modules of its stage in the parallel layout (`layout.modules`: one module per
+rank by default, a contiguous group when there are more modules than ranks), as a frozen
+full-precision teacher Stage and a quantized student Stage each. At step t it receives from the
+previous stage's rank (`layout.prev_rank`) the boundary
 activations of batch order[t]: the teacher f_{n-1} and the student fq_{n-1}; trains each of its
 modules on lam_t * f + (1 - lam_t) * fq (annealed teacher forcing, lam_t = max(1 - t/T0, 0)),
 passing one module's outputs to the next inside the rank; and sends its own last f_n and fq_n
-(detached: gradients never cross ranks) to the next rank. fq_n is the student's output on its
+(detached: gradients never cross ranks) to the next stage's rank (`layout.next_rank`). fq_n is the student's output on its
 training input of that step, so no extra forward pass is spent on the student stream.
 
 Queue and warm-up: the first rank starts at once, rank r as soon as rank r-1 has sent step 0 (a
@@ -16,7 +17,8 @@ training. Every rank computes exactly what one process running all modules in lo
 so the result does not depend on the number of ranks (tested bit for bit).
 
 The same relay carries the passes without training: calibration of the static activation ranges,
-the evaluation outputs of the initial quantized model, and the error probes before and after.
+the evaluation of the initial quantized model against full precision (the last stage updates the
+task's streaming metric state), and the error probes before and after.
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from mrem_dist.data import Batch
-from mrem_dist.distributed import rank_modules
+from mrem_dist.layout import ParallelLayout
 from mrem_dist.log import get_logger
-from mrem_dist.models.adapters import ModelAdapter
+from mrem_dist.models.families import ModelFamily
 from mrem_dist.quant import calibrating
 
 from .checkpoint import Checkpointer, Preempted, StopSignal
@@ -89,26 +91,25 @@ class RankPipeline:
         self,
         fp_model: nn.Module,
         q_model: nn.Module,
-        adapter: ModelAdapter,
+        family: ModelFamily,
         specs: list[ModuleSpec],
-        rank: int,
-        world_size: int,
+        layout: ParallelLayout,
         device: torch.device,
         queue: int = 4,
     ) -> None:
-        self.rank, self.world_size, self.device = rank, world_size, device
-        self.held = [specs[i] for i in rank_modules(len(specs), world_size)[rank]]
-        self.teachers = [Stage(fp_model, adapter, s) for s in self.held]
-        self.students = [Stage(q_model, adapter, s) for s in self.held]
-        self.sender = StreamSender(rank + 1, queue) if rank < world_size - 1 else None
+        self.layout, self.rank, self.device = layout, layout.rank, device
+        self.held = [specs[i] for i in layout.modules]
+        self.teachers = [Stage(fp_model, family, s) for s in self.held]
+        self.students = [Stage(q_model, family, s) for s in self.held]
+        self.sender = StreamSender(layout.next_rank, queue) if layout.next_rank is not None else None
         dtype = next(q_model.parameters()).dtype
-        self.receiver = StreamReceiver(rank - 1, device, dtype) if rank > 0 else None
+        self.receiver = StreamReceiver(layout.prev_rank, device, dtype) if layout.prev_rank is not None else None
         # Message counter, advanced identically on both ends of a link: a desync is caught.
         self.seq = 0
 
     @property
     def is_last(self) -> bool:
-        return self.rank == self.world_size - 1
+        return self.layout.is_last_stage
 
     def _recv(self, batch_index: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
         if self.receiver is None:
@@ -151,17 +152,16 @@ class RankPipeline:
                 stack.enter_context(calibrating(stu))
             self.relay(batches, list(range(len(batches))), teacher=False)
 
-    def final_outputs(self, batches: list[Batch], reduce: Callable[[Batch, StageOutput], Tensor]) -> list[Tensor]:
-        """The quantized model's outputs (reduced, on the CPU) on the last rank; [] elsewhere."""
-        outs: list[Tensor] = []
+    def evaluate(self, batches: list[Batch], reduce: Callable[[Batch, StageOutput], Tensor], state) -> None:
+        """Run the full-precision and the quantized chain on the evaluation batches; the last stage
+        updates the streaming metric `state` with both models' outputs (`reduce`d) batch by batch."""
         last = len(self.students) - 1
 
-        def visit(k, batch, _t, s_out):
+        def visit(k, batch, t_out, s_out):
             if self.is_last and k == last:
-                outs.append(reduce(batch, s_out).float().cpu())
+                state.update(reduce(batch, t_out), reduce(batch, s_out), batch)
 
-        self.relay(batches, list(range(len(batches))), teacher=False, visit=visit)
-        return outs
+        self.relay(batches, list(range(len(batches))), teacher=True, lam=0.0, visit=visit)
 
     def probe(self, batches: list[Batch], lam: float, loss: str) -> tuple[dict[int, float], dict[int, tuple[float, float]]]:
         """Module errors (mean reconstruction loss, input mix `lam`) of this rank's modules and,
@@ -186,7 +186,7 @@ class RankPipeline:
         """The step to start from: the latest one that every rank has a checkpoint of (0: none)."""
         checkpoint.prepare()
         step = checkpoint.latest()
-        if self.world_size > 1:
+        if self.layout.world_size > 1:
             agreed = torch.tensor([step], dtype=torch.int64, device=self.device)
             dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
             step = int(agreed.item())

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from mrem_dist.config import BALANCES
-from mrem_dist.models.adapters import ModelAdapter
+from mrem_dist.models.families import ModelFamily
 from mrem_dist.quant import QuantLinear
 
+# How the layers are cut: cost (estimated compute per token) or params (memory).
+BALANCES = ("cost", "params")
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,9 @@ def split_contiguous(costs: list[float], n: int) -> list[tuple[int, int]]:
     return ranges[::-1]
 
 
-def layer_costs(model: nn.Module, adapter: ModelAdapter, balance: str, seq_len: int = 128) -> list[float]:
-    """Cost of each layer, with the embeddings charged to layer 0 and the head to the last layer.
+def layer_costs(model: nn.Module, family: ModelFamily, balance: str, seq_len: int = 128) -> list[float]:
+    """Cost of each layer, with the embeddings charged to layer 0 and the head to the last layer
+    (per token: the family says what its head costs a token).
 
     params: parameters held (memory balance). cost: estimated compute per token of a training
     step: 2 FLOPs per Linear weight plus the attention matmuls (4 * seq_len * hidden); an
@@ -90,31 +92,31 @@ def layer_costs(model: nn.Module, adapter: ModelAdapter, balance: str, seq_len: 
     """
     if balance not in BALANCES:
         raise ValueError(f"balance={balance!r} is not one of {', '.join(BALANCES)}: pick one of them")
-    layers = list(adapter.layers(model))
-    embeddings = adapter.embeddings(model)
-    head_params = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in adapter.encoder(model).parameters())
+    layers = list(family.layers(model))
+    embeddings = family.embeddings(model)
     if balance == "params":
+        head_params = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in family.backbone(model).parameters())
         costs = [float(sum(p.numel() for p in layer.parameters())) for layer in layers]
         costs[0] += sum(p.numel() for p in embeddings.parameters())
         costs[-1] += head_params
         return costs
-    hidden = adapter.encoder(model).config.hidden_size
+    hidden = family.config(model).hidden_size
     costs = []
     for layer in layers:
         # Counted on the module's layer shape, so a quantized copy gives the same cut.
         linear = sum(m.in_features * m.out_features for m in layer.modules() if isinstance(m, (nn.Linear, QuantLinear)))
         costs.append(2.0 * linear + 4.0 * seq_len * hidden)
     # Rows of the embedding table touched per token: one lookup of `hidden` values.
-    costs[0] += 2.0 * adapter.word_embeddings(model).embedding_dim
-    costs[-1] += 2.0 * head_params / max(seq_len, 1)
+    costs[0] += 2.0 * family.word_embeddings(model).embedding_dim
+    costs[-1] += family.head_cost_per_token(model, seq_len)
     return costs
 
 
-def partition(model: nn.Module, adapter: ModelAdapter, modules: int, balance: str = "cost", seq_len: int = 128) -> list[ModuleSpec]:
+def partition(model: nn.Module, family: ModelFamily, modules: int, balance: str = "cost", seq_len: int = 128) -> list[ModuleSpec]:
     """N modules of consecutive layers; modules=0 means one layer per module."""
-    num_layers = len(adapter.layers(model))
+    num_layers = len(family.layers(model))
     n = num_layers if modules == 0 else modules
     if n < 0:
         raise ValueError(f"method.modules={modules} must be >= 0 (0 = one layer per module)")
-    ranges = split_contiguous(layer_costs(model, adapter, balance, seq_len), n)
+    ranges = split_contiguous(layer_costs(model, family, balance, seq_len), n)
     return [ModuleSpec(i, n, start, stop) for i, (start, stop) in enumerate(ranges)]

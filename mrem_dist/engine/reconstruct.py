@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mrem_dist.config import LAM_SCHEDULES, LOSSES
 from mrem_dist.data import Batch
 from mrem_dist.distributed import env_world_size
 from mrem_dist.log import get_logger
@@ -29,6 +28,11 @@ from .stage import Stage, StageOutput
 
 log = get_logger(__name__)
 
+
+# Input mix lam*fp + (1-lam)*q: zero (REM, MREM-S), one (LKD), anneal (MREM-P, max(1 - t/t0, 0)).
+LAM_SCHEDULES = ("zero", "one", "anneal")
+# module_output: MSE of the module's output; every_layer: mean MSE over its layers' outputs.
+LOSSES = ("module_output", "every_layer")
 
 # (batch, full-precision input, quantized input); inputs are None for the first module.
 Feed = Iterable[tuple[Batch, Optional[Tensor], Optional[Tensor]]]

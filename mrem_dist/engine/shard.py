@@ -1,9 +1,10 @@
 """Which module partition owns each tensor of a model, and keeping only a rank's own.
 
 Ownership follows MREM's convention: the embeddings belong to the first module, a layer to the
-module that holds it, everything else (pooler, classifier, final norms) to the last module. So
-every tensor has exactly one owner, and the coordinator can assemble the whole model from what
-each rank sends, checking that nothing is missing or duplicated.
+module that holds it, everything else (pooler, classifier, final norm, LM head) to the last module.
+A tensor reachable under several names (a word embedding tied to the LM head: one Parameter) is
+owned by every module that holds one of its names, so both end ranks keep it; the assembly takes
+each name from a rank that owns it, and a name sent twice with different values is an error.
 """
 
 from __future__ import annotations
@@ -13,18 +14,17 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from mrem_dist.models.adapters import ModelAdapter
+from mrem_dist.models.families import ModelFamily
 
 from .partition import ModuleSpec
 
 Owner = Callable[[str], int]
 
 
-def tensor_owner(model: nn.Module, adapter: ModelAdapter, specs: list[ModuleSpec]) -> Owner:
+def tensor_owner(model: nn.Module, family: ModelFamily, specs: list[ModuleSpec]) -> Owner:
     """A function from a qualified parameter/buffer name of `model` to the index of its module."""
-    emb = adapter.embeddings(model)
-    emb_prefix = next(n for n, m in model.named_modules() if m is emb) + "."
-    layer_prefix = adapter.layer_prefix(model) + "."
+    emb_prefix = family.embeddings_prefix(model) + "."
+    layer_prefix = family.layer_prefix(model) + "."
     layer_module = {i: s.index for s in specs for i in s.layers}
     last = specs[-1].index
 
@@ -38,17 +38,41 @@ def tensor_owner(model: nn.Module, adapter: ModelAdapter, specs: list[ModuleSpec
     return owner
 
 
+def _tensor_names(model: nn.Module) -> dict[int, list[str]]:
+    """Every name of every parameter and buffer, grouped by the tensor object (tied names share one)."""
+    names: dict[int, list[str]] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for store in (module._parameters, module._buffers):
+            for name, t in store.items():
+                if t is not None:
+                    names.setdefault(id(t), []).append(f"{prefix}.{name}" if prefix else name)
+    return names
+
+
+def holders(model: nn.Module, owner: Owner) -> dict[str, set[int]]:
+    """For every name, the modules that hold its tensor (more than one for a tied tensor)."""
+    out: dict[str, set[int]] = {}
+    for names in _tensor_names(model).values():
+        held_by = {owner(n) for n in names}
+        for n in names:
+            out[n] = held_by
+    return out
+
+
 def release_unowned(model: nn.Module, owner: Owner, held: set[int]) -> int:
-    """Free, in place, every parameter and buffer of `model` whose module is not in `held` (its
+    """Free, in place, every parameter and buffer of `model` that no module in `held` holds (its
     storage becomes an empty tensor; the module tree stays, so names and Stages still work).
     Returns the number of elements freed."""
     freed = 0
-    for prefix, module in model.named_modules():
+    by_name = holders(model, owner)
+    seen: set[int] = set()
+    for prefix, module in model.named_modules(remove_duplicate=False):
         for store in (module._parameters, module._buffers):
             for name, t in store.items():
                 full = f"{prefix}.{name}" if prefix else name
-                if t is None or t.numel() == 0 or owner(full) in held:
+                if t is None or id(t) in seen or t.numel() == 0 or by_name[full] & held:
                     continue
+                seen.add(id(t))
                 freed += t.numel()
                 with torch.no_grad():
                     t.data = torch.empty(0, dtype=t.dtype, device=t.device)
@@ -56,5 +80,6 @@ def release_unowned(model: nn.Module, owner: Owner, held: set[int]) -> int:
 
 
 def owned_state(model: nn.Module, owner: Owner, held: set[int]) -> dict[str, Tensor]:
-    """The state_dict entries of the modules in `held`, detached and on the CPU (to be sent)."""
-    return {k: v.detach().cpu() for k, v in model.state_dict().items() if owner(k) in held}
+    """The state_dict entries held by the modules in `held`, detached and on the CPU (to be sent)."""
+    by_name = holders(model, owner)
+    return {k: v.detach().cpu() for k, v in model.state_dict(keep_vars=True).items() if by_name.get(k, {owner(k)}) & held}

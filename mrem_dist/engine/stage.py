@@ -1,8 +1,8 @@
-"""A module partition as a runnable unit: (embeddings) + consecutive layers (+ head).
+"""A module partition as a runnable unit: (embeddings) + consecutive layers (+ final norm and head).
 
 A Stage references the submodules of a model; it owns no weights of its own, so a teacher Stage
 over the full-precision model and a student Stage over its quantized copy describe the same
-partition of two models. It only needs the model's config to build attention masks, so the
+partition of two models. It needs only the model's config to build the layer context, so the
 distributed engine can run a Stage on a rank that holds nothing else.
 """
 
@@ -14,7 +14,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from mrem_dist.data import Batch
-from mrem_dist.models.adapters import ModelAdapter
+from mrem_dist.models.families import ModelFamily
 
 from .partition import ModuleSpec
 
@@ -26,16 +26,17 @@ class StageOutput:
 
 
 class Stage(nn.Module):
-    def __init__(self, model: nn.Module, adapter: ModelAdapter, spec: ModuleSpec) -> None:
+    def __init__(self, model: nn.Module, family: ModelFamily, spec: ModuleSpec) -> None:
         super().__init__()
-        self.spec, self.adapter = spec, adapter
-        self.config = adapter.encoder(model).config
-        all_layers = adapter.layers(model)
+        self.spec, self.family = spec, family
+        self.config = family.config(model)
+        all_layers = family.layers(model)
         self.layers = nn.ModuleList(all_layers[i] for i in spec.layers)
-        self.embeddings = adapter.embeddings(model) if spec.first else None
-        # The head runs through the adapter on the whole model (its layout differs per family);
+        self.embeddings = family.embeddings(model) if spec.first else None
+        self.final_norm = family.final_norm(model) if spec.last else None
+        # The head runs through the family on the whole model (its layout differs per family);
         # kept in a list so that it is not registered twice as a submodule of this Stage.
-        self._head_model = [model] if (spec.last and adapter.is_task_model(model)) else []
+        self._head_model = [model] if (spec.last and family.is_task_model(model)) else []
 
     @property
     def has_head(self) -> bool:
@@ -45,17 +46,19 @@ class Stage(nn.Module):
         """`inputs`: the hidden state entering the stage, or None for the first stage (which
         embeds batch.input_ids itself)."""
         if self.spec.first:
-            hidden = self.adapter.embed_with(self.embeddings, batch.input_ids, batch.token_type_ids)
+            hidden = self.family.embed(self.embeddings, batch)
         else:
             if inputs is None:
                 raise ValueError(f"{self.spec.describe()} needs the hidden state of module {self.spec.index - 1} as input")
             hidden = inputs
-        mask = self.adapter.layer_mask(self.config, hidden, batch.attention_mask)
+        context = self.family.layer_context(self.config, hidden, batch)
         outs = []
         for layer in self.layers:
-            hidden = self.adapter.run_layer(layer, hidden, mask)
+            hidden = self.family.run_layer(layer, hidden, context)
             outs.append(hidden)
-        logits = self.adapter.head(self._head_model[0], hidden) if self.has_head else None
+        logits = None
+        if self.has_head:
+            logits = self.family.head(self._head_model[0], hidden if self.final_norm is None else self.final_norm(hidden))
         return StageOutput(outs, logits)
 
     def extra_repr(self) -> str:

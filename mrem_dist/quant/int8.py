@@ -24,17 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mrem_dist.config import INT8_BACKENDS as BACKENDS
-from mrem_dist.config import KERNELS
-
 from .functional import qrange, tokenwise_scale
 from .modules import QuantEmbedding, QuantLinear
 from .quantizers import ActQuantizer, expand_to_rows
 
 __all__ = ["KERNELS", "BACKENDS", "Int8Linear", "Int8Embedding", "backend_for", "cpu_int8_code_limit", "to_int8"]
 
-# KERNELS: how a loaded artifact computes ("float" dequantizes: the fake-quant reference; "int8" runs
-# integer GEMMs). Both lists live in config.py, which validates them without importing torch.
+# How a loaded artifact computes: "float" dequantizes (the fake-quant reference), "int8" runs integer GEMMs.
+KERNELS = ("float", "int8")
+# The integer GEMM: oneDNN's u8 x s8 on CPU, torch._int_mm on CUDA.
+BACKENDS = ("onednn", "int_mm")
 
 
 def backend_for(device: torch.device | str) -> str:
@@ -84,20 +83,12 @@ class Int8Linear(nn.Module):
     outlier_index / outlier_weight (PreQuant): those input columns are left out of the integer
     GEMM (their codes zeroed) and multiplied in float, on the same quantized activations."""
 
-    def __init__(
-        self,
-        codes: Tensor,
-        w_scale: Tensor,
-        bias: Optional[Tensor],
-        act: ActQuantizer,
-        in_index: Optional[Tensor],
-        in_features: int,
-        backend: str,
-        name: str = "",
-        outlier_index: Optional[Tensor] = None,
-        outlier_weight: Optional[Tensor] = None,
-    ) -> None:
+    def __init__(self, source: QuantLinear, codes: Tensor, w_scale: Tensor, backend: str, name: str = "") -> None:
+        """`source`: the fake-quant layer (its bias, calibrated activation quantizer, OCS input
+        index and PreQuant outlier columns are taken over); `codes`, `w_scale`: its int8 weight."""
         super().__init__()
+        act, bias, in_index, in_features = source.act_quantizer, source.bias, source.in_index, source.in_features
+        outlier_index, outlier_weight = source.outlier_index, source.outlier_weight
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
         if codes.dtype != torch.int8 or codes.dim() != 2:
@@ -265,9 +256,7 @@ def to_int8(model: nn.Module, backend: Optional[str] = None, codes: Optional[dic
                     "the INT8 kernel needs quantized weights and activations (set quant.a_bits), or use kernel='float'"
                 )
             w, s = _int8_codes(module, name, codes.get(name))
-            bias = None if module.bias is None else module.bias
-            swaps.append((name, Int8Linear(w, s, bias, module.act_quantizer, module.in_index, module.in_features, backend, name,
-                                           module.outlier_index, module.outlier_weight)))
+            swaps.append((name, Int8Linear(module, w, s, backend, name)))
         elif isinstance(module, QuantEmbedding) and module.weight_quantizer is not None:
             w, s = _int8_codes(module, name, codes.get(name))
             swaps.append((name, Int8Embedding(w, s, module.weight.dtype, module.padding_idx)))

@@ -23,6 +23,9 @@ __all__ = [
 
 GRANULARITIES = ("tensor", "row", "group")
 ACT_MODES = ("static", "dynamic")
+# The integer grid of a symmetric weight: restricted codes [-(2^(b-1)-1), 2^(b-1)-1]; full: all 2^b
+# codes with step max|w| / 2^(b-1) (DeepSpeed ZeroQuant's grid); ternary: {-alpha, 0, alpha} (2 bits).
+GRIDS = ("restricted", "full", "ternary")
 # Most activation values a static quantizer keeps for aciq/mse calibration (bounded memory).
 SAMPLE_SIZE = 2**16
 _SAMPLE_SEED = 0
@@ -92,12 +95,14 @@ class WeightQuantizer(nn.Module):
         groups: int = 0,
         clip: str = "minmax",
         prior: str = "laplace",
-        ternary: bool = False,
+        grid: str = "restricted",
         learnable: bool = True,
-        full_range: bool = False,
     ) -> None:
         super().__init__()
         check_bits(bits)
+        if grid not in GRIDS:
+            raise ValueError(f"grid={grid!r} is not one of {', '.join(GRIDS)}: pick one of them")
+        ternary, full_range = grid == "ternary", grid == "full"
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity={granularity!r} is not one of {', '.join(GRANULARITIES)}: pick one of them")
         # groups is ignored (not rejected) for tensor/row, matching the run config where
@@ -112,16 +117,13 @@ class WeightQuantizer(nn.Module):
         check_clip(clip, prior)
         if ternary and bits != 2:
             raise ValueError(
-                f"ternary=True needs bits=2 (codes -1, 0, 1), got bits={bits}: set bits=2 or ternary=False"
+                f"grid='ternary' needs bits=2 (codes -1, 0, 1), got bits={bits}: set bits=2 or another grid"
             )
         if ternary and not symmetric:
-            raise ValueError("ternary=True is symmetric by definition: set symmetric=True or ternary=False")
-        if full_range and (ternary or not symmetric):
-            raise ValueError(
-                "full_range=True widens a symmetric grid to all 2^bits codes; "
-                + ("a ternary grid is {-1, 0, 1} by definition" if ternary else "an asymmetric grid already uses them")
-                + ": set full_range=False"
-            )
+            raise ValueError("grid='ternary' is symmetric by definition: set symmetric=True or another grid")
+        if full_range and not symmetric:
+            raise ValueError("grid='full' widens a symmetric grid to all 2^bits codes; an asymmetric grid already uses "
+                             "them: use grid='restricted'")
         self.bits, self.symmetric, self.granularity, self.full_range = bits, symmetric, granularity, full_range
         self.groups = int(groups) if granularity == "group" else 0
         self.clip, self.prior, self.ternary, self.learnable = clip, prior, ternary, learnable

@@ -1,0 +1,206 @@
+"""The run context: what one process of a run shares, built once from the resolved config.
+
+Every driver (PTQ and the one-process reconstruction, an MREM-P rank and its coordinator, PreQuant,
+fine-tuning, scoring an artifact) starts from `RunContext.begin` (threads, seed, device, timer) and
+`load` (the model with its family and task, the data on the device); the quantizing drivers end
+through `finish` (report -> validate -> export), the one place that does it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import platform
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from mrem_dist.artifact import export_quantized
+from mrem_dist.config import MethodConfig
+from mrem_dist.distributed import DistContext, resolve_device
+from mrem_dist.engine import ReconSettings
+from mrem_dist.engine.checkpoint import Checkpointer, fingerprint
+from mrem_dist.engine.parallel import peak_memory_gb
+from mrem_dist.inputs import PreparedData, prepare_data
+from mrem_dist.layout import ParallelLayout
+from mrem_dist.log import get_logger
+from mrem_dist.models import LoadedModel, load_model
+from mrem_dist.report import write_report
+from mrem_dist.validation import ValidationFailed, validate_result
+
+log = get_logger(__name__)
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            # Accumulates: a stage may run in several pieces (evaluate before and after).
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+
+
+@dataclass
+class RunContext:
+    cfg: Any  # the resolved typed config (RunConfig, FinetuneConfig, EvaluateConfig)
+    device: torch.device
+    timer: Timer = field(default_factory=Timer)
+    started: float = field(default_factory=time.perf_counter)
+    dist: Optional[DistContext] = None  # the process group (a parallel run)
+    loaded: Optional[LoadedModel] = None
+    data: Optional[PreparedData] = None  # batches on `device`
+    # The full-precision model the artifact records as its source (mrem_dist.evaluate compares
+    # against it): the quantized checkpoint itself, unless the driver says otherwise (PreQuant).
+    source: Optional[str] = None
+
+    @classmethod
+    def begin(cls, cfg: Any, dist: Optional[DistContext] = None) -> "RunContext":
+        """The prologue of every run: CPU threads, the torch seed, the device."""
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(getattr(cfg, "seed", 0))
+        device = dist.device if dist is not None else resolve_device(cfg.device)
+        model_cfg = getattr(cfg, "model", None)
+        return cls(cfg, device, dist=dist, source=None if model_cfg is None else model_cfg.path)
+
+    def load(self, kind: Optional[str] = None, num_labels: Optional[int] = None, calibration: bool = True) -> LoadedModel:
+        """Load `cfg.model` (as `kind`, default `cfg.model.kind`) and prepare `cfg.data` for it; the
+        model and the batches go to the device."""
+        cfg = self.cfg
+        loaded = load_model(cfg.model.path, kind or cfg.model.kind, cfg.model.dtype, num_labels)
+        log.info("loaded %s (%s, %s) from %s", cfg.model.path, loaded.family.name, loaded.task.kind, loaded.path)
+        self.use(loaded, calibration)
+        return loaded
+
+    def use(self, loaded: LoadedModel, calibration: bool = True) -> None:
+        """Take a model loaded elsewhere (an artifact) and prepare `cfg.data` for it."""
+        prepared = prepare_data(self.cfg.data, loaded, calibration)
+        log.info("data %s: %d calibration / %d evaluation samples", self.cfg.data.name,
+                 prepared.description["calibration_samples"], prepared.description["evaluation_samples"])
+        loaded.model = loaded.model.to(self.device)
+        self.loaded, self.data = loaded, prepared.to(self.device)
+
+    # -- what the drivers share -------------------------------------------------------------
+    def recon_settings(self) -> ReconSettings:
+        return recon_settings(self.cfg.method)
+
+    def checkpointer(self, layout: ParallelLayout, model: torch.nn.Module) -> Optional[Checkpointer]:
+        """This stage's checkpointer (None with checkpoint.dir=null). The directory is keyed by the
+        settings that decide the result, so the same command finds its checkpoints again and other
+        settings never meet them; the fingerprint adds the model weights and the calibration data,
+        checked before anything is loaded."""
+        cfg = self.cfg
+        if not cfg.checkpoint.dir:
+            return None
+        m = cfg.method
+        irrelevant = ("log_every", "cache", "cache_memory_gb", "queue")  # speed and display only
+        settings = {
+            "quant": dataclasses.asdict(cfg.quant), "data": dataclasses.asdict(cfg.data), "seed": cfg.seed,
+            "method": {k: v for k, v in dataclasses.asdict(m).items() if k not in irrelevant},
+            "ranks": layout.world_size, "dtype": cfg.model.dtype,
+        }
+        key = hashlib.sha256(json.dumps({**settings, "model": cfg.model.path}, sort_keys=True).encode()).hexdigest()[:10]
+        root = Path(cfg.checkpoint.dir) / f"{m.name}_{cfg.quant.name}_{key}"
+        keep = Checkpointer.keep_for(layout.stages, m.queue, cfg.checkpoint.every)
+        return Checkpointer(root, fingerprint(model, self.data.calib, settings), layout.stage, cfg.checkpoint.every,
+                            keep, cfg.checkpoint.resume)
+
+    # -- the end of every quantizing run ----------------------------------------------------
+    def report(self, fp_metrics: Optional[dict], q_metrics: dict, extra: dict) -> dict:
+        cfg, loaded = self.cfg, self.loaded
+        self.timer.seconds["total"] = round(time.perf_counter() - self.started, 3)
+        return {
+            "method": cfg.method.name,
+            "quant": dataclasses.asdict(cfg.quant),
+            "model": {
+                "path": cfg.model.path,
+                "resolved_path": loaded.path,
+                "family": loaded.family.name,
+                "kind": loaded.task.kind,
+                "parameters": loaded.num_parameters,
+            },
+            "data": self.data.description,
+            "metrics": {"full_precision": fp_metrics, "quantized": q_metrics},
+            **extra,
+            "timings_s": self.timer.seconds,
+            # This process (rank 0 of a parallel run; every rank's own figure is in reconstruction.ranks).
+            "peak_memory_gb": dict(zip(("rss", "cuda"), (None if v is None else round(v, 3)
+                                                         for v in peak_memory_gb(self.device)))),
+            "environment": environment(self.device),
+            "config": dataclasses.asdict(cfg),
+        }
+
+    def finish(self, qmodel: torch.nn.Module, metrics: tuple[Optional[dict], dict], extra: dict,
+               failures: Optional[list[str]] = None) -> dict:
+        """Report, validate the final model, and if it is sound export it (`<run_dir>/model`, with
+        cfg.export); the report is written either way. Raises ValidationFailed (leaving no artifact)
+        when it is not sound. `failures`: problems the caller already found (the assembly check)."""
+        cfg = self.cfg
+        report = self.report(metrics[0], metrics[1], extra)
+        modules = report.get("reconstruction", {}).get("modules", [])
+        fp, q = report["metrics"]["full_precision"] or {}, report["metrics"]["quantized"]
+        report["validation"] = validate_result(qmodel, fp, q, [m["error_after"] for m in modules], cfg.max_drop)
+        if failures:
+            report["validation"]["failures"][:0] = failures
+            report["validation"]["passed"] = False
+        if report["validation"]["passed"] and cfg.export:
+            loaded, out = self.loaded, Path(cfg.run_dir) / "model"
+            meta = export_quantized(qmodel, loaded.tokenizer, cfg.quant, loaded.task.kind, out, source=self.source)
+            size = meta["bytes"]["model.safetensors"]
+            report["artifact"] = {
+                "path": str(out),
+                "bytes": size,
+                "fp32_parameter_bytes": 4 * loaded.num_parameters,
+                "ratio_to_fp32": round(size / (4 * loaded.num_parameters), 4),
+            }
+            log.info("wrote the quantized model to %s (%.1f MB, %.3fx of FP32)", out, size / 1e6,
+                     report["artifact"]["ratio_to_fp32"])
+        write_report(Path(cfg.run_dir), report)
+        log_summary(report)
+        if not report["validation"]["passed"]:
+            failed = "; ".join(report["validation"]["failures"])
+            raise ValidationFailed(f"the quantized model failed validation: {failed} (report: {cfg.run_dir}/report.json)")
+        return report
+
+
+def recon_settings(m: MethodConfig) -> ReconSettings:
+    """The engine's flat settings from the method config (rem / lkd / mrem_s are presets of it)."""
+    return ReconSettings(
+        steps=m.steps, lam=m.lam, t0=m.t0, loss=m.loss, kd_weight=m.kd_weight,
+        lr_weight=m.lr_weight, lr_scale=m.lr_scale, weight_decay=m.weight_decay,
+        train_weights=m.train_weights, train_scales=m.train_scales,
+        train_bias=m.train_bias, train_layernorm=m.train_layernorm, log_every=m.log_every,
+    )
+
+
+def environment(device: torch.device) -> dict:
+    return {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "machine": platform.machine()}
+
+
+def fmt_metrics(metrics: dict) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+
+
+def log_summary(report: dict) -> None:
+    """The end-of-run table in the log (the same figures are in summary.md and report.json)."""
+    rec = report.get("reconstruction")
+    if rec:
+        lines = ["module | layers | rank | error before -> after | train s | resumed from"]
+        for m in rec["modules"]:
+            lines.append(f"{m['index']:>6} | {m['layers'][0]}-{m['layers'][1] - 1:<4} | {m['rank']:>4} | "
+                         f"{m['error_before']:.4g} -> {m['error_after']:.4g} | {m['seconds']:7.1f} | "
+                         f"{m['resumed_from']}")
+        log.info("reconstruction summary:\n  %s", "\n  ".join(lines))
+    fp, q = report["metrics"]["full_precision"] or {}, report["metrics"]["quantized"]
+    log.info("metrics: %s", ", ".join(f"{k} {fp.get(k, float('nan')):.4f} -> {v:.4f}" for k, v in q.items()))

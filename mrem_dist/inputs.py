@@ -1,0 +1,133 @@
+"""The run's inputs: the data splits a config names, tokenized for the loaded model.
+
+Calibration batches (seeded sample), the evaluation set (its labels, when the data has them, travel
+in the batches; checked against the model's task) and, for fine-tuning, the labeled training set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from mrem_dist import data as D
+from mrem_dist.config import BUILTIN_DATA, MOVIE_REVIEWS
+from mrem_dist.engine.finetune import TrainSet
+from mrem_dist.log import get_logger
+from mrem_dist.models import LoadedModel
+from mrem_dist.models.tasks import EvalSet, SequenceClassification
+
+log = get_logger(__name__)
+
+
+@dataclass
+class PreparedData:
+    calib: list[D.Batch]
+    evalset: EvalSet
+    description: dict
+
+    def to(self, device) -> "PreparedData":
+        """The batches on `device` (labels travel with the evaluation batches)."""
+        return PreparedData([b.to(device) for b in self.calib],
+                            dataclasses.replace(self.evalset, batches=[b.to(device) for b in self.evalset.batches]),
+                            self.description)
+
+
+def _load_splits(cfg_data, calibration: bool = True) -> tuple[Optional[D.TextDataset], D.TextDataset, Optional[D.TaskSpec]]:
+    """(calibration split or None when not wanted, evaluation split, task spec or None)."""
+    if cfg_data.name == BUILTIN_DATA:
+        return (D.load_builtin("calibration") if calibration else None), D.load_builtin("evaluation"), None
+    if cfg_data.name == MOVIE_REVIEWS:
+        return (D.load_movie_reviews("train") if calibration else None), D.load_movie_reviews("validation"), None
+    if cfg_data.name == "local":
+        fields, label = list(cfg_data.text_fields), cfg_data.label_field or None
+        train_path = cfg_data.train_file or cfg_data.validation_file
+        eval_path = cfg_data.validation_file or cfg_data.train_file
+        train = D.load_local(train_path, fields, label) if calibration else None
+        return train, D.load_local(eval_path, fields, label), None
+    spec = D.get_task(cfg_data.name)
+    return (D.load_glue(cfg_data.name, "train") if calibration else None), D.load_glue(cfg_data.name, "eval"), spec
+
+
+def prepare_data(cfg_data, loaded: LoadedModel, calibration: bool = True) -> PreparedData:
+    """Tokenized calibration batches (none with calibration=False: evaluating a saved artifact)
+    and the evaluation set, checked against the model (labels for a classifier)."""
+    train, evaluation, spec = _load_splits(cfg_data, calibration)
+    calib: list[D.Batch] = []
+    n_calib = 0
+    if train is not None:
+        if len(train) == 0:
+            raise ValueError(f"the calibration source of data={cfg_data.name} is empty: give it at least one row")
+        n_calib = min(cfg_data.calib_samples, len(train))
+        if n_calib < cfg_data.calib_samples:
+            log.warning("data has %d calibration rows, fewer than data.calib_samples=%d: using all", n_calib, cfg_data.calib_samples)
+        calib_idx = D.sample_indices(len(train), n_calib, cfg_data.seed)
+        calib = D.make_batches(D.tokenize(train, loaded.tokenizer, cfg_data.max_length, calib_idx), cfg_data.batch_size)
+
+    eval_idx = D.sample_indices(len(evaluation), min(cfg_data.eval_samples, len(evaluation)), cfg_data.seed + 1)
+    labels = [evaluation.labels[i] for i in eval_idx] if evaluation.labels is not None else None
+    metric_names: tuple[str, ...] = ()
+    regression = False
+    task = loaded.task
+    if isinstance(task, SequenceClassification):
+        if labels is None:
+            raise ValueError(
+                f"model {loaded.path} is a classifier but data={cfg_data.name} has no labels: give labeled evaluation "
+                "data (data.label_field=<column>) or use model.kind=encoder to measure fidelity instead"
+            )
+        n_labels = spec.num_labels if spec else len(set(labels))
+        if spec is not None and spec.num_labels != task.num_labels:
+            raise ValueError(
+                f"model {loaded.path} has {task.num_labels} output labels but task {spec.name} has {spec.num_labels}: "
+                "use a checkpoint fine-tuned on this task"
+            )
+        if spec is None and n_labels > task.num_labels:
+            raise ValueError(
+                f"the evaluation labels take {n_labels} values but model {loaded.path} predicts {task.num_labels}: "
+                "use a checkpoint fine-tuned on these labels"
+            )
+        regression = task.num_labels == 1
+        metric_names = spec.metrics if spec else (("pearson", "spearman") if regression else ("accuracy",))
+    encoded = D.tokenize(evaluation, loaded.tokenizer, cfg_data.max_length, eval_idx)
+    eval_batches = D.make_batches(encoded, cfg_data.batch_size, labels)
+    description = {
+        "name": cfg_data.name,
+        "calibration_samples": n_calib,
+        "evaluation_samples": len(eval_idx),
+        "max_length": cfg_data.max_length,
+        "labeled": labels is not None,
+    }
+    return PreparedData(calib, EvalSet(eval_batches, metric_names, regression), description)
+
+
+def task_train_split(cfg_data) -> tuple[D.TextDataset, int]:
+    """The labeled training split, and the outputs a classifier for it needs: the GLUE table's,
+    else the label names' count, 1 for float labels (regression), or the largest class id + 1."""
+    train, _, spec = _load_splits(cfg_data)
+    if train.labels is None:
+        raise ValueError(f"data={cfg_data.name} has no labels to fine-tune on: set data.label_field=<the label column>")
+    if spec is not None:
+        return train, spec.num_labels
+    if train.label_names:
+        return train, len(train.label_names)
+    if any(isinstance(v, float) for v in train.labels):
+        return train, 1
+    return train, int(max(train.labels)) + 1
+
+
+def prepare_train(train: D.TextDataset, cfg_data, loaded: LoadedModel) -> TrainSet:
+    """data.train_samples (0 = all) labeled examples of `train`, tokenized for `loaded`."""
+    n = len(train) if cfg_data.train_samples == 0 else min(cfg_data.train_samples, len(train))
+    if n < cfg_data.train_samples:
+        log.warning("data has %d training rows, fewer than data.train_samples=%d: using all", n, cfg_data.train_samples)
+    idx = D.sample_indices(len(train), n, cfg_data.seed + 2)
+    labels = [train.labels[i] for i in idx]
+    num_labels = loaded.task.num_labels
+    regression = num_labels == 1
+    if not regression and (min(labels) < 0 or max(labels) >= num_labels):
+        raise ValueError(f"training labels span {min(labels)}..{max(labels)} but the model has {num_labels} outputs: "
+                         "use class ids 0..num_labels-1")
+    target = torch.tensor(labels, dtype=torch.float32 if regression else torch.long)
+    return TrainSet(D.tokenize(train, loaded.tokenizer, cfg_data.max_length, idx), target)
