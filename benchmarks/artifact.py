@@ -36,21 +36,22 @@ from common import RESULTS, hydra_configs, write_results
 from mrem_dist import data as D
 from mrem_dist.data import mean_pool
 from mrem_dist.artifact import export_quantized, load_quantized
-from mrem_dist.config import BUILTIN_MODEL, QuantConfig
+from mrem_dist.config import BUILTIN_MODEL
+from mrem_dist.scheme import QuantScheme
 from mrem_dist.models import load_model
 from mrem_dist.quant import int8
 from mrem_dist.quant.int8 import cpu_int8_code_limit
 from mrem_dist.quantize import calibrate_activations, needs_calibration, quantize_model
 
 
-def _quantized(loaded, scheme: QuantConfig, calib_ids: torch.Tensor):
+def _quantized(loaded, scheme: QuantScheme, calib_ids: torch.Tensor):
     q = quantize_model(copy.deepcopy(loaded.model), loaded.family, scheme, learnable=False)
     if needs_calibration(q):
         calibrate_activations(q, lambda m, ids: m(input_ids=ids, attention_mask=torch.ones_like(ids)), calib_ids.split(16))
     return q
 
 
-def _export(loaded, scheme: QuantConfig, calib_ids: torch.Tensor, folder: Path) -> Path:
+def _export(loaded, scheme: QuantScheme, calib_ids: torch.Tensor, folder: Path) -> Path:
     export_quantized(_quantized(loaded, scheme, calib_ids), loaded.tokenizer, scheme, loaded.task.kind, folder,
                      source=BUILTIN_MODEL)
     return folder

@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 from common import RESULTS, compose_config, hydra_configs, write_results
 
-from mrem_dist.data import fidelity_metrics
 from mrem_dist.engine import epoch_order
 from mrem_dist.engine.reconstruct import masked_mse
-from mrem_dist.evaluate import model_outputs
+from mrem_dist.context import RunContext
+from mrem_dist.scoring import score
 from mrem_dist.runner import execute
 
 TARGETS = ["attention.self", "intermediate", "output.dense"]  # every Linear of a BERT layer, once
@@ -121,18 +121,21 @@ def peer_rows(bits_list: list[int], steps: int, groups: int, tmp: Path, data: li
     base = ["quant=w4a8_fg", f"quant.w_groups={groups}", "quant.e_bits=null", "export=false", "checkpoint.dir=null",
             *data]
     cfg = compose_config(base, tmp / "inputs")
-    loaded, prepared = load_inputs(cfg)
-    fp, family = loaded.model, loaded.family
-    calib, evalb = prepared.calib, prepared.evalset.batches
-    fp_out = model_outputs(fp, family, evalb)
+    ctx = RunContext.begin(cfg)
+    loaded = ctx.load()
+    fp, family, calib = loaded.model, loaded.family, ctx.data.calib
+
+    def fidelity(q) -> dict:  # of the mean-pooled embeddings, scored by mrem-dist's evaluator
+        return score(fp, q, family, loaded.task, ctx.data.evalset).compute()[1]
+
     lr = cfg.method.lr_weight
     for bits in bits_list:
         q = ds_quantize(fp, bits, groups)
         rows.append({"bits": bits, "cell": "ds_ptq", "seconds": 0.0,
-                     **fidelity_metrics(fp_out, model_outputs(q, family, evalb))})
+                     **fidelity(q)})
         seconds = ds_lkd(fp, q, family, calib, steps, lr, cfg.seed)
         rows.append({"bits": bits, "cell": "ds_lkd", "seconds": round(seconds, 1),
-                     **fidelity_metrics(fp_out, model_outputs(q, family, evalb))})
+                     **fidelity(q)})
         for grid in dict.fromkeys([*grids, *lkd_grids]):
             for method in [m for m in ("ptq", "lkd") if grid in (grids if m == "ptq" else lkd_grids)]:
                 extra = [f"method={method}", f"quant.w_bits={bits}", f"quant.w_full_range={grid == 'full'}"]
@@ -144,7 +147,7 @@ def peer_rows(bits_list: list[int], steps: int, groups: int, tmp: Path, data: li
         for r in rows[-2 - len(grids) - len(lkd_grids):]:
             print(r, flush=True)
     setup = (f"all-MiniLM-L6-v2 (real weights), built-in text ({len(calib)} calibration batches of "
-             f"{cfg.data.batch_size}, {len(evalb)} evaluation batches), W<b> in {groups} row groups + token-wise "
+             f"{cfg.data.batch_size}, {len(ctx.data.evalset.batches)} evaluation batches), W<b> in {groups} row groups + token-wise "
              f"dynamic A8, FP embeddings; LKD {steps} steps per layer, lr {lr}, same batch order on both sides. "
              f"DeepSpeed {deepspeed.__version__} (`deepspeed.compression`, CPU accelerator); ds_lkd's loop is "
              "written in this script (DeepSpeed ships the quantizer, not the LKD loop). ptq/lkd: mrem-dist on its "

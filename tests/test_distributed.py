@@ -91,6 +91,7 @@ def _allreduce_rank(rank: int, out_dir: str) -> None:
         teardown_distributed()
 
 
+@pytest.mark.dist
 def test_two_ranks_join_a_gloo_group(tmp_path):
     from dist_helpers import run_ranks
 
@@ -123,13 +124,3 @@ def test_backend_follows_the_device():
     from mrem_dist.distributed import backend_for
 
     assert backend_for(torch.device("cpu")) == "gloo" and backend_for(torch.device("cuda", 0)) == "nccl"
-
-
-def test_rank_modules_spreads_partitions_contiguously():
-    from mrem_dist.distributed import rank_modules
-
-    assert rank_modules(4, 4) == [range(0, 1), range(1, 2), range(2, 3), range(3, 4)]
-    assert rank_modules(5, 2) == [range(0, 3), range(3, 5)]
-    assert rank_modules(6, 1) == [range(0, 6)]
-    with pytest.raises(ValueError, match=r"3 ranks but only 2 module partitions.*--nproc_per_node=2"):
-        rank_modules(2, 3)

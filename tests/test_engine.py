@@ -29,6 +29,7 @@ from mrem_dist.engine import (
 )
 from mrem_dist.models import FAMILIES
 from mrem_dist.context import recon_settings
+from mrem_dist.engine.sequential import EngineOptions
 from mrem_dist.quantize import calibrate_activations, quantize_model
 from mrem_dist.scoring import run_batch
 
@@ -170,7 +171,7 @@ def _setup(head=False, w_bits=2, seed=0, family="bert"):
 def _run(method: MethodConfig, head=False, **kw):
     model, q, family, batches = _setup(head=head)
     specs = partition(model, family, method.modules)
-    result = reconstruct_sequential(model, q, family, specs, batches, recon_settings(method), seed=0, **kw)
+    result = reconstruct_sequential(model, q, family, specs, batches, recon_settings(method), EngineOptions(seed=0, **kw))
     return q, result
 
 
@@ -178,16 +179,16 @@ def test_reconstruction_lowers_every_module_error():
     q, result = _run(MethodConfig(name="mrem_s", modules=2, steps=60, lam="zero", lr_weight=3e-4))
     assert result.cache == "memory" and len(result.modules) == 2
     for m in result.modules:
-        assert m["error_after"] < 0.5 * m["error_before"], m
-        assert len(m["losses"]) == 60 and all(math.isfinite(x) for x in m["losses"])
-        assert sum(m["losses"][-10:]) < sum(m["losses"][:10])
+        assert m.error_after < 0.5 * m.error_before, m
+        assert len(m.losses) == 60 and all(math.isfinite(x) for x in m.losses)
+        assert sum(m.losses[-10:]) < sum(m.losses[:10])
 
 
 def test_reconstruction_with_a_head_and_kd():
     # lr_weight is absolute: the default (1e-3, measured on MiniLM) overshoots on this tiny random
     # model's weights in 30 steps, so the test uses a smaller one.
     q, result = _run(MethodConfig(name="mrem_s", modules=2, steps=30, kd_weight=1.0, lr_weight=3e-4), head=True)
-    assert all(m["error_after"] < m["error_before"] for m in result.modules)
+    assert all(m.error_after < m.error_before for m in result.modules)
 
 
 def _quant_state(q):

@@ -15,7 +15,7 @@ from conftest import REPO
 from dist_helpers import free_port
 from test_pipeline import _small_data
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
 
 def _env(**extra) -> dict:

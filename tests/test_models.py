@@ -39,7 +39,7 @@ def test_layer_prefix_names_real_modules():
 
 
 def test_unknown_family_error_names_fix():
-    with pytest.raises(ValueError, match="has no family.*mrem_dist/models/adapters.py"):
+    with pytest.raises(ValueError, match="has no model family.*ModelFamily subclass in mrem_dist/models/families.py"):
         family_for("t5")
 
 

@@ -8,10 +8,13 @@ import json
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from dist_helpers import run_ranks, run_ranks_unsupervised
 from test_pipeline import _cfg, _small_data
+
+pytestmark = pytest.mark.dist
 
 # A few steps with weight learning rate low enough for the tiny model's 0.02-scale weights.
 COMMON = ["quant=w2a8", "clip=mse", "method=mrem_p", "method.steps=8", "method.lr_weight=1e-4", "threads=1",

@@ -95,14 +95,14 @@ def test_nan_in_calibration_is_named(tmp_path, tiny_encoder_dir, sst_like_csv):
         return loaded
 
     cfg = _cfg(tmp_path / "run", f"model.path={tiny_encoder_dir}", *_small_data(*sst_like_csv))
-    import mrem_dist.pipeline as pipeline
+    import mrem_dist.context as context
 
-    pipeline.load_model, orig = poisoned, pipeline.load_model
+    context.load_model, orig = poisoned, context.load_model
     try:
         with pytest.raises(FloatingPointError, match=r"encoder.layer.0.attention"):
             run(cfg)
     finally:
-        pipeline.load_model = orig
+        context.load_model = orig
     assert not (tmp_path / "run" / "report.json").exists()
 
 

@@ -163,7 +163,7 @@ def test_ternary_twn():
 
 def test_weight_quantizer_state_dict_round_trip():
     w = _w()
-    for kwargs in ({}, {"symmetric": False, "granularity": "group", "groups": 2}, {"bits": 2, "ternary": True}):
+    for kwargs in ({}, {"symmetric": False, "granularity": "group", "groups": 2}, {"bits": 2, "grid": "ternary"}):
         kwargs = {"bits": 4, **kwargs}
         q = WeightQuantizer(**kwargs).init_from(w)
         sd = q.state_dict()

@@ -6,6 +6,8 @@ import torch
 
 from dist_helpers import run_ranks
 
+pytestmark = pytest.mark.dist
+
 
 def _chain(rank: int, out_dir: str, steps: int, skew: bool) -> None:
     from mrem_dist.distributed import init_distributed, teardown_distributed

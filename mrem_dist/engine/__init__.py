@@ -20,7 +20,8 @@ from .reconstruct import (
     step,
     trainable_groups,
 )
-from .sequential import EngineResult, epoch_order, reconstruct_sequential
+from .records import ModuleRecord, RankPayload
+from .sequential import EngineOptions, EngineResult, epoch_order, reconstruct_sequential
 from .shard import owned_state, release_unowned, tensor_owner
 from .stage import Stage, StageOutput
 from .stream import StreamReceiver, StreamSender
@@ -31,7 +32,8 @@ __all__ = [
     "BALANCES", "ModuleSpec", "layer_costs", "partition", "split_contiguous",
     "LAM_SCHEDULES", "LOSSES", "ModuleResult", "ModuleTrainer", "ReconSettings", "lam_at", "masked_mse", "mix_inputs",
     "module_error", "reconstruct_module", "reconstruction_loss", "step", "trainable_groups",
-    "EngineResult", "epoch_order", "reconstruct_sequential",
+    "ModuleRecord", "RankPayload",
+    "EngineOptions", "EngineResult", "epoch_order", "reconstruct_sequential",
     "owned_state", "release_unowned", "tensor_owner",
     "Stage", "StageOutput",
     "StreamReceiver", "StreamSender",

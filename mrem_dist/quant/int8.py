@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .functional import qrange, tokenwise_scale
 from .modules import QuantEmbedding, QuantLinear
-from .quantizers import ActQuantizer, expand_to_rows
+from .quantizers import expand_to_rows
 
 __all__ = ["KERNELS", "BACKENDS", "Int8Linear", "Int8Embedding", "backend_for", "cpu_int8_code_limit", "to_int8"]
 
