@@ -21,4 +21,22 @@ else
   args+=(--rdzv-backend=c10d --rdzv-id="${RDZV_ID:-mrem}" --node-rank="${NODE_RANK:-0}"
          --rdzv-endpoint="${RDZV_ENDPOINT:?set RDZV_ENDPOINT=<node 0 host>:29500 for a multi-node run}")
 fi
-exec "${PYTHON:-python}" -m torch.distributed.run "${args[@]}" -m mrem_dist method=mrem_p "$@"
+# torchrun exits 1 when any worker fails, whatever the worker said: every rank leaves its own exit
+# code in MREM_EXIT_DIR, and this script exits with the first non-zero one (4: stopped cleanly on a
+# signal, rerun to resume; 2: invalid input; 3: failed validation), else with torchrun's.
+if [ -z "${MREM_EXIT_DIR:-}" ]; then
+  MREM_EXIT_DIR=$(mktemp -d)
+  trap 'rm -rf "$MREM_EXIT_DIR"' EXIT
+fi
+export MREM_EXIT_DIR
+"${PYTHON:-python}" -m torch.distributed.run "${args[@]}" -m mrem_dist method=mrem_p "$@" &
+run=$!
+trap 'kill -TERM "$run" 2>/dev/null' TERM INT USR1
+code=0
+while :; do wait "$run" && code=0 || code=$?; kill -0 "$run" 2>/dev/null || break; done
+if [ "$code" != 0 ]; then
+  for f in $(ls "$MREM_EXIT_DIR"/rank*.code 2>/dev/null | sort -V); do
+    c=$(cat "$f"); if [ "$c" != 0 ]; then code=$c; break; fi
+  done
+fi
+exit "$code"

@@ -66,6 +66,7 @@ def _join_ranks(argv: list[str]) -> list[str]:
 @hydra.main(config_path=config_dir(), config_name="config", version_base=None)
 def _hydra_main(dcfg: DictConfig) -> None:
     # Imported here so that `--help` does not pay for importing torch/transformers.
+    from mrem_dist.config import ConfigError
     from mrem_dist.engine.checkpoint import Preempted
     from mrem_dist.runner import run
     from mrem_dist.validation import ValidationFailed
@@ -73,6 +74,11 @@ def _hydra_main(dcfg: DictConfig) -> None:
     cfg: RunConfig = entry_config(dcfg, validate, log)
     try:
         report = run(cfg)
+    except ConfigError as e:  # an input found unusable before the long work (preflight)
+        log.error("invalid input: %s", e)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        raise SystemExit(2) from e
     except ValidationFailed as e:
         log.error("%s", e)
         raise SystemExit(3) from e
@@ -91,12 +97,33 @@ def _hydra_main(dcfg: DictConfig) -> None:
         log.info("done: %s -> %s/report.json", ", ".join(f"{k}={v:.4f}" for k, v in q.items()), cfg.run_dir)
 
 
+def _record_exit(code: int) -> None:
+    """With MREM_EXIT_DIR set (launch/*.sh, *.sbatch), leave this rank's exit code there: torchrun
+    reports any failing worker as 1, and the launch scripts give back what the ranks said (4 for a
+    clean stop on a signal, 2 for invalid input, 3 for a failed validation)."""
+    folder = os.environ.get("MREM_EXIT_DIR")
+    if folder:
+        from mrem_dist.distributed import env_rank
+
+        try:
+            with open(os.path.join(folder, f"rank{env_rank()}.code"), "w") as f:
+                f.write(f"{code}\n")
+        except OSError as e:
+            log.warning("could not record the exit code in MREM_EXIT_DIR=%s: %s", folder, e)
+
+
 def main() -> None:
-    if env_world_size() > 1 and "--help" not in sys.argv and "-h" not in sys.argv:
-        sys.argv += _join_ranks(sys.argv[1:])
+    code = 1
     try:
+        if env_world_size() > 1 and "--help" not in sys.argv and "-h" not in sys.argv:
+            sys.argv += _join_ranks(sys.argv[1:])
         _hydra_main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        raise
     finally:
+        _record_exit(code)
         if env_world_size() > 1:
             from mrem_dist.distributed import teardown_distributed
 

@@ -125,8 +125,9 @@ class CheckpointConfig:
 
     # Root directory, relative to where the job starts; it must outlive the run. null: off.
     dir: Optional[str] = "checkpoints"
-    # Steps between checkpoints; 0: only when stopped by SIGTERM / SIGUSR1 (SLURM's pre-timeout signal).
-    every: int = 200
+    # Steps between checkpoints; 0: only when stopped by SIGTERM / SIGUSR1 (SLURM's pre-timeout
+    # signal); null: a tenth of method.steps, at most 200 (so a short run killed mid-way has one too).
+    every: Optional[int] = None
     # auto: resume from a checkpoint of this run (one of a different model/data is an error);
     # never: discard what is there and start over.
     resume: str = "auto"
@@ -217,13 +218,37 @@ def entry_config(dcfg, check, log):
     from omegaconf import OmegaConf
     from transformers.utils import logging as hf_logging
 
+    from omegaconf.errors import MissingMandatoryValue
+
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        return check(OmegaConf.to_object(dcfg))
+        try:
+            cfg = OmegaConf.to_object(dcfg)
+        except MissingMandatoryValue as e:
+            key = getattr(e, "full_key", "") or str(e)
+            raise ConfigError(f"{key} is required: set {key}=<value> on the command line") from e
+        unknown = unknown_keys(cfg)
+        if unknown:
+            raise ConfigError(f"unknown setting {unknown[0]}: there is no such key (a `+` override adds keys nothing "
+                              "reads); check its spelling against conf/ and mrem_dist/config.py")
+        return check(cfg)
     except ConfigError as e:
         log.error("invalid configuration: %s", e)
         raise SystemExit(2) from e
+
+
+def unknown_keys(obj, prefix: str = "") -> list[str]:
+    """Keys of a typed config that its dataclass does not define (added with a `+` override)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(obj)}
+    out = [prefix + k for k in vars(obj) if k not in names]
+    for name in sorted(names):
+        value = getattr(obj, name)
+        if dataclasses.is_dataclass(value):
+            out += unknown_keys(value, f"{prefix}{name}.")
+    return out
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -336,6 +361,7 @@ def validate(cfg: RunConfig) -> RunConfig:
 
     _validate_data(cfg.data)
 
+    _check(bool(cfg.model.path), "model.path is empty: model=hf needs model.path=<a local model folder or a hub id>")
     _check_choice("model.kind", cfg.model.kind, MODEL_KINDS)
     _check_choice("model.dtype", cfg.model.dtype, DTYPES)
     m = cfg.method
@@ -365,7 +391,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         _check(cfg.max_drop is None or bool(m.reference), "max_drop compares against a full-precision fine-tuned model: "
                "set method.reference=<its directory, e.g. from python -m mrem_dist.finetune> or max_drop=null")
     _check(cfg.threads >= 0, f"threads={cfg.threads} must be >= 0 (0 keeps torch's default)")
-    _check(cfg.checkpoint.every >= 0, f"checkpoint.every={cfg.checkpoint.every} must be >= 0 (0: only on a stop signal)")
+    _check(cfg.checkpoint.every is None or cfg.checkpoint.every >= 0,
+           f"checkpoint.every={cfg.checkpoint.every} must be >= 0 (0: only on a stop signal) or null (a tenth of the steps)")
     _check_choice("checkpoint.resume", cfg.checkpoint.resume, RESUME_MODES)
     _check(cfg.timeout_s > 0, f"timeout_s={cfg.timeout_s} must be positive (seconds to wait on a peer rank)")
     if cfg.max_drop is not None:

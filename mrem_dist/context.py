@@ -111,9 +111,10 @@ class RunContext:
         }
         key = hashlib.sha256(json.dumps({**settings, "model": cfg.model.path}, sort_keys=True).encode()).hexdigest()[:10]
         root = Path(cfg.checkpoint.dir) / f"{m.name}_{cfg.quant.name}_{key}"
-        keep = Checkpointer.keep_for(layout.stages, m.queue, cfg.checkpoint.every)
-        return Checkpointer(root, fingerprint(model, self.data.calib, settings), layout.stage, cfg.checkpoint.every,
-                            keep, cfg.checkpoint.resume)
+        every = cfg.checkpoint.every if cfg.checkpoint.every is not None else max(1, min(200, m.steps // 10))
+        keep = Checkpointer.keep_for(layout.stages, m.queue, every)
+        return Checkpointer(root, fingerprint(model, self.data.calib, settings), layout.stage, every, keep,
+                            cfg.checkpoint.resume)
 
     # -- the end of every quantizing run ----------------------------------------------------
     def report(self, fp_metrics: Optional[dict], q_metrics: dict, extra: dict) -> dict:
@@ -140,6 +141,16 @@ class RunContext:
             "config": dataclasses.asdict(cfg),
         }
 
+    def _export(self, qmodel: torch.nn.Module) -> dict:
+        """Write the artifact to <run_dir>/model; returns the report's `artifact` section."""
+        loaded, out = self.loaded, Path(self.cfg.run_dir) / "model"
+        meta = export_quantized(qmodel, loaded.tokenizer, self.cfg.quant, loaded.task.kind, out, source=self.source)
+        size = meta["bytes"]["model.safetensors"]
+        ratio = round(size / (4 * loaded.num_parameters), 4)
+        log.info("wrote the quantized model to %s (%.1f MB, %.3fx of FP32)", out, size / 1e6, ratio)
+        return {"path": str(out), "bytes": size, "fp32_parameter_bytes": 4 * loaded.num_parameters,
+                "ratio_to_fp32": ratio}
+
     def finish(self, qmodel: torch.nn.Module, metrics: tuple[Optional[dict], dict], extra: dict,
                failures: Optional[list[str]] = None) -> dict:
         """Report, validate the final model, and if it is sound export it (`<run_dir>/model`, with
@@ -153,19 +164,16 @@ class RunContext:
         if failures:
             report["validation"]["failures"][:0] = failures
             report["validation"]["passed"] = False
-        if report["validation"]["passed"] and cfg.export:
-            loaded, out = self.loaded, Path(cfg.run_dir) / "model"
-            meta = export_quantized(qmodel, loaded.tokenizer, cfg.quant, loaded.task.kind, out, source=self.source)
-            size = meta["bytes"]["model.safetensors"]
-            report["artifact"] = {
-                "path": str(out),
-                "bytes": size,
-                "fp32_parameter_bytes": 4 * loaded.num_parameters,
-                "ratio_to_fp32": round(size / (4 * loaded.num_parameters), 4),
-            }
-            log.info("wrote the quantized model to %s (%.1f MB, %.3fx of FP32)", out, size / 1e6,
-                     report["artifact"]["ratio_to_fp32"])
+        # The report first, so that no failure below loses it; then the artifact, then the report again.
         write_report(Path(cfg.run_dir), report)
+        if report["validation"]["passed"] and cfg.export:
+            try:
+                report["artifact"] = self._export(qmodel)
+            except BaseException as e:
+                report["artifact"] = {"error": f"{type(e).__name__}: {e}"}
+                write_report(Path(cfg.run_dir), report)
+                raise
+            write_report(Path(cfg.run_dir), report)
         log_summary(report)
         if not report["validation"]["passed"]:
             failed = "; ".join(report["validation"]["failures"])

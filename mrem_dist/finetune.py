@@ -37,8 +37,10 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     from mrem_dist.engine.finetune import FinetuneSettings, train_task
     from mrem_dist.inputs import prepare_train, task_train_split
     from mrem_dist.io import atomic_write_json, atomic_write_text
+    from mrem_dist.preflight import check_outputs
     from mrem_dist.scoring import score
 
+    check_outputs(Path(cfg.run_dir), None, 0)  # before the training, not after it
     ctx = RunContext.begin(cfg)
     timer, device = ctx.timer, ctx.device
     with timer("load"):
@@ -81,8 +83,14 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
 
 @hydra.main(config_path=config_dir(), config_name="finetune", version_base=None)
 def _hydra_main(dcfg: DictConfig) -> None:
+    from mrem_dist.config import ConfigError
+
     cfg: FinetuneConfig = entry_config(dcfg, validate_finetune, log)
-    run_finetune(cfg)
+    try:
+        run_finetune(cfg)
+    except ConfigError as e:
+        log.error("invalid input: %s", e)
+        raise SystemExit(2) from e
 
 
 def main() -> None:

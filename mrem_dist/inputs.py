@@ -35,7 +35,7 @@ class PreparedData:
                             self.description)
 
 
-def _load_splits(cfg_data, calibration: bool = True) -> tuple[Optional[D.TextDataset], D.TextDataset, Optional[D.TaskSpec]]:
+def load_splits(cfg_data, calibration: bool = True) -> tuple[Optional[D.TextDataset], D.TextDataset, Optional[D.TaskSpec]]:
     """(calibration split or None when not wanted, evaluation split, task spec or None)."""
     if cfg_data.name == BUILTIN_DATA:
         return (D.load_builtin("calibration") if calibration else None), D.load_builtin("evaluation"), None
@@ -51,10 +51,32 @@ def _load_splits(cfg_data, calibration: bool = True) -> tuple[Optional[D.TextDat
     return (D.load_glue(cfg_data.name, "train") if calibration else None), D.load_glue(cfg_data.name, "eval"), spec
 
 
+def model_label_names(model) -> Optional[list[str]]:
+    """The class names of a fine-tuned head (config.id2label), None when they are transformers'
+    placeholders (LABEL_0, LABEL_1, ...: the head's labels were never named)."""
+    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
+    names = [str(id2label[i]) for i in sorted(id2label)]
+    return None if not names or names == [f"LABEL_{i}" for i in range(len(names))] else names
+
+
+def align_labels(splits: list[Optional[D.TextDataset]], model=None) -> list[Optional[D.TextDataset]]:
+    """String labels mapped to one set of ids for every split: the model's own label names when it
+    has them, else the sorted union of the splits' names (a split that holds only some of the labels
+    must not renumber them)."""
+    named = [s for s in splits if s is not None and s.label_names is not None and s.labels is not None]
+    if not named:
+        return splits
+    names = model_label_names(model) or sorted(set().union(*(s.label_names for s in named)))
+    return [D.relabel(s, names) if any(s is n for n in named) else s for s in splits]
+
+
 def prepare_data(cfg_data, loaded: LoadedModel, calibration: bool = True) -> PreparedData:
     """Tokenized calibration batches (none with calibration=False: evaluating a saved artifact)
     and the evaluation set, checked against the model (labels for a classifier)."""
-    train, evaluation, spec = _load_splits(cfg_data, calibration)
+    train, evaluation, spec = load_splits(cfg_data, calibration)
+    if cfg_data.name == "local" and isinstance(loaded.task, SequenceClassification):
+        # Files name their labels; GLUE's ids are the hub's own and fixed.
+        train, evaluation = align_labels([train, evaluation], loaded.model)
     calib: list[D.Batch] = []
     n_calib = 0
     if train is not None:
@@ -105,7 +127,9 @@ def prepare_data(cfg_data, loaded: LoadedModel, calibration: bool = True) -> Pre
 def task_train_split(cfg_data) -> tuple[D.TextDataset, int]:
     """The labeled training split, and the outputs a classifier for it needs: the GLUE table's,
     else the label names' count, 1 for float labels (regression), or the largest class id + 1."""
-    train, _, spec = _load_splits(cfg_data)
+    train, evaluation, spec = load_splits(cfg_data)
+    if cfg_data.name == "local":
+        train, _ = align_labels([train, evaluation])
     if train.labels is None:
         raise ValueError(f"data={cfg_data.name} has no labels to fine-tune on: set data.label_field=<the label column>")
     if spec is not None:
@@ -122,6 +146,10 @@ def prepare_train(train: D.TextDataset, cfg_data, loaded: LoadedModel) -> TrainS
     n = len(train) if cfg_data.train_samples == 0 else min(cfg_data.train_samples, len(train))
     if n < cfg_data.train_samples:
         log.warning("data has %d training rows, fewer than data.train_samples=%d: using all", n, cfg_data.train_samples)
+    if train.label_names and model_label_names(loaded.model) is None:
+        # A new head: name its classes, so that the fine-tuned model maps labels the same way later.
+        loaded.model.config.id2label = dict(enumerate(train.label_names))
+        loaded.model.config.label2id = {name: i for i, name in enumerate(train.label_names)}
     idx = D.sample_indices(len(train), n, cfg_data.seed + 2)
     labels = [train.labels[i] for i in idx]
     num_labels = loaded.task.num_labels

@@ -11,6 +11,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -20,6 +26,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp makes the file private (0600): give it the permissions of any other file written here.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -34,20 +42,44 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary folders `atomic_dir(path)` left behind when its process was killed
+    (named .<name>.<pid>.<random>.tmp; those of a process still running are left alone)."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.*.tmp") if path.parent.is_dir() else []:
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if tmp.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
 @contextmanager
 def atomic_dir(path: str | os.PathLike, what: str = "directory") -> Iterator[Path]:
     """Fill a temporary sibling folder (yielded) that is renamed to `path` when the block ends; on an
-    error it is removed, so `path` is either complete or absent. `path` must not exist yet."""
+    error it is removed, so `path` is either complete or absent. `path` must not exist yet. The
+    leftovers of a killed earlier attempt at the same `path` are removed first."""
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"{path} already exists: choose a new {what}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    clean_stale_temporaries(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         # mkdtemp makes a private (0700) folder: give it, and its files, the usual umask permissions.
-        umask = os.umask(0)
-        os.umask(umask)
+        umask = _umask()
         tmp.chmod(0o777 & ~umask)
         for f in tmp.iterdir():
             f.chmod(0o666 & ~umask)

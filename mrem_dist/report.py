@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from mrem_dist.io import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -51,6 +52,18 @@ def summary_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def json_safe(obj):
+    """The report with every NaN/inf replaced by None: JSON has no such numbers, and a report
+    must never be lost to one (validation lists the metric that was not finite)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_report(run_dir: Path, report: dict) -> None:
     if "reconstruction" in report:
         from mrem_dist.plots import reconstruction_png
@@ -58,5 +71,5 @@ def write_report(run_dir: Path, report: dict) -> None:
         title = f"{report['method']} {report['quant']['name']} on {report['model']['path']}"
         atomic_write_bytes(run_dir / "reconstruction.png",
                            reconstruction_png(report["reconstruction"]["modules"], report["layer_error"], title))
-    atomic_write_json(run_dir / "report.json", report)
+    atomic_write_json(run_dir / "report.json", json_safe(report))
     atomic_write_text(run_dir / "summary.md", summary_markdown(report))

@@ -15,6 +15,7 @@ import torch
 from mrem_dist.config import PARALLEL_METHODS, RunConfig
 from mrem_dist.context import RunContext
 from mrem_dist.distributed import env_world_size
+from mrem_dist.preflight import preflight
 
 
 def run(cfg: RunConfig) -> Optional[dict]:
@@ -25,7 +26,9 @@ def run(cfg: RunConfig) -> Optional[dict]:
 
 
 def execute(cfg: RunConfig) -> Optional[tuple[dict, torch.nn.Module]]:
-    """`run`, also returning the final quantized model (None on the non-main ranks)."""
+    """`run`, also returning the final quantized model (None on the non-main ranks). Every input is
+    checked first (preflight: InputError, exit code 2), before any weight is loaded."""
+    preflight(cfg)
     if cfg.method.name in PARALLEL_METHODS:
         from mrem_dist.drivers.parallel import run_parallel
 

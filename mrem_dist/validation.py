@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -67,6 +68,11 @@ def validate_result(
 ) -> dict:
     """The report's `validation` section: {passed, checks, failures}."""
     failures = check_model(model)
+    for which, metrics in (("full-precision", fp_metrics), ("quantized", q_metrics)):
+        for key, value in metrics.items():
+            if value is None or not math.isfinite(value):
+                failures.append(f"the {which} model's {key} is {value}: the evaluation data or the model is degenerate "
+                                "(e.g. empty texts, constant outputs)")
     bad = [i for i, e in enumerate(module_errors) if not torch.isfinite(torch.tensor(e))]
     if bad:
         failures.append(f"modules {bad} ended with a non-finite reconstruction error")

@@ -92,10 +92,18 @@ def test_truncated_tensors_are_refused(artifact):
         load_quantized(artifact)
 
 
+def _reseal(artifact):
+    # The checks behind the manifest: a folder made consistent again (as a newer release would write it).
+    from mrem_dist.artifact.schema import write_manifest
+
+    write_manifest(artifact)
+
+
 def test_unknown_version_is_refused(artifact):
     meta = json.loads((artifact / "quantization.json").read_text())
     meta["version"] = 99
     (artifact / "quantization.json").write_text(json.dumps(meta))
+    _reseal(artifact)
     with pytest.raises(ArtifactError, match="format version 99 is not supported"):
         load_quantized(artifact)
 
@@ -103,9 +111,13 @@ def test_unknown_version_is_refused(artifact):
 def test_corrupt_metadata_and_missing_tokenizer_are_named(artifact):
     for f in [*artifact.glob("tokenizer*"), *artifact.glob("vocab*"), *artifact.glob("special_tokens*")]:
         f.unlink()
+    with pytest.raises(ArtifactError, match=r"tokenizer.* is missing \(listed in manifest.json\)"):
+        load_quantized(artifact)
+    _reseal(artifact)
     with pytest.raises(ArtifactError, match="tokenizer files in .* are missing"):
         load_quantized(artifact)
     (artifact / "quantization.json").write_text("{not json")
+    _reseal(artifact)
     with pytest.raises(ArtifactError, match="quantization.json is not valid JSON"):
         load_quantized(artifact)
     with pytest.raises(ArtifactError, match="is not a directory"):

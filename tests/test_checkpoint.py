@@ -32,7 +32,9 @@ FP = Fingerprint("m1", "d1", "s1")
 def test_save_keeps_the_latest_and_loads_them_back(tmp_path):
     ck = Checkpointer(tmp_path / "run", FP, stage=0, every=2, keep=2)
     ck.prepare()
-    assert not (tmp_path / "run").exists()  # nothing is created before the first checkpoint
+    # The stage's folder is claimed at once (a folder that cannot be written fails here, not after
+    # the first 200 steps): nothing but the lock is in it before the first checkpoint.
+    assert [p.name for p in (tmp_path / "run").rglob("*")] == ["stage0", ".lock"]
     for step in (2, 4, 6):
         ck.save(step, [_Trainer(step)])
     assert ck.steps_on_disk() == [4, 6] and ck.latest() == 6
@@ -101,7 +103,7 @@ def test_stop_signal_checkpoints_and_the_rerun_resumes(tmp_path, tiny_encoder_di
     with pytest.raises(Preempted, match="stopped after step 3 of 8") as stopped:
         _run(tmp_path, "stopped", tiny_encoder_dir, sst_like_csv, *extra)
     assert stopped.value.exit_code == 4
-    assert [p.name for p in ckpt.glob("*/stage0/*.pt")] == ["step00000003.pt"]
+    assert [p.name for p in ckpt.glob("*/stage0/*.ckpt")] == ["step00000003.ckpt"]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
     monkeypatch.setattr(R.ModuleTrainer, "train_step", original)
 

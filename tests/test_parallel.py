@@ -144,7 +144,7 @@ def test_a_killed_rank_resumes_to_the_uninterrupted_result(tmp_path, tiny_encode
     assert codes[1] == 9 and codes[0] not in (0, None), codes
     (run_key,) = [p for p in ckpt.iterdir()]
     assert (run_key / "fingerprint.json").is_file()
-    assert max(int(p.stem[4:]) for p in (run_key / "stage1").glob("step*.pt")) == 4
+    assert max(int(p.stem[4:]) for p in (run_key / "stage1").glob("step*.ckpt")) == 4
 
     run_ranks(_job, 2, tiny_encoder_dir, sst_like_csv, str(tmp_path / "run2"), str(resumed), overrides, -1)
     report = json.loads((resumed / "report.json").read_text())

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from conftest import REPO
 from mrem_dist.config import register_configs, validate
+from mrem_dist.preflight import InputError
 from mrem_dist.runner import execute, run
 
 register_configs()
@@ -66,11 +67,12 @@ def test_more_bits_is_more_faithful(tmp_path, tiny_encoder_dir, sst_like_csv):
 @pytest.mark.parametrize(
     "overrides,exc,match",
     [
-        (["quant=w4a8_fg", "quant.w_groups=5"], ValueError, r"groups=5 does not divide"),
-        (["data.text_fields=[review]"], ValueError, r"review"),
-        (["data.label_field=stars"], ValueError, r"stars"),
-        (["model.path=/does/not/exist"], FileNotFoundError, r"is not a directory"),
-        (["method=mrem_s", "method.modules=9"], ValueError, r"cannot cut 4 layers into 9 modules.*method.modules<=4"),
+        # All found before any weight is loaded (preflight), as InputError: exit code 2 at the command line.
+        (["quant=w4a8_fg", "quant.w_groups=5"], InputError, r"groups=5 does not divide"),
+        (["data.text_fields=[review]"], InputError, r"review"),
+        (["data.label_field=stars"], InputError, r"stars"),
+        (["model.path=/does/not/exist"], InputError, r"is not a directory"),
+        (["method=mrem_s", "method.modules=9"], InputError, r"method.modules=9 but the model has 4 layers.*method.modules<=4"),
     ],
 )
 def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, tiny_classifier_dir, sst_like_csv, overrides, exc, match):

@@ -11,17 +11,17 @@ Layout (format `mrem-dist-quantized`, version 1):
     quantization.json   format and version, the quantization scheme, per quantized module its bits,
                         grid and weight shape, the model kind, and the SHA-256 of model.safetensors
                         (artifact/schema.py: the schema, versioned on its own)
+    manifest.json       every other file with its size and SHA-256, checked before anything is read
     config.json, tokenizer files   as Hugging Face writes them
 
 The directory is written under a temporary name and renamed into place at the end, so a crash
-never leaves a half-written artifact under the final name. Loading checks the format, version and
-checksum before anything else and names the file and the problem when one is off.
+never leaves a half-written artifact under the final name. Loading checks the manifest, the format
+and the version before anything else and names the file and the problem when one is off.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +40,8 @@ from mrem_dist.quant.quantizers import group_view
 from mrem_dist.scheme import QuantScheme
 
 from .pack import pack_codes, unpack_codes
-from .schema import FORMAT, VERSION, ArtifactError, ArtifactMeta, ModuleEntry, read_meta, write_meta
+from .schema import (FORMAT, VERSION, ArtifactError, ArtifactMeta, ModuleEntry, read_meta, sha256_file, write_manifest,
+                     write_meta)
 
 TENSORS = "model.safetensors"
 
@@ -49,14 +50,6 @@ def _quantized_modules(model: nn.Module):
     for name, module in model.named_modules():
         if isinstance(module, (QuantLinear, QuantEmbedding)) and module.weight_quantizer is not None:
             yield name, module
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @torch.no_grad()
@@ -86,8 +79,9 @@ def export_quantized(
         save_file(state, str(tmp / TENSORS), metadata={"format": FORMAT, "version": str(VERSION)})
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        meta = ArtifactMeta(kind, model.config.model_type, scheme, modules, source, {TENSORS: _sha256(tmp / TENSORS)})
+        meta = ArtifactMeta(kind, model.config.model_type, scheme, modules, source, {TENSORS: sha256_file(tmp / TENSORS)})
         write_meta(tmp, meta)
+        write_manifest(tmp)
     return {**meta.to_json(), "bytes": {TENSORS: (path / TENSORS).stat().st_size}}
 
 
@@ -128,7 +122,7 @@ def load_quantized(
     if not tensors_file.is_file():
         raise ArtifactError(f"{tensors_file} is missing")
     expected = meta.sha256[TENSORS]
-    if _sha256(tensors_file) != expected:
+    if sha256_file(tensors_file) != expected:
         raise ArtifactError(f"{tensors_file}: checksum mismatch (the file is truncated or was modified after export)")
     try:
         state = load_file(str(tensors_file))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +74,11 @@ def _columns_to_dataset(
     texts: list[list[str]] = []
     for field in text_fields:
         values = columns[field]
-        missing = [i for i, v in enumerate(values) if v is None]
+        # Whitespace is no text either: a row of spaces tokenizes to nothing but special tokens.
+        missing = [i for i, v in enumerate(values) if v is None or (isinstance(v, str) and not v.strip())]
         if missing:
             raise ValueError(
-                f"text column {field!r} in {source} is empty in {len(missing)} row(s), first at "
+                f"text column {field!r} in {source} is empty or whitespace only in {len(missing)} row(s), first at "
                 f"row {missing[0]}: fill or remove those rows"
             )
         # Numbers-only texts come back from csv as ints; the tokenizer wants strings.
@@ -116,6 +117,20 @@ def _columns_to_dataset(
         name=name,
         label_names=label_names,
     )
+
+
+def relabel(dataset: TextDataset, names: Sequence[str]) -> TextDataset:
+    """The dataset with its string labels mapped to ids by `names` (the model's label2id, or one
+    mapping shared by every split) instead of by its own sorted label set."""
+    if dataset.label_names is None or dataset.labels is None:
+        return dataset
+    index = {n: i for i, n in enumerate(names)}
+    unknown = sorted(set(dataset.label_names) - set(index))
+    if unknown:
+        raise ValueError(f"labels {unknown} of {dataset.name} are not among the model's labels {list(names)}: "
+                         "use the label names the model was fine-tuned with")
+    labels = [index[dataset.label_names[i]] for i in dataset.labels]
+    return replace(dataset, labels=labels, label_names=list(names))
 
 
 def _check_text_fields(text_fields: Sequence[str] | str) -> list[str]:

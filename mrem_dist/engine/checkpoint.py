@@ -5,12 +5,17 @@ gets a new timestamped run directory):
 
     fingerprint.json      what the checkpoints belong to: hashes of the model weights, the
                           calibration data and the settings that decide the result
-    stage<S>/step<T>.pt   the modules of stage S (parallel layout; one process: stage 0) after T
+    stage<S>/step<T>.ckpt the modules of stage S (parallel layout; one process: stage 0) after T
                           training steps: each module's student state, optimizer state, and
-                          loss / lam history (a one-process run: module<M>_step<T>.pt)
+                          loss / lam history (a one-process run: module<M>_step<T>.ckpt)
+    stage<S>/.lock        the process using the stage's checkpoints (pid@host)
 
-Files are written under a temporary name and renamed, so a crash leaves either the old or the new
-checkpoint, never half of one. Ranks checkpoint at the same steps but not at the same moment (an
+A checkpoint file cannot carry code: its tensors are safetensors and everything else is JSON in its
+header (statefile.py); nothing is ever unpickled, and the header's fingerprint is checked before a
+tensor is read. A stage's folder is locked by the process using it, so two runs with the same
+settings cannot train into (and then delete) the same checkpoints at once; a lock left by a dead
+process is taken over. Files are written under a temporary name and renamed, so a crash leaves
+either the old or the new checkpoint, never half of one. Ranks checkpoint at the same steps but not at the same moment (an
 upstream rank runs up to `queue` steps ahead of the next), so each keeps enough old ones that the
 step every rank has reached is still on disk; a restart resumes all ranks from that step.
 
@@ -26,6 +31,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -35,6 +41,8 @@ from torch import nn
 
 from mrem_dist.data import Batch
 from mrem_dist.log import get_logger
+
+from .statefile import StateFileError, load_state, read_header, save_state
 
 log = get_logger(__name__)
 
@@ -74,10 +82,58 @@ def fingerprint(model: nn.Module, batches: Sequence[Batch], settings: dict) -> F
     return Fingerprint(m.hexdigest()[:16], d.hexdigest()[:16], s.hexdigest()[:16])
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+SUFFIX = ".ckpt"
+LOCK = ".lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+class CheckpointLock:
+    """An exclusive claim on a folder of checkpoints: a file holding `pid@host`, created with
+    O_EXCL. A lock of a process that no longer runs on this host is stale and taken over."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / LOCK
+        self.held = False
+
+    def acquire(self) -> None:
+        if self.held:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = f"{os.getpid()}@{socket.gethostname()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self.path.read_text().strip() if self.path.is_file() else ""
+                pid, _, host = owner.partition("@")
+                if owner == me:
+                    break
+                if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+                    log.warning("taking over %s: its process %s is gone", self.path, owner)
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise CheckpointMismatch(
+                    f"{self.path.parent} is in use by another run ({owner or 'unknown'}): two runs with the same "
+                    "settings would overwrite and delete each other's checkpoints. Wait for it, point checkpoint.dir "
+                    f"elsewhere, or delete {self.path} if that run is gone")
+            with os.fdopen(fd, "w") as f:
+                f.write(me + "\n")
+            break
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
 
 
 class Checkpointer:
@@ -91,6 +147,7 @@ class Checkpointer:
         self.root, self.fp, self.stage, self.every, self.keep = Path(root), fp, stage, every, max(keep, 2)
         self.resume = resume
         self.dir = self.root / f"stage{stage}"
+        self.lock = CheckpointLock(self.dir)
 
     @staticmethod
     def keep_for(stages: int, queue: int, every: int) -> int:
@@ -99,11 +156,13 @@ class Checkpointer:
         return 2 + (math.ceil((stages - 1) * queue / every) if every else 0)
 
     def prepare(self) -> None:
-        """Check (resume=auto) or discard (resume=never) what the directory holds. Every stage
-        checks for itself. Nothing is created before the first checkpoint is written."""
+        """Lock this stage's folder, then check (resume=auto) or discard (resume=never) what it
+        holds. Every stage checks for itself."""
+        self.lock.acquire()
         meta = self.root / FINGERPRINT
         if self.resume == "never":
-            shutil.rmtree(self.dir, ignore_errors=True)
+            for old in self.dir.glob(f"*{SUFFIX}"):
+                old.unlink()
             if self.stage == 0:
                 meta.unlink(missing_ok=True)
             return
@@ -121,14 +180,24 @@ class Checkpointer:
                 )
 
     def _file(self, step: int, tag: str) -> Path:
-        return self.dir / f"{tag}step{step:08d}.pt"
+        return self.dir / f"{tag}step{step:08d}{SUFFIX}"
 
     def steps_on_disk(self, tag: str = "") -> list[int]:
-        """Steps checkpointed under `tag` (a module name in a one-process run; "" for a rank's modules)."""
+        """Steps checkpointed under `tag` (a module name in a one-process run; "" for a stage's modules)."""
         if not self.dir.is_dir():
             return []
-        digits = (p.stem[len(tag) + 4:] for p in self.dir.glob(f"{tag}step*.pt"))
+        digits = (p.stem[len(tag) + 4:] for p in self.dir.glob(f"{tag}step*{SUFFIX}"))
         return sorted(int(d) for d in digits if d.isdigit())
+
+    def _header(self, path: Path) -> dict:
+        """The checkpoint's JSON header, refused unless it is this run's (before any tensor is read)."""
+        try:
+            header = read_header(path)
+        except StateFileError as e:
+            raise CheckpointMismatch(f"{e}: delete {self.root} or set checkpoint.resume=never") from e
+        if header.get("fingerprint") != asdict(self.fp):
+            raise CheckpointMismatch(f"{path} belongs to a different run: delete {self.root} or set checkpoint.resume=never")
+        return header
 
     def latest(self, tag: str = "") -> int:
         """The latest step on disk (0: none), or 0 with resume=never."""
@@ -143,31 +212,35 @@ class Checkpointer:
                 f"stage {self.stage} has no checkpoint of step {step} in {self.dir} (it has {self.steps_on_disk(tag)}): "
                 f"the stages' checkpoints do not fit together; delete {self.root} or set checkpoint.resume=never"
             )
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state["fingerprint"] != asdict(self.fp) or len(state["modules"]) != len(trainers):
-            raise CheckpointMismatch(f"{path} belongs to a different run: delete {self.root} or set checkpoint.resume=never")
-        for trainer, module_state in zip(trainers, state["modules"]):
+        header = self._header(path)
+        if header.get("modules") != len(trainers):
+            raise CheckpointMismatch(f"{path} holds {header.get('modules')} modules, this stage trains {len(trainers)}: "
+                                     f"delete {self.root} or set checkpoint.resume=never")
+        try:
+            modules = load_state(path)
+        except StateFileError as e:
+            raise CheckpointMismatch(f"{e}: delete {self.root} or set checkpoint.resume=never") from e
+        for trainer, module_state in zip(trainers, modules):
             trainer.load_state_dict(module_state)
         log.info("stage %d: resumed from %s (step %d)", self.stage, path, step)
-        return state.get("extra") or {}
+        return header.get("extra") or {}
 
     def extra(self, step: int, tag: str = "") -> Optional[dict]:
         """What was saved with the checkpoint of `step` as `extra` (None: no such checkpoint, or none saved)."""
         path = self._file(step, tag)
         if self.resume != "auto" or not path.is_file():
             return None
-        return torch.load(path, map_location="cpu", weights_only=False).get("extra")
+        return self._header(path).get("extra")
 
     def save(self, step: int, trainers: list, tag: str = "", extra: Optional[dict] = None) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
         meta = self.root / FINGERPRINT
         if not meta.is_file():  # every rank writes the same content: whoever comes first
             tmp = meta.with_name(f"{meta.name}.{self.stage}.tmp")
             tmp.write_text(json.dumps(asdict(self.fp), indent=1) + "\n")
             os.replace(tmp, meta)
-        state = {"fingerprint": asdict(self.fp), "step": step, "modules": [tr.state_dict() for tr in trainers],
-                 "extra": extra}
-        _atomic_save(state, self._file(step, tag))
+        header = {"fingerprint": asdict(self.fp), "step": step, "modules": len(trainers), "extra": extra}
+        save_state(self._file(step, tag), [tr.state_dict() for tr in trainers], header)
         for old in self.steps_on_disk(tag)[: -self.keep]:
             self._file(old, tag).unlink(missing_ok=True)
         log.info("stage %d: checkpoint at step %d -> %s", self.stage, step, self._file(step, tag))
@@ -179,6 +252,7 @@ class Checkpointer:
     def remove(self) -> None:
         """Delete every checkpoint of the run (after its artifact is written), and checkpoint.dir
         itself when nothing else is left in it."""
+        self.lock.release()
         shutil.rmtree(self.root, ignore_errors=True)
         try:
             self.root.parent.rmdir()

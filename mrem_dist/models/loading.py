@@ -60,7 +60,17 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
-def _load_config(path: str):
+def load_config(path: str):
+    """The model's config.json (resolved path), with the problem named when it cannot be read."""
+    config_file = Path(path).expanduser() / "config.json"
+    if config_file.is_file():
+        import json
+
+        try:
+            json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{config_file} is not valid JSON ({e}): the model folder is corrupt; save it again "
+                             "(model.save_pretrained(dir))") from e
     try:
         return AutoConfig.from_pretrained(path)
     except OSError as e:
@@ -96,7 +106,7 @@ def load_model(path: str, kind: str = "auto", dtype: str = "float32", num_labels
     """`num_labels` (fine-tuning): load as a classifier with that many outputs, with a new,
     randomly initialised head when the checkpoint has none (seed torch first)."""
     resolved = resolve_model_path(path)
-    config = _load_config(resolved)
+    config = load_config(resolved)
     family = family_for(config.model_type)
     has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
     if num_labels is not None:
@@ -117,7 +127,14 @@ def load_model(path: str, kind: str = "auto", dtype: str = "float32", num_labels
     torch_dtype = getattr(torch, dtype)
     task = task_for(kind, num_labels if num_labels is not None else int(config.num_labels))
     extra = {"num_labels": num_labels} if num_labels is not None and not has_head else {}
-    model = task.auto_class().from_pretrained(resolved, dtype=torch_dtype, **model_kwargs(task, family), **extra)
+    try:
+        model = task.auto_class().from_pretrained(resolved, dtype=torch_dtype, **model_kwargs(task, family), **extra)
+    except Exception as e:  # safetensors / torch raise their own types for a truncated weight file
+        if "safetensors" not in type(e).__module__ and "Safetensor" not in type(e).__name__:
+            raise
+        weights = sorted(Path(resolved).expanduser().glob("*.safetensors")) if Path(resolved).expanduser().is_dir() else []
+        raise OSError(f"the weights of model {path!r} ({', '.join(str(w) for w in weights) or resolved}) cannot be "
+                      f"read ({e}): the file is truncated or corrupt; save the model again") from e
     model.eval()
     _check_tokenizer_files(path, resolved)
     try:

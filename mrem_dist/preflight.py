@@ -1,0 +1,109 @@
+"""Checks of a run's inputs before any long work: everything that can be checked without the
+weights. The config alone was checked by `config.validate`; this adds what needs the model's
+config.json and shapes (a meta-device skeleton, no weights), the data files and the places the run
+will write. Every failure is an `InputError` (a ConfigError: exit code 2, one line naming the
+problem and the fix)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from mrem_dist.config import RECONSTRUCTION_METHODS, ConfigError, RunConfig
+
+
+class InputError(ConfigError):
+    """An input of the run (model, data, output folders) is unusable; the message names the fix."""
+
+
+def _checked(what: str, fn, *args):
+    try:
+        return fn(*args)
+    except ConfigError:
+        raise
+    except (ValueError, OSError, KeyError, ImportError) as e:
+        raise InputError(str(e) if what in str(e) else f"{what}: {e}") from e
+
+
+def _skeleton(cfg: RunConfig):
+    """(model config, the model built on the meta device: shapes without storage, family)."""
+    import torch
+
+    from mrem_dist.models.families import family_for
+    from mrem_dist.models.loading import load_config, resolve_model_path
+    from mrem_dist.models.tasks import task_for
+
+    resolved = _checked("model.path", resolve_model_path, cfg.model.path)
+    config = _checked("model.path", load_config, resolved)
+    family = _checked("model.path", family_for, config.model_type)
+    has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    kind = "classifier" if cfg.model.kind == "classifier" or (cfg.model.kind == "auto" and has_head) else "encoder"
+    with torch.device("meta"):
+        model = task_for(kind, int(config.num_labels)).auto_class().from_config(config)
+    return model, family
+
+
+def _check_shapes(cfg: RunConfig, model, family) -> None:
+    from torch import nn
+
+    layers = family.layers(model)
+    m, q = cfg.method, cfg.quant
+    if m.name in RECONSTRUCTION_METHODS and m.modules > len(layers):
+        raise InputError(f"method.modules={m.modules} but the model has {len(layers)} layers: every module needs at "
+                         f"least one layer. Use method.modules<={len(layers)}, or method.modules=0 for one per layer")
+    if q.w_granularity == "group":
+        for i, layer in enumerate(layers):
+            for name, linear in layer.named_modules():
+                if isinstance(linear, nn.Linear) and linear.out_features % q.w_groups:
+                    raise InputError(
+                        f"quant.w_groups={q.w_groups} does not divide the {linear.out_features} output rows of layer "
+                        f"{i}'s {name}: pick a divisor of every projection's rows (e.g. a divisor of "
+                        f"{linear.out_features})")
+
+
+def _check_writable(folder: Path, what: str) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{what}={folder} is a file, not a folder: point it at a folder")
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"{what}={folder} cannot be written ({probe} is not writable): point it somewhere writable")
+
+
+def check_outputs(run_dir: Path, checkpoint_dir: Optional[str], needed_bytes: int) -> None:
+    """The run directory (no finished model in it; what a killed export left is removed), the
+    checkpoint folder, and the free space for the model folder."""
+    from mrem_dist.io import clean_stale_temporaries
+
+    run_dir = Path(run_dir)
+    clean_stale_temporaries(run_dir / "model")
+    if (run_dir / "model").exists():
+        raise InputError(f"{run_dir / 'model'} already exists: this run directory holds a finished run; choose a "
+                         "new run_dir (the default is a new timestamped one) or move the old artifact away")
+    _check_writable(run_dir, "run_dir")
+    if checkpoint_dir:
+        _check_writable(Path(checkpoint_dir), "checkpoint.dir")
+    if needed_bytes:
+        probe = run_dir
+        while not probe.exists():
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+        if free < needed_bytes:
+            raise InputError(f"{probe} has {free / 1e6:.0f} MB free but the artifact and report need up to "
+                             f"{needed_bytes / 1e6:.0f} MB: free some space or choose another run_dir")
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Every check that needs no weights; raises InputError (exit code 2)."""
+    from mrem_dist.inputs import load_splits
+
+    model, family = _skeleton(cfg)
+    _check_shapes(cfg, model, family)
+    _checked(f"data={cfg.data.name}", load_splits, cfg.data)
+    # An upper bound of the artifact: every parameter at 32 bits (it is 4-8x smaller), plus the report.
+    needed = 4 * sum(p.numel() for p in model.parameters()) + 10**7 if cfg.export else 10**7
+    checkpoints = cfg.checkpoint.dir if cfg.method.name in RECONSTRUCTION_METHODS else None
+    check_outputs(Path(cfg.run_dir), checkpoints, needed)
