@@ -8,7 +8,8 @@ in the artifact, or `reference=`) runs on the same batches, so the result carrie
 the run's report: the task metric of both (labeled data) and the fidelity of the artifact to full
 precision. Writes `evaluation.json` to the Hydra run directory (runs/evaluate/...).
 
-Exit codes: 0 done, 2 invalid configuration, 1 any other error (an unreadable artifact included).
+Exit codes: 0 done, 2 invalid configuration or input (the data, checked first), 1 any other error
+(an unreadable or edited artifact included).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import hydra
 from omegaconf import DictConfig
 
 from mrem_dist.artifact import ArtifactError, load_quantized
-from mrem_dist.config import EvaluateConfig, config_dir, entry_config, register_configs, validate_evaluate
+from mrem_dist.config import ConfigError, EvaluateConfig, config_dir, entry_config, register_configs, validate_evaluate
 from mrem_dist.log import get_logger
 
 log = get_logger("mrem_dist.evaluate")
@@ -35,6 +36,9 @@ def evaluate_artifact(cfg: EvaluateConfig) -> dict:
     from mrem_dist.quant.int8 import Int8Linear
     from mrem_dist.scoring import score
 
+    from mrem_dist.preflight import check_data
+
+    check_data(cfg.data)  # before the artifact and the reference are loaded
     ctx = RunContext.begin(cfg)
     timer, device = ctx.timer, ctx.device
     with timer("load"):
@@ -99,6 +103,9 @@ def _hydra_main(dcfg: DictConfig) -> None:
     except ArtifactError as e:
         log.error("cannot load the artifact: %s", e)
         raise SystemExit(1) from e
+    except ConfigError as e:
+        log.error("invalid input: %s", e)
+        raise SystemExit(2) from e
     q = result["metrics"]["quantized"]
     log.info("done in %.1f s: %s -> %s/evaluation.json", time.perf_counter() - start,
              ", ".join(f"{k}={v:.4f}" for k, v in q.items()), cfg.run_dir)

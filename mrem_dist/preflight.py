@@ -79,7 +79,10 @@ def check_outputs(run_dir: Path, checkpoint_dir: Optional[str], needed_bytes: in
     from mrem_dist.io import clean_stale_temporaries
 
     run_dir = Path(run_dir)
-    clean_stale_temporaries(run_dir / "model")
+    # A killed export leaves .model.<pid>.*.tmp in its own run directory: the next run (here or in a
+    # sibling run directory of the same day) removes it.
+    for folder in [run_dir, *(run_dir.parent.glob("*/") if run_dir.parent.is_dir() else [])]:
+        clean_stale_temporaries(folder / "model")
     if (run_dir / "model").exists():
         raise InputError(f"{run_dir / 'model'} already exists: this run directory holds a finished run; choose a "
                          "new run_dir (the default is a new timestamped one) or move the old artifact away")
@@ -94,6 +97,13 @@ def check_outputs(run_dir: Path, checkpoint_dir: Optional[str], needed_bytes: in
         if free < needed_bytes:
             raise InputError(f"{probe} has {free / 1e6:.0f} MB free but the artifact and report need up to "
                              f"{needed_bytes / 1e6:.0f} MB: free some space or choose another run_dir")
+
+
+def check_data(cfg_data) -> None:
+    """The data a config names is there and readable (columns, texts, labels); InputError if not."""
+    from mrem_dist.inputs import load_splits
+
+    _checked(f"data={cfg_data.name}", load_splits, cfg_data, False)
 
 
 def preflight(cfg: RunConfig) -> None:

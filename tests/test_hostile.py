@@ -315,6 +315,8 @@ def test_invalid_inputs_exit_2_with_one_line_and_no_traceback(tmp_path, tiny_enc
          "quant.w_groups=5 does not divide"),
         (["mrem_dist", f"model.path={tiny_encoder_dir}", *data[:1], "data.train_file=/no/such.csv"], "/no/such.csv"),
         (["mrem_dist.evaluate"], "artifact is required"),
+        (["mrem_dist.evaluate", f"artifact={tmp_path}", "data=local", "data.validation_file=/no/such.csv"],
+         "/no/such.csv"),
     ]
     for args, said in cases:
         done = _cli(args, tmp_path)
