@@ -28,7 +28,7 @@ def _checked(what: str, fn, *args):
 
 
 def _skeleton(cfg: RunConfig):
-    """(model config, the model built on the meta device: shapes without storage, family)."""
+    """The model built on the meta device from its config.json (shapes without storage), and its family."""
     import torch
 
     from mrem_dist.models.families import family_for

@@ -135,3 +135,23 @@ def test_nan_outputs_are_blamed_on_the_right_model():
         state.update(torch.full((4, 8), float("nan")), torch.zeros(4, 8), b)
     with pytest.raises(FloatingPointError, match="the quantized model produced NaN"):
         state.update(torch.zeros(4, 8), torch.full((4, 8), float("nan")), b)
+
+
+def test_a_tied_tensor_is_stored_once_in_the_artifact_and_tied_again_on_load(tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    from conftest import minilm_dir
+    from mrem_dist.artifact import export_quantized, load_quantized
+
+    model = _tied_classifier()
+    scheme = QuantScheme(a_bits=None)
+    q = quantize_model(copy.deepcopy(model), BERT, scheme, learnable=False)
+    export_quantized(q, AutoTokenizer.from_pretrained(minilm_dir()), scheme, "classifier", tmp_path / "art")
+    with safe_open(str(tmp_path / "art" / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+    assert "bert.embeddings.position_embeddings.weight" in names and "classifier.weight" not in names
+    art = load_quantized(tmp_path / "art")
+    assert art.meta.tied == {"classifier.weight": "bert.embeddings.position_embeddings.weight"}
+    assert art.model.classifier.weight is art.model.bert.embeddings.position_embeddings.weight
+    torch.testing.assert_close(art.model.classifier.weight, q.classifier.weight)

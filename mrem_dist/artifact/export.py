@@ -52,6 +52,29 @@ def _quantized_modules(model: nn.Module):
             yield name, module
 
 
+def _untied_state(model: nn.Module) -> tuple[dict, dict[str, str]]:
+    """The state to store, each tensor once: a tensor under several names (tied weights) is kept
+    under its first name; the others are returned as {alias: kept name}, re-tied on load."""
+    state, first, tied = {}, {}, {}
+    quantized = {f"{name}.weight" for name, _ in _quantized_modules(model)}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in first:
+            if name in quantized or first[id(t)] in quantized:
+                raise ArtifactError(f"{name} is tied to {first[id(t)]} and one of them is quantized: tied quantized "
+                                    "weights cannot be exported yet; keep them in full precision (quant.e_bits=null)")
+            tied[name] = first[id(t)]
+            continue
+        first[id(t)] = name
+        state[name] = t.detach().cpu().contiguous()
+    return state, tied
+
+
+def _retie(model: nn.Module, tied: dict[str, str]) -> None:
+    for alias, kept in tied.items():
+        parent, _, attr = alias.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, model.get_parameter(kept))
+
+
 @torch.no_grad()
 def export_quantized(
     model: nn.Module, tokenizer: Any, scheme: QuantScheme, kind: str, path: str | os.PathLike, source: str | None = None
@@ -63,7 +86,7 @@ def export_quantized(
     from safetensors.torch import save_file
 
     path = Path(path)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state, tied = _untied_state(model)
     modules = {}
     for name, module in _quantized_modules(model):
         wq = module.weight_quantizer
@@ -79,7 +102,8 @@ def export_quantized(
         save_file(state, str(tmp / TENSORS), metadata={"format": FORMAT, "version": str(VERSION)})
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        meta = ArtifactMeta(kind, model.config.model_type, scheme, modules, source, {TENSORS: sha256_file(tmp / TENSORS)})
+        meta = ArtifactMeta(kind, model.config.model_type, scheme, modules, source, {TENSORS: sha256_file(tmp / TENSORS)},
+                            tied=tied)
         write_meta(tmp, meta)
         write_manifest(tmp)
     return {**meta.to_json(), "bytes": {TENSORS: (path / TENSORS).stat().st_size}}
@@ -159,8 +183,10 @@ def load_quantized(
             if index is None or values is None or index.numel() != info.outlier_columns:
                 raise ArtifactError(f"{tensors_file} lacks the {info.outlier_columns} outlier columns of {name} its metadata lists")
             model.get_submodule(name).set_outliers(index, values)
+    _retie(model, meta.tied)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("position_ids")]  # a non-persistent buffer in some versions
+    # position_ids: a non-persistent buffer in some versions; tied aliases are loaded through their kept name.
+    missing = [k for k in missing if not k.endswith("position_ids") and k not in meta.tied]
     if missing or unexpected:
         raise ArtifactError(
             f"{tensors_file} does not match its model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "

@@ -14,6 +14,8 @@ Version 2 (version 1 plus manifest.json; version 1 artifacts still load):
     modules     per quantized module: kind (linear | embedding), bits, symmetric, ternary,
                 granularity, groups, shape, dtype, and outlier_columns when it has any
     sha256      {file name: SHA-256} of model.safetensors
+    tied        (only when there are any) {alias: name}: a tensor under several names is stored once,
+                under `name`, and re-tied to `alias` on load
 
 `manifest.json` lists every other file of the folder, quantization.json, config.json and the
 tokenizer files included, with its size and SHA-256. Loading checks it before reading anything
@@ -84,6 +86,7 @@ class ArtifactMeta:
     modules: dict[str, ModuleEntry] = field(default_factory=dict)
     source: Optional[str] = None
     sha256: dict[str, str] = field(default_factory=dict)
+    tied: dict[str, str] = field(default_factory=dict)  # alias -> the name the tied tensor is stored under
     version: int = VERSION  # of the file it was read from
 
     def to_json(self) -> dict:
@@ -91,6 +94,7 @@ class ArtifactMeta:
             "format": FORMAT, "version": VERSION, "kind": self.kind, "model_type": self.model_type,
             "source": self.source, "quant": {k: getattr(self.scheme, k) for k in SCHEME_FIELDS},
             "modules": {name: m.to_json() for name, m in self.modules.items()}, "sha256": dict(self.sha256),
+            **({"tied": dict(self.tied)} if self.tied else {}),
         }
 
     @classmethod
@@ -112,7 +116,8 @@ class ArtifactMeta:
                                     "the file is corrupt or not written by mrem-dist")
             scheme = QuantScheme(**{k: quant[k] for k in SCHEME_FIELDS})
             modules = {name: ModuleEntry.from_json(m) for name, m in d["modules"].items()}
-            meta = cls(d["kind"], d["model_type"], scheme, modules, d.get("source"), dict(d["sha256"]))
+            meta = cls(d["kind"], d["model_type"], scheme, modules, d.get("source"), dict(d["sha256"]),
+                       dict(d.get("tied", {})))
             meta.version = int(d["version"])
             return meta
         except (KeyError, TypeError, ValueError) as e:
