@@ -332,3 +332,13 @@ def test_the_torchrun_script_gives_back_the_ranks_exit_code(tmp_path, tiny_encod
                           cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "NPROC": "2", "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 2, done.stderr[-3000:]  # torchrun itself says 1
+
+
+def test_a_process_that_ends_releases_its_checkpoint_lock(tmp_path):
+    # A requeued job may land on another node, where a leftover lock's pid cannot be checked.
+    code = ("import sys; from mrem_dist.engine.checkpoint import Checkpointer, Fingerprint; "
+            f"ck = Checkpointer({str(tmp_path / 'ck')!r}, Fingerprint('m', 'd', 's'), stage=0, every=2); ck.prepare(); "
+            "assert (ck.dir / '.lock').exists(); raise SystemExit(4)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 4, done.stderr
+    assert not (tmp_path / "ck" / "stage0" / ".lock").exists()

@@ -25,6 +25,7 @@ stale state is never mixed in.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import math
@@ -129,10 +130,17 @@ class CheckpointLock:
                 f.write(me + "\n")
             break
         self.held = True
+        # Released however this process ends short of a kill -9 (a preempted rank included), so that a
+        # job requeued onto another node, where this pid cannot be checked, finds the folder free.
+        atexit.register(self.release)
 
     def release(self) -> None:
         if self.held:
-            self.path.unlink(missing_ok=True)
+            try:
+                if self.path.read_text().strip() == f"{os.getpid()}@{socket.gethostname()}":
+                    self.path.unlink()
+            except OSError:  # gone already (the run's checkpoints were removed)
+                pass
             self.held = False
 
 
