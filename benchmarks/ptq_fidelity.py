@@ -1,6 +1,6 @@
 """Plain-PTQ fidelity grid: bit widths x weight clipping on one model and data set.
 
-Each cell is a real `mrem_dist.pipeline.run` (load, quantize, calibrate, evaluate), composed
+Each cell is a real `mrem_dist.runner.run` (load, quantize, calibrate, evaluate), composed
 through Hydra exactly as `python -m mrem_dist quant=<q> clip=<c> ...` would be. Prints a table and
 writes it (markdown + json) to --out.
 

@@ -2,7 +2,7 @@
 
 For each bit width: plain PTQ with each clipping (min-max, ACIQ, OCS, MSE), then REM, LKD and
 MREM-S with the same number of steps per module (all initialised from the MSE clip, the best
-PTQ init measured by benchmarks/ptq_fidelity.py). Every cell is a real `pipeline.run`, composed
+PTQ init measured by benchmarks/ptq_fidelity.py). Every cell is a real `mrem_dist.runner.run`, composed
 like `python -m mrem_dist ...`. Writes benchmarks/results/reconstruction.{md,json}.
 
     python benchmarks/reconstruction.py --steps 100
