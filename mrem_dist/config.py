@@ -216,9 +216,8 @@ def entry_config(dcfg, check, log):
     progress bars), the typed config built and checked by `check` (validate, validate_evaluate,
     validate_finetune); an invalid one is logged and exits with code 2 before anything loads."""
     from omegaconf import OmegaConf
-    from transformers.utils import logging as hf_logging
-
     from omegaconf.errors import MissingMandatoryValue
+    from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
