@@ -198,3 +198,19 @@ def test_hydra_sweep_on_slurm_through_submitit(slurm, tmp_path, tiny_encoder_dir
     assert [p.parent.name for p in reports] == ["0_mrem_p_w8a8", "1_mrem_p_w4a8"]
     assert all(json.loads(p.read_text())["reconstruction"]["world_size"] == 2 for p in reports)
     assert (sweep / "sweep_summary.md").read_text().count("| mrem_p |") == 2
+
+
+def test_two_torchrun_nodes_run_mrem_p_across_them(tmp_path, tiny_encoder_dir, sst_like_csv):
+    """Two torchrun "nodes" on this machine (--nnodes=2, --node_rank=0/1, c10d rendezvous on
+    localhost), one rank each, exactly as launch/torchrun.sh starts them on two machines."""
+    port = free_port()
+    procs = [subprocess.Popen(["bash", str(REPO / "launch/torchrun.sh"), *_overrides(tiny_encoder_dir, sst_like_csv)],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_env(NPROC="1", NNODES="2", NODE_RANK=str(node), RDZV_ID="two-nodes",
+                                       RDZV_ENDPOINT=f"127.0.0.1:{port}"))
+             for node in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:] + err[-3000:]
+    report = _check_run(tmp_path)
+    assert [r["modules"] for r in report["reconstruction"]["ranks"]] == [[0], [1]]
