@@ -171,9 +171,9 @@ class RunContext:
                 report["artifact"] = self._export(qmodel)
             except BaseException as e:
                 report["artifact"] = {"error": f"{type(e).__name__}: {e}"}
-                write_report(Path(cfg.run_dir), report)
+                write_report(Path(cfg.run_dir), report, plot=False)
                 raise
-            write_report(Path(cfg.run_dir), report)
+            write_report(Path(cfg.run_dir), report, plot=False)
         log_summary(report)
         if not report["validation"]["passed"]:
             failed = "; ".join(report["validation"]["failures"])

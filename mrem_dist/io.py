@@ -42,7 +42,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -59,7 +60,7 @@ def clean_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     removed = []
     for tmp in path.parent.glob(f".{path.name}.*.tmp") if path.parent.is_dir() else []:
         pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
-        if tmp.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
+        if tmp.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)
     return removed

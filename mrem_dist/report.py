@@ -64,8 +64,10 @@ def json_safe(obj):
     return obj
 
 
-def write_report(run_dir: Path, report: dict) -> None:
-    if "reconstruction" in report:
+def write_report(run_dir: Path, report: dict, plot: bool = True) -> None:
+    """report.json and summary.md; with `plot`, the reconstruction plot too (its figures do not
+    change when the report is written again with the artifact's section)."""
+    if plot and "reconstruction" in report:
         from mrem_dist.plots import reconstruction_png
 
         title = f"{report['method']} {report['quant']['name']} on {report['model']['path']}"

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from mrem_dist.data import Batch
+from mrem_dist.io import pid_alive
 from mrem_dist.log import get_logger
 
 from .statefile import StateFileError, load_state, read_header, save_state
@@ -87,16 +88,6 @@ SUFFIX = ".ckpt"
 LOCK = ".lock"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
-
-
 class CheckpointLock:
     """An exclusive claim on a folder of checkpoints: a file holding `pid@host`, created with
     O_EXCL. A lock of a process that no longer runs on this host is stale and taken over."""
@@ -118,7 +109,7 @@ class CheckpointLock:
                 pid, _, host = owner.partition("@")
                 if owner == me:
                     break
-                if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+                if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
                     log.warning("taking over %s: its process %s is gone", self.path, owner)
                     self.path.unlink(missing_ok=True)
                     continue
