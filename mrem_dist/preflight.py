@@ -32,14 +32,15 @@ def _skeleton(cfg: RunConfig):
     import torch
 
     from mrem_dist.models.families import family_for
-    from mrem_dist.models.loading import load_config, resolve_model_path
+    from mrem_dist.models.loading import has_classification_head, load_config, resolve_model_path
     from mrem_dist.models.tasks import task_for
 
     resolved = _checked("model.path", resolve_model_path, cfg.model.path)
     config = _checked("model.path", load_config, resolved)
     family = _checked("model.path", family_for, config.model_type)
-    has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
-    kind = "classifier" if cfg.model.kind == "classifier" or (cfg.model.kind == "auto" and has_head) else "encoder"
+    # Only the shapes matter here: a head the checkpoint lacks is load_model's error to report.
+    head = cfg.model.kind == "classifier" or (cfg.model.kind == "auto" and has_classification_head(config))
+    kind = "classifier" if head else "encoder"
     with torch.device("meta"):
         model = task_for(kind, int(config.num_labels)).auto_class().from_config(config)
     return model, family

@@ -102,13 +102,18 @@ def _check_tokenizer_files(path: str, resolved: str) -> None:
         )
 
 
+def has_classification_head(config) -> bool:
+    """Whether a checkpoint's config.json says it was saved with a sequence-classification head."""
+    return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+
+
 def load_model(path: str, kind: str = "auto", dtype: str = "float32", num_labels: int | None = None) -> LoadedModel:
     """`num_labels` (fine-tuning): load as a classifier with that many outputs, with a new,
     randomly initialised head when the checkpoint has none (seed torch first)."""
     resolved = resolve_model_path(path)
     config = load_config(resolved)
     family = family_for(config.model_type)
-    has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    has_head = has_classification_head(config)
     if num_labels is not None:
         kind = "classifier"
         if has_head and config.num_labels != num_labels:
