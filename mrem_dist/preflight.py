@@ -32,24 +32,35 @@ def _skeleton(cfg: RunConfig):
     import torch
 
     from mrem_dist.models.families import family_for
-    from mrem_dist.models.loading import has_classification_head, load_config, resolve_model_path
+    from mrem_dist.models.loading import auto_kind, load_config, resolve_model_path
     from mrem_dist.models.tasks import task_for
 
     resolved = _checked("model.path", resolve_model_path, cfg.model.path)
     config = _checked("model.path", load_config, resolved)
     family = _checked("model.path", family_for, config.model_type)
     # Only the shapes matter here: a head the checkpoint lacks is load_model's error to report.
-    head = cfg.model.kind == "classifier" or (cfg.model.kind == "auto" and has_classification_head(config))
-    kind = "classifier" if head else "encoder"
+    kind = auto_kind(config, cfg.model.kind)
     with torch.device("meta"):
         model = task_for(kind, int(config.num_labels)).auto_class().from_config(config)
-    return model, family
+    return model, family, kind
 
 
-def _check_shapes(cfg: RunConfig, model, family) -> None:
+def _check_shapes(cfg: RunConfig, model, family, kind: str) -> None:
     from torch import nn
 
     layers = family.layers(model)
+    if kind == "causal_lm":
+        context = getattr(family.config(model), "max_position_embeddings", None)
+        if context and cfg.data.seq_len > context:
+            raise InputError(f"data.seq_len={cfg.data.seq_len} is longer than the model's context of {context} tokens: "
+                             f"set data.seq_len<={context}")
+        if cfg.quant.e_bits is not None:
+            raise InputError(f"quant.e_bits={cfg.quant.e_bits} on a decoder LLM: its embedding (tied to the LM head in "
+                             "many models) stays in full precision in mrem-dist; set quant.e_bits=null")
+        if cfg.method.name == "prequant":
+            raise InputError("method=prequant fine-tunes a sequence-classification head on a labeled task; a decoder LLM "
+                             "is scored by perplexity on text: use method=gptq, ptq or a reconstruction method")
+    family.normalize_projections(model)  # GPT-2's Conv1D counted as the nn.Linear it becomes
     m, q = cfg.method, cfg.quant
     if m.name in RECONSTRUCTION_METHODS and m.modules > len(layers):
         raise InputError(f"method.modules={m.modules} but the model has {len(layers)} layers: every module needs at "
@@ -62,6 +73,14 @@ def _check_shapes(cfg: RunConfig, model, family) -> None:
                         f"quant.w_groups={q.w_groups} does not divide the {linear.out_features} output rows of layer "
                         f"{i}'s {name}: pick a divisor of every projection's rows (e.g. a divisor of "
                         f"{linear.out_features})")
+    if q.w_granularity == "input_group":
+        for i, layer in enumerate(layers):
+            for name, linear in layer.named_modules():
+                if isinstance(linear, nn.Linear) and linear.in_features % q.w_group_size:
+                    raise InputError(
+                        f"quant.w_group_size={q.w_group_size} does not divide the {linear.in_features} input columns of "
+                        f"layer {i}'s {name}: use a group size that divides every projection's inputs (e.g. 64 or 32 "
+                        f"for {linear.in_features})")
 
 
 def _check_writable(folder: Path, what: str) -> None:
@@ -109,11 +128,11 @@ def check_data(cfg_data) -> None:
 
 def preflight(cfg: RunConfig) -> None:
     """Every check that needs no weights; raises InputError (exit code 2)."""
-    from mrem_dist.inputs import load_splits
+    from mrem_dist.inputs import load_splits, load_texts
 
-    model, family = _skeleton(cfg)
-    _check_shapes(cfg, model, family)
-    _checked(f"data={cfg.data.name}", load_splits, cfg.data)
+    model, family, kind = _skeleton(cfg)
+    _check_shapes(cfg, model, family, kind)
+    _checked(f"data={cfg.data.name}", load_texts if kind == "causal_lm" else load_splits, cfg.data)
     # An upper bound of the artifact: every parameter at 32 bits (it is 4-8x smaller), plus the report.
     needed = 4 * sum(p.numel() for p in model.parameters()) + 10**7 if cfg.export else 10**7
     checkpoints = cfg.checkpoint.dir if cfg.method.name in RECONSTRUCTION_METHODS else None

@@ -34,6 +34,7 @@ def weight_quantizer(scheme: QuantScheme, learnable: bool = True) -> WeightQuant
         symmetric=scheme.w_symmetric,
         granularity=scheme.w_granularity,
         groups=scheme.w_groups,
+        group_size=scheme.w_group_size,
         clip=scheme.w_clip,
         prior=scheme.aciq_prior,
         grid=weight_grid(scheme),

@@ -22,13 +22,17 @@ def summary_markdown(report: dict) -> str:
         f"- model: `{report['model']['path']}` ({report['model']['family']}, {report['model']['kind']}, "
         f"{report['model']['parameters'] / 1e6:.1f}M parameters)",
         f"- data: `{report['data']['name']}`, {report['data']['calibration_samples']} calibration / "
-        f"{report['data']['evaluation_samples']} evaluation samples, max length {report['data']['max_length']}",
+        + (f"{report['data']['evaluation_samples']} evaluation windows of {report['data']['seq_len']} tokens"
+           if "seq_len" in report["data"] else
+           f"{report['data']['evaluation_samples']} evaluation samples, max length {report['data']['max_length']}"),
         f"- weights: {q['w_granularity']}"
         + (f" ({q['w_groups']} groups)" if q["w_granularity"] == "group" else "")
+        + (f" (groups of {q['w_group_size']} input columns)" if q["w_granularity"] == "input_group" else "")
         + f", {'symmetric' if q['w_symmetric'] else 'asymmetric'}, clip {q['w_clip']}"
         + (f", OCS ratio {q['ocs_ratio']}" if q["ocs_ratio"] else "")
         + (", ternary" if q["ternary"] else ""),
         f"- activations: {q['a_mode'] if q['a_bits'] else 'full precision'}",
+        *([f"- note: {report['model']['note']}"] if report["model"].get("note") else []),
         "",
         "| metric | full precision | quantized |",
         "|---|---|---|",

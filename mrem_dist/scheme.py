@@ -28,6 +28,9 @@ class QuantScheme:
     w_granularity: str = "row"
     # Number of groups of consecutive output rows, for w_granularity=group (ZeroQuant).
     w_groups: int = 0
+    # Consecutive input columns per group within each output row, for w_granularity=input_group
+    # (the "group size" of GPTQ / AWQ / AutoRound: w4a16_g128 is 4 bits, groups of 128 columns).
+    w_group_size: int = 0
     w_clip: str = "minmax"
     aciq_prior: str = "laplace"
     # Ternary weights {-alpha, 0, alpha} with TWN initialisation; needs w_bits=2.

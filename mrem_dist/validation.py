@@ -5,8 +5,9 @@
   dequantized, are exactly the weights the model was evaluated with (what an export would
   store is what was measured);
 - every module's reconstruction error is finite;
-- optionally, the headline metric (the first task metric, or cosine fidelity for a bare encoder)
-  has not dropped by more than `max_drop` relative to full precision.
+- optionally, the headline metric (the first task metric, cosine fidelity for a bare encoder,
+  perplexity for a causal LM) has not dropped (perplexity: risen) by more than `max_drop`
+  relative to full precision.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ from mrem_dist.quant.quantizers import group_view
 
 class ValidationFailed(RuntimeError):
     """The final model failed validation; the report (with the failures) has been written."""
+
+
+# Headline metrics where lower is better: their "drop" is the relative rise.
+LOWER_IS_BETTER = ("perplexity",)
 
 
 def headline_metric(metrics: dict[str, float]) -> str:
@@ -79,10 +84,11 @@ def validate_result(
     name = headline_metric(q_metrics)
     # No full-precision figure (method=prequant without a reference): no drop to check.
     fp, q = fp_metrics.get(name), q_metrics[name]
-    drop = None if fp is None else (fp - q) / abs(fp) if fp else 0.0
+    drop = None if fp is None else 0.0 if not fp else (q - fp) / abs(fp) if name in LOWER_IS_BETTER else (fp - q) / abs(fp)
     if max_drop is not None and drop is not None and drop > max_drop:
         failures.append(
-            f"{name} dropped by {100 * drop:.2f}% ({fp:.4f} -> {q:.4f}), more than max_drop={max_drop} "
+            f"{name} {'rose' if name in LOWER_IS_BETTER else 'dropped'} by {100 * drop:.2f}% ({fp:.4f} -> {q:.4f}), more "
+            f"than max_drop={max_drop} "
             f"({100 * max_drop:.2f}%): train longer (method.steps), use more bits, or raise max_drop"
         )
     return {

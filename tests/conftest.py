@@ -92,3 +92,38 @@ def sst_like_csv(tmp_path) -> tuple[str, str]:
                 w.writerow([s, (i + 1) % 2])
         paths.append(str(p))
     return paths[0], paths[1]
+
+
+def save_tiny_decoder(path: Path, kind: str = "llama", seed: int = 0) -> str:
+    """A tiny decoder folder (AutoModelForCausalLM) with the real MiniLM WordPiece tokenizer, whose
+    vocabulary the model's embedding covers; loadable by load_model as a causal LM."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from test_decoders import tiny_decoder_config
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    config = tiny_decoder_config(kind)
+    config.vocab_size = len(tokenizer)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    return save_tiny_decoder(tmp_path_factory.mktemp("tiny_llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def wiki_like_txt(tmp_path_factory) -> tuple[str, str]:
+    """Two plain-text files (calibration, evaluation) of real English prose: CPython's pydoc topics."""
+    from mrem_dist.data import builtin_texts
+
+    folder = tmp_path_factory.mktemp("text")
+    out = []
+    for split in ("calibration", "evaluation"):
+        f = folder / f"{split}.txt"
+        f.write_text("\n\n".join(builtin_texts(split)[:300]))
+        out.append(str(f))
+    return tuple(out)

@@ -69,7 +69,12 @@ def test_schema_rejects_unknown_keys_and_wrong_types():
         (["quant.a_mode=dynamic", "quant.a_symmetric=false"], r"symmetric only"),
         (["data=local"], r"data=local needs files"),
         (["data.calib_samples=0"], r"must not be empty"),
-        (["method.name=gptq"], r"method.name='gptq' is not one of"),
+        (["method.name=awq"], r"method.name='awq' is not one of"),
+        (["method=gptq"], r"method=gptq is weight-only"),
+        (["method=gptq", "quant=w4a16_g64", "quant.w_granularity=group", "quant.w_groups=4"], r"w_group_size=64 is read only with quant.w_granularity=input_group"),
+        (["method=ptq", "quant=w4a16_g64", "quant.w_group_size=0"], r"input_group needs quant.w_group_size > 0"),
+        (["method=rem", "method.init=mse", "quant.w_clip=aciq"], r"method.init=mse sets the weight clipping itself"),
+        (["method=ptq", "method.init=gptq"], r"method.init=gptq initialises a reconstruction method"),
     ],
 )
 def test_validate_rejects_bad_values(overrides, match):

@@ -2,10 +2,11 @@
 independent of the Hydra config classes (renaming a config field cannot change what an artifact
 means; a change of this schema is a new VERSION, with a reader for the old one).
 
-Version 2 (version 1 plus manifest.json; version 1 artifacts still load):
+Version 3 (version 2 plus the scheme's w_group_size; versions 1 and 2 still load, as
+w_group_size=0: they predate groups of input columns):
 
     format      "mrem-dist-quantized"
-    version     2
+    version     3
     kind        the task: "encoder" (bare backbone) or "classifier" (sequence classification)
     model_type  config.json's model_type
     source      the full-precision model it was quantized from (what `mrem_dist.evaluate`
@@ -37,14 +38,15 @@ from mrem_dist.scheme import QuantScheme
 log = get_logger(__name__)
 
 FORMAT = "mrem-dist-quantized"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 META = "quantization.json"
 MANIFEST = "manifest.json"
-# The scheme's fields as version 1 stores them (the names are the schema's, whatever the dataclass's).
-SCHEME_FIELDS = ("name", "w_bits", "e_bits", "a_bits", "w_symmetric", "w_full_range", "w_granularity", "w_groups",
-                 "w_clip", "aciq_prior", "ternary", "ocs_ratio", "ocs_quant_aware", "a_mode", "a_symmetric", "a_clip",
-                 "e_granularity")
+# The scheme's fields as versions 1 and 2 store them (the names are the schema's, whatever the dataclass's).
+SCHEME_FIELDS_V2 = ("name", "w_bits", "e_bits", "a_bits", "w_symmetric", "w_full_range", "w_granularity", "w_groups",
+                    "w_clip", "aciq_prior", "ternary", "ocs_ratio", "ocs_quant_aware", "a_mode", "a_symmetric", "a_clip",
+                    "e_granularity")
+SCHEME_FIELDS = SCHEME_FIELDS_V2 + ("w_group_size",)
 
 
 class ArtifactError(ValueError):
@@ -109,12 +111,13 @@ class ArtifactMeta:
             )
         try:
             quant = d["quant"]
-            unknown = sorted(set(quant) - set(SCHEME_FIELDS))
-            missing = sorted(set(SCHEME_FIELDS) - set(quant))
+            fields = SCHEME_FIELDS if d["version"] >= 3 else SCHEME_FIELDS_V2
+            unknown = sorted(set(quant) - set(fields))
+            missing = sorted(set(fields) - set(quant))
             if unknown or missing:
                 raise ArtifactError(f"{where}: the quant scheme has unknown fields {unknown} / lacks {missing}: "
                                     "the file is corrupt or not written by mrem-dist")
-            scheme = QuantScheme(**{k: quant[k] for k in SCHEME_FIELDS})
+            scheme = QuantScheme(**{k: quant[k] for k in fields})
             modules = {name: ModuleEntry.from_json(m) for name, m in d["modules"].items()}
             meta = cls(d["kind"], d["model_type"], scheme, modules, d.get("source"), dict(d["sha256"]),
                        dict(d.get("tied", {})))

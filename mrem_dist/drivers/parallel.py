@@ -26,6 +26,7 @@ from mrem_dist.context import RunContext
 from mrem_dist.distributed import gather_to_main, init_distributed, teardown_distributed
 from mrem_dist.engine import ModuleSpec, epoch_order, lam_at, partition
 from mrem_dist.engine.checkpoint import Preempted, StopSignal
+from mrem_dist.engine.gptq import copy_gptq, gptq_model, gptq_options
 from mrem_dist.engine.parallel import RankPipeline
 from mrem_dist.engine.records import ModuleRecord, RankPayload
 from mrem_dist.engine.shard import owned_state, release_unowned, tensor_owner
@@ -71,17 +72,27 @@ def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, torch.n
     model.requires_grad_(False)
     calib, evalset = ctx.data.calib, ctx.data.evalset
     with timer("quantize"):
-        specs = partition(model, family, cfg.method.modules, cfg.method.balance, cfg.data.max_length)
+        specs = partition(model, family, cfg.method.modules, cfg.method.balance, ctx.sequence_length)
         layout = ParallelLayout.build(dist.rank, dist.world_size, len(specs))
         held = set(layout.modules)
     checkpoint = ctx.checkpointer(layout, model)
 
     owner = tensor_owner(model, family, specs)
+    gptq = None
+    if cfg.method.init == "gptq":
+        # GPTQ calibrates each layer on the GPTQ-quantized layers before it: every rank runs the
+        # same deterministic pass over the whole model it loaded, then keeps its own partition.
+        with timer("gptq"):
+            gptq = quantize_model(copy.deepcopy(model), family, ctx.scheme, learnable=False)
+            gptq_model(gptq, family, calib, gptq_options(cfg.method))
     with timer("quantize"):
         release_unowned(model, owner, held)
         layers = {i for s in specs if s.index in held for i in s.layers}
-        qmodel = quantize_model(copy.deepcopy(model), family, cfg.quant, learnable=True, layers=layers,
+        qmodel = quantize_model(copy.deepcopy(model), family, ctx.scheme, learnable=True, layers=layers,
                                 embeddings=specs[0].index in held)
+        if gptq is not None:
+            copy_gptq(gptq, qmodel)
+            del gptq
     kept = sum(p.numel() for p in model.parameters())
     log.info("%s holds %s: %.1fM of %.1fM full-precision parameters", layout.describe(),
              "; ".join(s.describe() for s in specs if s.index in held), kept / 1e6, loaded.num_parameters / 1e6)
@@ -137,9 +148,9 @@ def _coordinate(ctx: RunContext, layout: ParallelLayout, specs: list[ModuleSpec]
         fp_model = whole_fp
         if fp_model is None:
             # The ranks let go of the full-precision weights outside their partitions: load them again.
-            fp_model = load_model(cfg.model.path, cfg.model.kind, cfg.model.dtype).model.to(ctx.device)
+            fp_model = load_model(cfg.model.path, cfg.model.kind, ctx.dtype).model.to(ctx.device)
             fp_model.requires_grad_(False)
-        qmodel = assemble(fp_model, family, cfg.quant, specs, parts)
+        qmodel = assemble(fp_model, family, ctx.scheme, specs, parts)
     with timer("evaluate"):
         metrics = score(fp_model, qmodel, family, loaded.task, evalset).compute()
         _, init_metrics = next(p.init_metric for p in parts if p.init_metric is not None).compute()

@@ -51,7 +51,7 @@ def run_prequant(ctx: RunContext) -> tuple[dict, torch.nn.Module]:
     with timer("evaluate"):
         reference = None
         if m.reference:
-            ref = load_model(m.reference, "classifier", cfg.model.dtype)
+            ref = load_model(m.reference, "classifier", ctx.dtype)
             if ref.task.num_labels != num_labels:
                 raise ValueError(f"method.reference={m.reference} has {ref.task.num_labels} labels, the task "
                                  f"{num_labels}: give a model fine-tuned on this task")

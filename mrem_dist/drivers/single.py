@@ -1,6 +1,6 @@
-"""PTQ and the one-process reconstruction methods (REM, LKD, MREM-S):
+"""PTQ, GPTQ and the one-process reconstruction methods (REM, LKD, MREM-S):
 
-    load -> quantize (and partition) -> calibrate -> [score, reconstruct module by module] -> score -> finish
+    load -> quantize (and partition) -> [GPTQ] -> calibrate -> [score, reconstruct module by module] -> score -> finish
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from mrem_dist.config import RECONSTRUCTION_METHODS
 from mrem_dist.context import RunContext, fmt_metrics
 from mrem_dist.engine import partition
 from mrem_dist.engine.checkpoint import Checkpointer, StopSignal
+from mrem_dist.engine.gptq import gptq_model, gptq_options
 from mrem_dist.engine.sequential import EngineOptions, reconstruct_sequential
 from mrem_dist.layout import ParallelLayout
 from mrem_dist.log import get_logger
@@ -32,18 +33,22 @@ def run_single(ctx: RunContext) -> tuple[dict, torch.nn.Module]:
     # Building the quantized copy validates the scheme against the real shapes (group counts,
     # OCS) before any long forward pass; so does the partition.
     with timer("quantize"):
-        qmodel = quantize_model(copy.deepcopy(model), family, cfg.quant, learnable=reconstruct)
-        specs = partition(model, family, cfg.method.modules, cfg.method.balance, cfg.data.max_length) if reconstruct else []
+        qmodel = quantize_model(copy.deepcopy(model), family, ctx.scheme, learnable=reconstruct)
+        specs = partition(model, family, cfg.method.modules, cfg.method.balance, ctx.sequence_length) if reconstruct else []
+    extra: dict = {}
+    if cfg.method.name == "gptq" or cfg.method.init == "gptq":
+        with timer("gptq"):
+            errors = gptq_model(qmodel, family, calib, gptq_options(cfg.method))
+        extra["gptq"] = {"linears": len(errors), "calibration_sequences": sum(b.input_ids.shape[0] for b in calib)}
     with timer("calibrate"):
         if needs_calibration(qmodel):
             calibrate_activations(qmodel, lambda m, b: run_batch(m, family, b), calib)
             log.info("calibrated static activation ranges on %d batches", len(calib))
-    extra: dict = {}
     checkpoint = None
     if reconstruct:
         checkpoint = ctx.checkpointer(ParallelLayout.single(len(specs)), model)
         with StopSignal() as stop:
-            extra = _reconstruct(ctx, qmodel, specs, checkpoint, stop)
+            extra.update(_reconstruct(ctx, qmodel, specs, checkpoint, stop))
     with timer("evaluate"):
         metrics = score(model, qmodel, family, loaded.task, ctx.data.evalset).compute()
     report = ctx.finish(qmodel, metrics, extra)

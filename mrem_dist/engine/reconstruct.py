@@ -80,9 +80,9 @@ def mix_inputs(lam: float, fp_in: Optional[Tensor], q_in: Optional[Tensor]) -> O
 
 
 def masked_mse(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
-    """Mean squared error over the real (non-padding) tokens."""
-    m = mask.to(student.dtype).unsqueeze(-1)
-    return ((student - teacher) ** 2 * m).sum() / (m.sum() * student.shape[-1]).clamp_min(1.0)
+    """Mean squared error over the real (non-padding) tokens, in float32 whatever the model dtype."""
+    m = mask.float().unsqueeze(-1)
+    return ((student.float() - teacher.float()) ** 2 * m).sum() / (m.sum() * student.shape[-1]).clamp_min(1.0)
 
 
 def reconstruction_loss(s: StageOutput, t: StageOutput, mask: Tensor, loss: str, kd_weight: float) -> Tensor:
@@ -94,7 +94,9 @@ def reconstruction_loss(s: StageOutput, t: StageOutput, mask: Tensor, loss: str,
         if s.logits.shape[-1] == 1:  # regression head
             kd = F.mse_loss(s.logits, t.logits)
         else:
-            kd = F.kl_div(F.log_softmax(s.logits, -1), F.log_softmax(t.logits, -1), log_target=True, reduction="batchmean")
+            # Per token for an LM head ([B, T, V] -> [B*T, V]); per example for a classifier.
+            sl, tl = (x.float().reshape(-1, x.shape[-1]) for x in (s.logits, t.logits))
+            kd = F.kl_div(F.log_softmax(sl, -1), F.log_softmax(tl, -1), log_target=True, reduction="batchmean")
         value = value + kd_weight * kd
     return value
 
@@ -285,9 +287,10 @@ def step(
     settings: ReconSettings,
 ) -> tuple[StageOutput, StageOutput, float]:
     """One optimizer step; returns (teacher output, student output, loss)."""
+    kd = settings.kd_weight > 0
     with torch.no_grad():
-        target = teacher(fp_in, batch)
-    out = student(mix_inputs(lam, fp_in, q_in), batch)
+        target = teacher(fp_in, batch, logits=kd)
+    out = student(mix_inputs(lam, fp_in, q_in), batch, logits=kd)
     loss = reconstruction_loss(out, target, batch.attention_mask, settings.loss, settings.kd_weight)
     if not torch.isfinite(loss):
         raise FloatingPointError(
@@ -305,8 +308,8 @@ def module_error(student: Stage, teacher: Stage, feed: Feed, lam: float, loss: s
     """Mean reconstruction loss (no KD term) of the student on the given inputs."""
     total, n = 0.0, 0
     for batch, fp_in, q_in in feed:
-        s = student(mix_inputs(lam, fp_in, q_in), batch)
-        t = teacher(fp_in, batch)
+        s = student(mix_inputs(lam, fp_in, q_in), batch, logits=False)
+        t = teacher(fp_in, batch, logits=False)
         total += reconstruction_loss(s, t, batch.attention_mask, loss, 0.0).item()
         n += 1
     return total / max(n, 1)

@@ -94,10 +94,10 @@ class _Boundary:
         next_fp = ActivationStore(kind, cache_dir, f"fp{index}")
         next_q = ActivationStore(kind, cache_dir, f"q{index}") if self.use_q else None
         for i, (batch, fp_in, q_in) in enumerate(self.feed(range(len(self.batches)))):
-            next_fp.put(i, teacher(fp_in, batch).hidden[-1])
+            next_fp.put(i, teacher(fp_in, batch, logits=False).hidden[-1])
             if next_q is not None:
                 # The student stream: quantized module n on the quantized upstream.
-                next_q.put(i, student(mix_inputs(0.0, fp_in, q_in), batch).hidden[-1])
+                next_q.put(i, student(mix_inputs(0.0, fp_in, q_in), batch, logits=False).hidden[-1])
         self.close()
         self.fp, self.q = next_fp, next_q
 

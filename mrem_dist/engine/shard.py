@@ -23,13 +23,13 @@ Owner = Callable[[str], int]
 
 def tensor_owner(model: nn.Module, family: ModelFamily, specs: list[ModuleSpec]) -> Owner:
     """A function from a qualified parameter/buffer name of `model` to the index of its module."""
-    emb_prefix = family.embeddings_prefix(model) + "."
+    emb_prefixes = tuple(p + "." for p in family.embedding_prefixes(model))
     layer_prefix = family.layer_prefix(model) + "."
     layer_module = {i: s.index for s in specs for i in s.layers}
     last = specs[-1].index
 
     def owner(name: str) -> int:
-        if name.startswith(emb_prefix):
+        if name.startswith(emb_prefixes):
             return specs[0].index
         if name.startswith(layer_prefix):
             return layer_module[int(name[len(layer_prefix):].split(".", 1)[0])]

@@ -42,9 +42,10 @@ class Stage(nn.Module):
     def has_head(self) -> bool:
         return bool(self._head_model)
 
-    def forward(self, inputs: Optional[Tensor], batch: Batch) -> StageOutput:
+    def forward(self, inputs: Optional[Tensor], batch: Batch, logits: bool = True) -> StageOutput:
         """`inputs`: the hidden state entering the stage, or None for the first stage (which
-        embeds batch.input_ids itself)."""
+        embeds batch.input_ids itself). logits=False skips the head (an LM head over a 49K
+        vocabulary costs as much as several layers, and reconstruction without KD never reads it)."""
         if self.spec.first:
             hidden = self.family.embed(self.embeddings, batch)
         else:
@@ -56,10 +57,10 @@ class Stage(nn.Module):
         for layer in self.layers:
             hidden = self.family.run_layer(layer, hidden, context)
             outs.append(hidden)
-        logits = None
-        if self.has_head:
-            logits = self.family.head(self._head_model[0], hidden if self.final_norm is None else self.final_norm(hidden))
-        return StageOutput(outs, logits)
+        out = None
+        if self.has_head and logits:
+            out = self.family.head(self._head_model[0], hidden if self.final_norm is None else self.final_norm(hidden))
+        return StageOutput(outs, out)
 
     def extra_repr(self) -> str:
         return self.spec.describe()

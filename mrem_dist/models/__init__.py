@@ -2,8 +2,8 @@
 tasks they are scored on, and loading a checkpoint."""
 
 from mrem_dist.models.families import FAMILIES, ModelFamily, family_for
-from mrem_dist.models.tasks import EmbeddingFidelity, EvalSet, SequenceClassification, Task, task_for
+from mrem_dist.models.tasks import CausalLM, EmbeddingFidelity, EvalSet, SequenceClassification, Task, task_for
 from mrem_dist.models.loading import LoadedModel, load_model, resolve_model_path
 
-__all__ = ["FAMILIES", "EmbeddingFidelity", "EvalSet", "LoadedModel", "ModelFamily", "SequenceClassification", "Task",
+__all__ = ["FAMILIES", "CausalLM", "EmbeddingFidelity", "EvalSet", "LoadedModel", "ModelFamily", "SequenceClassification", "Task",
            "family_for", "load_model", "resolve_model_path", "task_for"]

@@ -38,6 +38,7 @@ class ModelFamily:
     embeddings_attr: str = "embeddings"
     word_embeddings_attr: str = "word_embeddings"  # relative to the embeddings module
     layers_path: str = "encoder.layer"  # relative to the backbone
+    causal: bool = False  # a decoder: causal attention, loaded as AutoModelForCausalLM
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -74,8 +75,9 @@ class ModelFamily:
         """Qualified name of the layer list inside `model`, e.g. 'bert.encoder.layer'."""
         return self._prefix(model) + self.layers_path
 
-    def embeddings_prefix(self, model: nn.Module) -> str:
-        return self._prefix(model) + self.embeddings_attr
+    def embedding_prefixes(self, model: nn.Module) -> tuple[str, ...]:
+        """Qualified names of the embedding modules (the first module partition owns them)."""
+        return (self._prefix(model) + self.embeddings_attr,)
 
     def final_norm(self, model: nn.Module) -> Optional[nn.Module]:
         """The norm after the last layer (decoders); None for post-norm encoders."""
@@ -86,7 +88,7 @@ class ModelFamily:
         classifier; RoBERTa: classifier; DistilBERT: pre_classifier + classifier)."""
         if not self.is_task_model(model):
             raise ValueError("the model has no task head: load it as a classifier (model.kind=classifier)")
-        body = (self.embeddings_prefix(model) + ".", self.layer_prefix(model) + ".")
+        body = tuple(p + "." for p in self.embedding_prefixes(model)) + (self.layer_prefix(model) + ".",)
         return [(n, p) for n, p in model.named_parameters() if not n.startswith(body)]
 
     # -- running it piece by piece -------------------------------------------------------------
@@ -141,12 +143,16 @@ class ModelFamily:
         for index, layer in enumerate(self.layers(model)):
             for name, child in list(layer.named_modules()):
                 if isinstance(child, Conv1D):
-                    in_features, out_features = child.weight.shape
-                    linear = nn.Linear(in_features, out_features, bias=child.bias is not None,
+                    linear = nn.Linear(child.nx, child.nf, bias=child.bias is not None,
                                        device=child.weight.device, dtype=child.weight.dtype)
-                    linear.weight.copy_(child.weight.t())
-                    if child.bias is not None:
-                        linear.bias.copy_(child.bias)
+                    # A partition this rank let go of (engine/shard.py) stays let go of: empty tensors.
+                    for dst, src in ((linear.weight, child.weight.t()), (linear.bias, child.bias)):
+                        if src is None:
+                            continue
+                        if src.numel():
+                            dst.copy_(src)
+                        else:
+                            dst.data = torch.empty(0, dtype=dst.dtype, device=dst.device)
                     parent_name, _, attr = name.rpartition(".")
                     setattr(layer.get_submodule(parent_name) if parent_name else layer, attr, linear)
                     converted += 1
@@ -193,7 +199,146 @@ class DistilBertFamily(ModelFamily):
         return model.classifier(model.dropout(pooled))
 
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (BertFamily(), RobertaFamily(), DistilBertFamily())}
+class DecoderFamily(ModelFamily):
+    """A causal LM (AutoModelForCausalLM): pre-norm layers, a final norm, and an LM head that
+    runs on every token. Hidden states at padded positions are never read (calibration and
+    perplexity windows are full, unpadded sequences of data.seq_len tokens)."""
+
+    final_norm_attr: str = "norm"
+    lm_head_attr: str = "lm_head"
+    causal = True
+
+    def final_norm(self, model: nn.Module) -> Optional[nn.Module]:
+        return getattr(self.backbone(model), self.final_norm_attr)
+
+    def _head(self, model: nn.Module, hidden: Tensor) -> Tensor:
+        return getattr(model, self.lm_head_attr)(hidden)  # `hidden` has been through the final norm
+
+    def head_cost_per_token(self, model: nn.Module, seq_len: int) -> float:
+        if not self.is_task_model(model):
+            return 0.0
+        head = getattr(model, self.lm_head_attr)
+        return 2.0 * head.in_features * head.out_features
+
+    @staticmethod
+    def _positions(hidden: Tensor) -> Tensor:
+        return torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+
+    @staticmethod
+    def _causal_mask(config, hidden: Tensor, batch: Batch, positions: Tensor, sliding: bool = False):
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        make = create_sliding_window_causal_mask if sliding else create_causal_mask
+        return make(config=config, inputs_embeds=hidden, attention_mask=batch.attention_mask, cache=None,
+                    position_ids=positions)
+
+
+class LlamaFamily(DecoderFamily):
+    """Llama and the models with its module layout: Qwen2/Qwen2.5 (biases on q/k/v), Mistral
+    (sliding-window attention). Rotary embeddings and the causal mask are built from the config
+    (a rank holding a few layers has no `rotary_emb` of its own to call); grouped-query attention
+    is the layers' own business."""
+
+    name, model_types, base_prefix = "llama", ("llama", "qwen2", "mistral"), "model"
+    embeddings_attr, word_embeddings_attr, layers_path = "embed_tokens", "", "layers"
+
+    def word_embeddings(self, model: nn.Module) -> nn.Embedding:
+        return self.embeddings(model)  # the embedding table is the whole embeddings module
+
+    def set_word_embeddings(self, model: nn.Module, module: nn.Module) -> None:
+        setattr(self.backbone(model), self.embeddings_attr, module)
+
+    def embed(self, embeddings: nn.Module, batch: Batch) -> Tensor:
+        return embeddings(batch.input_ids)
+
+    @staticmethod
+    def _rotary(config, device) -> nn.Module:
+        """The model type's own rotary module (transformers.models.<type>.modeling_<type>),
+        built once per config and device: its inv_freq follows the config's rope parameters."""
+        cache = _ROTARY.get((id(config), str(device)))
+        if cache is None or cache[0] is not config:
+            import importlib
+
+            modeling = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
+            cls = next(getattr(modeling, n) for n in dir(modeling) if n.endswith("RotaryEmbedding") and n[0] != "_")
+            cache = (config, cls(config=config).to(device))
+            _ROTARY[(id(config), str(device))] = cache
+        return cache[1]
+
+    def _sliding(self, config) -> tuple[bool, bool]:
+        """(a full-attention layer exists, a sliding-window layer exists)."""
+        types = getattr(config, "layer_types", None)
+        if config.model_type == "mistral":
+            return config.sliding_window is None, config.sliding_window is not None
+        if not types:
+            return True, False
+        return "full_attention" in types, "sliding_attention" in types
+
+    def layer_context(self, config, hidden: Tensor, batch: Batch) -> dict:
+        positions = self._positions(hidden)
+        full, sliding = self._sliding(config)
+        masks = {}
+        if full:
+            masks["full_attention"] = self._causal_mask(config, hidden, batch, positions)
+        if sliding:
+            masks["sliding_attention"] = self._causal_mask(config, hidden, batch, positions, sliding=True)
+        return {"attention_mask": masks, "position_ids": positions,
+                "position_embeddings": self._rotary(config, hidden.device)(hidden, position_ids=positions)}
+
+    def run_layer(self, layer: nn.Module, hidden: Tensor, context: dict) -> Tensor:
+        masks = context["attention_mask"]
+        # Qwen2 names each layer's attention type; Mistral's layers all share the model's window.
+        kind = getattr(getattr(layer, "self_attn", None), "layer_type", None) or next(iter(masks))
+        return super().run_layer(layer, hidden, {**context, "attention_mask": masks[kind]})
+
+
+class Gpt2Family(DecoderFamily):
+    """GPT-2: learned position embeddings added to the token embeddings, Conv1D projections
+    (normalized to nn.Linear before quantization), final norm `ln_f`, LM head tied to `wte`."""
+
+    name, model_types, base_prefix = "gpt2", ("gpt2",), "transformer"
+    embeddings_attr, word_embeddings_attr, layers_path, final_norm_attr = "", "wte", "h", "ln_f"
+
+    def embeddings(self, model: nn.Module) -> nn.Module:
+        return Gpt2Embeddings(self.backbone(model))
+
+    def word_embeddings(self, model: nn.Module) -> nn.Embedding:
+        return self.backbone(model).wte
+
+    def set_word_embeddings(self, model: nn.Module, module: nn.Module) -> None:
+        self.backbone(model).wte = module
+
+    def embedding_prefixes(self, model: nn.Module) -> tuple[str, ...]:
+        base = self._prefix(model)
+        return (base + "wte", base + "wpe")
+
+    def embed(self, embeddings: nn.Module, batch: Batch) -> Tensor:
+        return embeddings(batch.input_ids)
+
+    def layer_context(self, config, hidden: Tensor, batch: Batch) -> dict:
+        positions = self._positions(hidden)
+        return {"attention_mask": self._causal_mask(config, hidden, batch, positions), "position_ids": positions}
+
+
+class Gpt2Embeddings(nn.Module):
+    """GPT-2's wte + wpe (+ dropout) as one module over the backbone's own submodules (shared,
+    not copied), so that a Stage can hold "the embeddings" of GPT-2 as it does BERT's."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.wte, self.wpe, self.drop = backbone.wte, backbone.wpe, backbone.drop
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        return self.drop(self.wte(input_ids) + self.wpe(positions))
+
+
+# (id(config), device) -> (config, rotary module): built once per model and device.
+_ROTARY: dict = {}
+
+FAMILIES: dict[str, ModelFamily] = {
+    f.name: f for f in (BertFamily(), RobertaFamily(), DistilBertFamily(), LlamaFamily(), Gpt2Family())
+}
 # config.json model_type -> family; MiniLM checkpoints are model_type "bert".
 MODEL_TYPE_TO_FAMILY = {t: f.name for f in FAMILIES.values() for t in f.model_types}
 

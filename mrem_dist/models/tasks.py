@@ -5,6 +5,9 @@ of a batch it compares, and the streaming metric state that turns those outputs 
   scored by its fidelity to the full-precision model (cosine, rank agreement, relative error).
 - `SequenceClassification` (`kind` "classifier"): the head's logits, scored by the task metric
   against the labels, plus the fidelity of the logits.
+- `CausalLM` (`kind` "causal_lm"): the LM head's next-token logits, scored by perplexity on the
+  evaluation windows and, for the quantized model, by its agreement with full precision (the
+  perplexity ratio, top-1 next-token agreement, mean per-token KL(FP || quantized)).
 
 A metric state is updated batch by batch (`update(fp_out, q_out, batch)`), two partial states merge
 (`merge`: ranks that scored different batches), and `compute()` gives (full-precision metrics,
@@ -15,6 +18,7 @@ needs them. Nothing keeps per-token outputs; a causal LM's state (perplexity) is
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -24,7 +28,7 @@ from torch import Tensor, nn
 from mrem_dist.data import Batch, compute_metrics, fidelity_metrics, mean_pool
 from .families import ModelFamily
 
-TASK_KINDS = ("encoder", "classifier")
+TASK_KINDS = ("encoder", "classifier", "causal_lm")
 
 
 @dataclass
@@ -170,9 +174,74 @@ class SequenceClassification(Task):
         return FidelityState()  # unlabeled text: how closely the logits follow full precision
 
 
+@dataclass
+class PerplexityState:
+    """Sums over every predicted token (position t predicts token t+1 of its window): negative
+    log-likelihood of both models, and the quantized model's agreement with full precision. Two
+    states merge by adding; nothing per token is kept."""
+
+    nll_fp: float = 0.0
+    nll_q: float = 0.0
+    kl: float = 0.0
+    agree: int = 0
+    tokens: int = 0
+    compared: bool = False
+
+    def update(self, fp_out: Optional[Tensor], q_out: Tensor, batch: Batch) -> None:
+        targets = batch.input_ids[:, 1:].reshape(-1)
+        q = _check_finite(q_out, "quantized")[:, :-1].float().reshape(targets.numel(), -1)
+        q_logp = torch.log_softmax(q, -1)
+        self.nll_q += -q_logp.gather(1, targets.unsqueeze(1)).sum().item()
+        if fp_out is not None:
+            fp = _check_finite(fp_out, "full-precision")[:, :-1].float().reshape(targets.numel(), -1)
+            fp_logp = torch.log_softmax(fp, -1)
+            self.nll_fp += -fp_logp.gather(1, targets.unsqueeze(1)).sum().item()
+            self.kl += (fp_logp.exp() * (fp_logp - q_logp)).sum().item()
+            self.agree += int((fp.argmax(-1) == q.argmax(-1)).sum())
+            self.compared = True
+        self.tokens += targets.numel()
+
+    def merge(self, other: "PerplexityState") -> "PerplexityState":
+        self.nll_fp, self.nll_q, self.kl = self.nll_fp + other.nll_fp, self.nll_q + other.nll_q, self.kl + other.kl
+        self.agree, self.tokens = self.agree + other.agree, self.tokens + other.tokens
+        self.compared = self.compared or other.compared
+        return self
+
+    def compute(self) -> tuple[Optional[dict], dict]:
+        if not self.tokens:
+            raise ValueError("perplexity needs at least one evaluation window of two or more tokens")
+        q_ppl = math.exp(self.nll_q / self.tokens)
+        if not self.compared:
+            return None, {"perplexity": q_ppl}
+        fp_ppl = math.exp(self.nll_fp / self.tokens)
+        return {"perplexity": fp_ppl}, {"perplexity": q_ppl, "perplexity_ratio": q_ppl / fp_ppl,
+                                        "top1_agreement": self.agree / self.tokens, "kl": self.kl / self.tokens}
+
+
+@dataclass(frozen=True)
+class CausalLM(Task):
+    kind: str = "causal_lm"
+
+    def auto_class(self):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM
+
+    def reduce(self, batch: Batch, hidden: Tensor, logits: Optional[Tensor]) -> Tensor:
+        return logits
+
+    def output(self, family: ModelFamily, model: nn.Module, batch: Batch) -> Tensor:
+        return family.forward(model, batch)
+
+    def metric(self, evalset: EvalSet) -> PerplexityState:
+        return PerplexityState()
+
+
 def task_for(kind: str, num_labels: int = 0) -> Task:
     if kind == "encoder":
         return EmbeddingFidelity()
     if kind == "classifier":
         return SequenceClassification(num_labels)
+    if kind == "causal_lm":
+        return CausalLM()
     raise ValueError(f"model kind {kind!r} is not one of {', '.join(TASK_KINDS)}")

@@ -1,7 +1,9 @@
 """Drop-in quantized replacements for nn.Linear / nn.Embedding, and model-wide helpers.
 
 The modules own a clone of the original weight (the latent FP weight that reconstruction
-trains), so training them never modifies the FP model they were built from.
+trains), so training them never modifies the FP model they were built from. The clone is float32
+whatever the model dtype (bfloat16 cannot hold the small updates reconstruction makes); the
+forward casts the quantized weight to the input's dtype.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class QuantLinear(nn.Module):
             raise ValueError(f"QuantLinear wraps an nn.Linear, got {type(linear).__name__}: pass the Linear module")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.ocs_ratio = float(ocs_ratio)
-        w = linear.weight.detach().clone()
+        w = linear.weight.detach().float().clone()
         # A None buffer stays out of the state_dict: `in_index` is saved only with OCS.
         self.register_buffer("in_index", None)
         if ocs_ratio != 0:  # ocs_split rejects ratios outside [0, 1]
@@ -60,7 +62,7 @@ class QuantLinear(nn.Module):
         self.weight = nn.Parameter(w, requires_grad=linear.weight.requires_grad)
         self.bias = None
         if linear.bias is not None:
-            self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+            self.bias = nn.Parameter(linear.bias.detach().float().clone(), requires_grad=linear.bias.requires_grad)
         if weight_quantizer is not None:
             weight_quantizer.init_from(self.weight)
         self.weight_quantizer = weight_quantizer
@@ -102,7 +104,8 @@ class QuantLinear(nn.Module):
             x = self.act_quantizer(x)
         if self.in_index is not None:
             x = x.index_select(-1, self.in_index)
-        return F.linear(x, self.effective_weight(), self.bias)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.effective_weight().to(x.dtype), bias)
 
     def extra_repr(self) -> str:
         ocs = f", ocs_ratio={self.ocs_ratio}, ocs_extra={self.ocs_extra}" if self.in_index is not None else ""
@@ -126,7 +129,8 @@ class QuantEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
         self.padding_idx = embedding.padding_idx
         self.scale_grad_by_freq, self.sparse = embedding.scale_grad_by_freq, embedding.sparse
-        self.weight = nn.Parameter(embedding.weight.detach().clone(), requires_grad=embedding.weight.requires_grad)
+        self.weight = nn.Parameter(embedding.weight.detach().float().clone(), requires_grad=embedding.weight.requires_grad)
+        self.out_dtype = embedding.weight.dtype  # what the layers after it run in
         if weight_quantizer is not None:
             weight_quantizer.init_from(self.weight)
         self.weight_quantizer = weight_quantizer
@@ -140,9 +144,9 @@ class QuantEmbedding(nn.Module):
             if self.padding_idx is not None and self.weight.requires_grad:
                 keep = (ids != self.padding_idx).unsqueeze(-1).to(out.dtype)
                 out = out * keep + (out * (1 - keep)).detach()
-            return out
+            return out.to(self.out_dtype)
         w = self.weight if wq is None else wq(self.weight)
-        return F.embedding(ids, w, self.padding_idx, None, 2.0, self.scale_grad_by_freq, self.sparse)
+        return F.embedding(ids, w, self.padding_idx, None, 2.0, self.scale_grad_by_freq, self.sparse).to(self.out_dtype)
 
     def extra_repr(self) -> str:
         pad = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""

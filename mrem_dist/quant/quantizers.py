@@ -21,7 +21,9 @@ __all__ = [
     "GRANULARITIES", "ACT_MODES", "SAMPLE_SIZE", "group_view", "expand_to_rows", "WeightQuantizer", "ActQuantizer",
 ]
 
-GRANULARITIES = ("tensor", "row", "group")
+# group: ZeroQuant's blocks of consecutive OUTPUT rows (`groups` of them); input_group: GPTQ's /
+# AWQ's / AutoRound's groups of `group_size` consecutive INPUT columns within each output row.
+GRANULARITIES = ("tensor", "row", "group", "input_group")
 ACT_MODES = ("static", "dynamic")
 # The integer grid of a symmetric weight: restricted codes [-(2^(b-1)-1), 2^(b-1)-1]; full: all 2^b
 # codes with step max|w| / 2^(b-1) (DeepSpeed ZeroQuant's grid); ternary: {-alpha, 0, alpha} (2 bits).
@@ -38,11 +40,16 @@ def _divisors(n: int, limit: int = 12) -> str:
 
 
 def group_view(w: Tensor, groups: int) -> Tensor:
-    """View a [out, in] weight as [groups, out*in/groups]: each group is a block of CONSECUTIVE
-    output rows (the ZeroQuant / DeepSpeed convention). groups=1 is per-tensor, groups=out per-row."""
+    """View a [out, in] weight as [groups, out*in/groups]: with groups <= out each group is a block
+    of CONSECUTIVE output rows (the ZeroQuant / DeepSpeed convention; groups=1 is per-tensor,
+    groups=out per-row); with groups = out * k each row splits into k groups of consecutive input
+    columns (GPTQ's group size in/k)."""
     if w.dim() != 2:
         raise ValueError(f"group_view expects a 2-D [out, in] weight, got shape {tuple(w.shape)}: reshape it to 2-D")
-    rows = w.shape[0]
+    rows, columns = w.shape
+    if (isinstance(groups, numbers.Integral) and not isinstance(groups, bool) and groups > rows
+            and groups % rows == 0 and columns % (groups // rows) == 0):
+        return w.reshape(groups, -1)
     if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1 or rows % groups:
         raise ValueError(
             f"groups={groups} does not divide the {rows} rows of the weight: "
@@ -52,8 +59,21 @@ def group_view(w: Tensor, groups: int) -> Tensor:
 
 
 def expand_to_rows(t: Tensor, rows: int) -> Tensor:
-    """Expand a per-group [G, 1] tensor (scale / zero point) to per-row [rows, 1]."""
+    """Expand a per-group [G, 1] tensor (scale / zero point) of row blocks to per-row [rows, 1].
+    Groups of input columns (G > rows) have no per-row equivalent: an error."""
+    if t.shape[0] > rows or rows % t.shape[0]:
+        raise ValueError(f"{t.shape[0]} scales do not expand to one per row of {rows} rows: groups of input columns "
+                         "(quant.w_granularity=input_group) have several scales per row; use w_granularity=row here")
     return t.repeat_interleave(rows // t.shape[0], dim=0)
+
+
+def check_group_size(group_size: int, columns: int) -> None:
+    """Groups of input columns must tile every row exactly."""
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size < 1:
+        raise ValueError(f"group_size={group_size!r} must be a positive number of input columns, e.g. 64 or 128")
+    if columns % group_size:
+        raise ValueError(f"group_size={group_size} does not divide the {columns} input columns: use a divisor of "
+                         f"{columns}, e.g. {_divisors(columns)}")
 
 
 def _store(module: nn.Module, name: str, value: Tensor | None, param: bool) -> None:
@@ -77,7 +97,10 @@ def _store(module: nn.Module, name: str, value: Tensor | None, param: bool) -> N
 
 
 class WeightQuantizer(nn.Module):
-    """Fake-quantizes a 2-D [out, in] weight with one scale (and zero point) per group of rows.
+    """Fake-quantizes a 2-D [out, in] weight with one scale (and zero point) per group: the whole
+    tensor, a row, a block of rows (`groups` of them) or `group_size` consecutive input columns
+    of a row. Every group is a run of consecutive elements of the row-major weight, so one view
+    [G, out*in/G] (group_view) serves them all.
 
     Call `init_from(weight)` once (it fixes the number of groups G and the initial scales), then
     `forward(weight)` returns the fake-quantized weight; `codes(weight)` / `dequant_params()` give
@@ -97,6 +120,7 @@ class WeightQuantizer(nn.Module):
         prior: str = "laplace",
         grid: str = "restricted",
         learnable: bool = True,
+        group_size: int = 0,
     ) -> None:
         super().__init__()
         check_bits(bits)
@@ -105,8 +129,8 @@ class WeightQuantizer(nn.Module):
         ternary, full_range = grid == "ternary", grid == "full"
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity={granularity!r} is not one of {', '.join(GRANULARITIES)}: pick one of them")
-        # groups is ignored (not rejected) for tensor/row, matching the run config where
-        # quant.w_groups is only read with w_granularity=group.
+        # groups / group_size are ignored (not rejected) for the other granularities, matching the
+        # run config where each is only read with its own w_granularity.
         if granularity == "group" and (
             isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1
         ):
@@ -114,6 +138,8 @@ class WeightQuantizer(nn.Module):
                 f"granularity='group' needs groups > 0 (the number of groups of consecutive output rows), "
                 f"got groups={groups!r}: pass e.g. groups=48"
             )
+        if granularity == "input_group":
+            check_group_size(group_size, columns=group_size)  # positive; divisibility is per weight, at init_from
         check_clip(clip, prior)
         if ternary and bits != 2:
             raise ValueError(
@@ -126,13 +152,18 @@ class WeightQuantizer(nn.Module):
                              "them: use grid='restricted'")
         self.bits, self.symmetric, self.granularity, self.full_range = bits, symmetric, granularity, full_range
         self.groups = int(groups) if granularity == "group" else 0
+        self.group_size = int(group_size) if granularity == "input_group" else 0
         self.clip, self.prior, self.ternary, self.learnable = clip, prior, ternary, learnable
         self.qmin, self.qmax = qrange(bits, symmetric, full_range)
         # Shapes ([G, 1]) are known only at init_from; None buffers stay out of the state_dict.
         self.register_buffer("scale", None)
         self.register_buffer("zero_point", None)
 
-    def num_groups(self, rows: int) -> int:
+    def num_groups(self, shape: tuple[int, int]) -> int:
+        rows, columns = shape
+        if self.granularity == "input_group":
+            check_group_size(self.group_size, columns)
+            return rows * columns // self.group_size
         return {"tensor": 1, "row": rows, "group": self.groups}[self.granularity]
 
     @torch.no_grad()
@@ -144,7 +175,7 @@ class WeightQuantizer(nn.Module):
             )
         if not torch.isfinite(weight).all():
             raise ValueError("the weight contains NaN/inf: the model checkpoint is corrupt, reload it")
-        wg = group_view(weight.detach().float(), self.num_groups(weight.shape[0]))
+        wg = group_view(weight.detach().float(), self.num_groups(tuple(weight.shape)))
         if self.ternary:
             scale, zero_point = _twn(wg)[0], None
         else:
@@ -218,7 +249,7 @@ class WeightQuantizer(nn.Module):
         groups = "" if self.scale is None else f", num_groups={self.scale.shape[0]}"
         return (
             f"bits={self.bits}, symmetric={self.symmetric}, full_range={self.full_range}, granularity={self.granularity}, "
-            f"groups={self.groups}{groups}, clip={self.clip}, ternary={self.ternary}, learnable={self.learnable}"
+            f"groups={self.groups}{groups}, group_size={self.group_size}, clip={self.clip}, ternary={self.ternary}, learnable={self.learnable}"
         )
 
 
