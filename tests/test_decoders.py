@@ -15,7 +15,8 @@ from mrem_dist.artifact import export_quantized
 from mrem_dist.data import Batch
 from mrem_dist.drivers.parallel import assemble
 from mrem_dist.engine import partition
-from mrem_dist.engine.gptq import GptqOptions, gptq_model
+from mrem_dist.engine.gptq import gptq_model
+from mrem_dist.quant.gptq import GptqOptions
 from mrem_dist.engine.records import RankPayload
 from mrem_dist.engine.shard import owned_state, release_unowned, tensor_owner
 from mrem_dist.engine.stage import Stage
@@ -194,7 +195,7 @@ def test_input_groups_are_consecutive_input_columns_of_a_row():
     torch.manual_seed(0)
     w = torch.randn(6, 32)
     w[2, 16:] *= 50  # one group of row 2 with a wide range: only its own scale widens
-    wq = WeightQuantizer(4, symmetric=False, granularity="input_group", group_size=16).init_from(w)
+    wq = WeightQuantizer(4, symmetric=False, granularity="input_group", groups=16).init_from(w)
     scale, zp = wq.dequant_params()
     assert scale.shape == (12, 1) and zp.shape == (12, 1)
     per_group = scale.reshape(6, 2)
@@ -206,7 +207,7 @@ def test_input_groups_are_consecutive_input_columns_of_a_row():
             step = (block.max() - block.min()) / 15
             assert (q[row, 16 * g:16 * (g + 1)] - block).abs().max() <= step / 2 + 1e-5
     with pytest.raises(ValueError, match="group_size=12 does not divide the 32 input columns"):
-        WeightQuantizer(4, granularity="input_group", group_size=12).init_from(w)
+        WeightQuantizer(4, granularity="input_group", groups=12).init_from(w)
 
 
 def test_gptq_over_a_decoder_beats_round_to_nearest_on_its_calibration_data():

@@ -8,7 +8,7 @@ from torch import nn
 
 from mrem_dist.quant.functional import dequantize, fake_quant, qrange
 from mrem_dist.quant.clipping import clip_range, scale_zero_point
-from mrem_dist.quant.gptq import GptqResult, HessianAccumulator, gptq_quantize
+from mrem_dist.quant.gptq import GptqOptions, GptqResult, HessianAccumulator, gptq_quantize
 from mrem_dist.quant.quantizers import WeightQuantizer
 
 
@@ -84,7 +84,7 @@ def test_matches_obq_reference(bits, symmetric, group_size, block_size, act_orde
     x = correlated_inputs(4 * n, n, seed=n + bits, dead=(5,))
     h = hessian_of(x)
     w = torch.randn(out, n, generator=torch.Generator().manual_seed(bits), dtype=torch.float64)
-    res = gptq_quantize(w, h, bits, symmetric, group_size, block_size, 0.01, act_order)
+    res = gptq_quantize(w, h, bits, symmetric, group_size, GptqOptions(block_size, 0.01, act_order))
     ref_q, ref_codes, ref_losses, hd = obq_reference(w, h, bits, symmetric, group_size, 0.01, act_order)
     assert isinstance(res, GptqResult) and res.weight.dtype == torch.float64 and res.codes.dtype == torch.int32
     ng = n // (group_size or n)
@@ -148,7 +148,7 @@ def test_scale_zero_layout_round_trip(dtype, symmetric, group_size):
     bits = 4
     x = correlated_inputs(256, 64, seed=3)
     w = torch.randn(32, 64, generator=torch.Generator().manual_seed(4)).to(dtype)
-    res = gptq_quantize(w, hessian_of(x).float(), bits, symmetric, group_size, block_size=16)
+    res = gptq_quantize(w, hessian_of(x).float(), bits, symmetric, group_size, GptqOptions(block_size=16))
     assert res.weight.dtype == dtype
     gs = group_size or 64
     # codes + per-(row, group) scale / zero point give the weight exactly
@@ -193,9 +193,12 @@ def test_error_paths():
         gptq_quantize(w, h, 4, True, group_size=3)
     with pytest.raises(ValueError, match="group_size=16 does not divide"):
         gptq_quantize(w, h, 4, True, group_size=16)
-    for kwargs in ({"group_size": -1}, {"block_size": 0}, {"group_size": True}, {"damp": -0.1}, {"damp": float("nan")}):
+    for kwargs in ({"group_size": -1}, {"group_size": True}):
         with pytest.raises(ValueError):
             gptq_quantize(w, h, 4, True, **kwargs)
+    for options in (GptqOptions(block_size=0), GptqOptions(damp=-0.1), GptqOptions(damp=float("nan"))):
+        with pytest.raises(ValueError):
+            gptq_quantize(w, h, 4, True, options=options)
     with pytest.raises(ValueError, match="bits=9"):
         gptq_quantize(w, h, 9, True)
 

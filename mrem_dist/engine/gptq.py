@@ -15,7 +15,6 @@ forward reproduces GPTQ's weights exactly, and a reconstruction method trains on
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,16 +23,9 @@ from mrem_dist.data import Batch
 from mrem_dist.log import get_logger
 from mrem_dist.models.families import ModelFamily
 from mrem_dist.quant import QuantLinear
-from mrem_dist.quant.gptq import HessianAccumulator, gptq_quantize
+from mrem_dist.quant.gptq import GptqOptions, HessianAccumulator, gptq_quantize
 
 log = get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class GptqOptions:
-    block_size: int = 128
-    damp: float = 0.01
-    act_order: bool = False
 
 
 def gptq_options(method) -> GptqOptions:
@@ -88,8 +80,8 @@ def gptq_model(qmodel: nn.Module, family: ModelFamily, batches: list[Batch], opt
                 hook.remove()
         for name, module in targets:
             bits, symmetric, group_size = gptq_bits(module)
-            result = gptq_quantize(module.weight, hessians[name].hessian, bits, symmetric, group_size,
-                                   options.block_size, options.damp, options.act_order, name=f"{prefix}.{index}.{name}")
+            result = gptq_quantize(module.weight, hessians[name].hessian, bits, symmetric, group_size, options,
+                                   name=f"{prefix}.{index}.{name}")
             apply_result(module, result)
             errors[f"{prefix}.{index}.{name}"] = result.error
         hidden = [family.run_layer(layer, h, c) for h, c in zip(hidden, contexts)]

@@ -104,10 +104,20 @@ def _positive_int(value: object, name: str, minimum: int) -> int:
 
 
 @torch.no_grad()
+@dataclass(frozen=True)
+class GptqOptions:
+    """How GPTQ runs: columns per lazy-batch block, damping (a fraction of the Hessian's mean
+    diagonal) and act-order; they change the rounding, not the grid."""
+
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = False
+
+
 def gptq_quantize(weight: Tensor, hessian: Tensor, bits: int, symmetric: bool, group_size: int = 0,
-                  block_size: int = 128, damp: float = 0.01, act_order: bool = False,
-                  name: str = "this Linear") -> GptqResult:
+                  options: GptqOptions = GptqOptions(), name: str = "this Linear") -> GptqResult:
     """GPTQ-quantize `weight` [out, in] given the input Hessian `hessian` [in, in] (see the module doc)."""
+    block_size, damp, act_order = options.block_size, options.damp, options.act_order
     qmin, qmax = qrange(bits, symmetric)
     if weight.dim() != 2:
         raise ValueError(f"gptq_quantize expects a 2-D [out, in] weight, got shape {tuple(weight.shape)} for {name}")

@@ -98,8 +98,8 @@ def _store(module: nn.Module, name: str, value: Tensor | None, param: bool) -> N
 
 class WeightQuantizer(nn.Module):
     """Fake-quantizes a 2-D [out, in] weight with one scale (and zero point) per group: the whole
-    tensor, a row, a block of rows (`groups` of them) or `group_size` consecutive input columns
-    of a row. Every group is a run of consecutive elements of the row-major weight, so one view
+    tensor, a row, a block of rows (granularity="group": `groups` blocks) or `groups` consecutive
+    input columns of a row (granularity="input_group": GPTQ's group size). Every group is a run of consecutive elements of the row-major weight, so one view
     [G, out*in/G] (group_view) serves them all.
 
     Call `init_from(weight)` once (it fixes the number of groups G and the initial scales), then
@@ -120,7 +120,6 @@ class WeightQuantizer(nn.Module):
         prior: str = "laplace",
         grid: str = "restricted",
         learnable: bool = True,
-        group_size: int = 0,
     ) -> None:
         super().__init__()
         check_bits(bits)
@@ -129,8 +128,9 @@ class WeightQuantizer(nn.Module):
         ternary, full_range = grid == "ternary", grid == "full"
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity={granularity!r} is not one of {', '.join(GRANULARITIES)}: pick one of them")
-        # groups / group_size are ignored (not rejected) for the other granularities, matching the
-        # run config where each is only read with its own w_granularity.
+        # `groups` is read per granularity: group = how many blocks of output rows, input_group =
+        # how many input columns per group (the run config names them w_groups and w_group_size);
+        # tensor / row ignore it (not reject it), as the config reads each only with its own.
         if granularity == "group" and (
             isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1
         ):
@@ -139,7 +139,7 @@ class WeightQuantizer(nn.Module):
                 f"got groups={groups!r}: pass e.g. groups=48"
             )
         if granularity == "input_group":
-            check_group_size(group_size, columns=group_size)  # positive; divisibility is per weight, at init_from
+            check_group_size(groups, columns=groups)  # positive; divisibility is per weight, at init_from
         check_clip(clip, prior)
         if ternary and bits != 2:
             raise ValueError(
@@ -152,7 +152,7 @@ class WeightQuantizer(nn.Module):
                              "them: use grid='restricted'")
         self.bits, self.symmetric, self.granularity, self.full_range = bits, symmetric, granularity, full_range
         self.groups = int(groups) if granularity == "group" else 0
-        self.group_size = int(group_size) if granularity == "input_group" else 0
+        self.group_size = int(groups) if granularity == "input_group" else 0
         self.clip, self.prior, self.ternary, self.learnable = clip, prior, ternary, learnable
         self.qmin, self.qmax = qrange(bits, symmetric, full_range)
         # Shapes ([G, 1]) are known only at init_from; None buffers stay out of the state_dict.
