@@ -5,7 +5,7 @@ torchrun ranks (both reconstructions start from GPTQ: method.init=gptq). Every c
 `python -m mrem_dist` job (MREM-P under torchrun), timed end to end; the calibration budget is written
 beside each row. Writes benchmarks/results/decoders.{md,json}.
 
-    python benchmarks/decoders.py                      # the defaults below (about an hour on 2 cores)
+    python benchmarks/decoders.py                      # the defaults below (about 35 min a bit width on 2 cores)
     python benchmarks/decoders.py --bits 3 --steps 20  # one bit width, shorter training
 
 Targets (reported whether met or not): MREM-P below GPTQ's perplexity at W3 and W2; MREM-P within
@@ -37,9 +37,9 @@ def main() -> None:
     p.add_argument("--modules", type=int, default=2)
     p.add_argument("--calib", type=int, default=32, help="calibration sequences")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--eval", type=int, default=64, help="evaluation windows")
+    p.add_argument("--eval", type=int, default=32, help="evaluation windows")
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-5, help="method.lr_weight of the reconstructions")
+    p.add_argument("--lr", type=float, default=1e-3, help="method.lr_weight of the reconstructions")
     p.add_argument("--methods", nargs="*", default=[m[0] for m in METHODS])
     p.add_argument("--out", default=str(RESULTS / "decoders"))
     args = p.parse_args()
@@ -47,7 +47,6 @@ def main() -> None:
             f"data.eval_samples={args.eval}", f"data.batch_size={args.batch}", "checkpoint.dir=null", "export=false"]
     recon = [f"method.steps={args.steps}", f"method.modules={args.modules}", f"method.lr_weight={args.lr}"]
     rows: list[dict] = []
-    fp_ppl = None
     with tempfile.TemporaryDirectory() as tmp:
         for bits in args.bits:
             for name, overrides, ranks in METHODS:
@@ -67,6 +66,10 @@ def main() -> None:
                        "fp_perplexity": round(fp_ppl, 3)}
                 rows.append(row)
                 print(row, flush=True)
+                write_table(args, rows, fp_ppl)  # after every cell: a stopped run keeps what it measured
+
+
+def write_table(args, rows: list[dict], fp_ppl: float) -> None:
     table = ["| bits | method | perplexity | x FP | top-1 agreement | KL | wall s | calibration budget |",
              "|---|---|---|---|---|---|---|---|"]
     table += [f"| W{r['bits']}A16 g64 | {r['method']} | {r['perplexity']:.2f} | {r['ratio_to_fp']:.3f} | "

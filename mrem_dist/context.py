@@ -23,7 +23,7 @@ import torch
 from mrem_dist.artifact import export_quantized
 from mrem_dist.config import MethodConfig
 from mrem_dist.distributed import DistContext, resolve_device
-from mrem_dist.engine import ReconSettings
+from mrem_dist.engine import ReconSettings, partition
 from mrem_dist.engine.checkpoint import Checkpointer, fingerprint
 from mrem_dist.engine.parallel import peak_memory_gb
 from mrem_dist.inputs import PreparedData, prepare_data
@@ -103,6 +103,12 @@ class RunContext:
     def sequence_length(self) -> int:
         """Tokens per sequence of the loaded model's data: a causal LM's windows, an encoder's padding."""
         return self.cfg.data.seq_len if self.loaded.task.kind == "causal_lm" else self.cfg.data.max_length
+
+    def partition(self, model: torch.nn.Module) -> list:
+        """The module partition of `model` for this run's method. The head is charged to the last
+        module only when a training step runs it (a KD term on the logits)."""
+        m = self.cfg.method
+        return partition(model, self.loaded.family, m.modules, m.balance, self.sequence_length, head=m.kd_weight > 0)
 
     @property
     def scheme(self):

@@ -32,13 +32,15 @@ def evaluate_artifact(cfg: EvaluateConfig) -> dict:
     """Evaluate the artifact `cfg.artifact`; returns the result (also written to cfg.run_dir)."""
     from mrem_dist.context import RunContext, environment
     from mrem_dist.models import LoadedModel, load_model
-    from mrem_dist.models.tasks import ClassificationState
+    from mrem_dist.models.tasks import ClassificationState, PerplexityState
     from mrem_dist.quant.int8 import Int8Linear
     from mrem_dist.scoring import score
 
     from mrem_dist.preflight import check_data
 
-    check_data(cfg.data)  # before the artifact and the reference are loaded
+    from mrem_dist.artifact.schema import read_meta
+
+    check_data(cfg.data, read_meta(Path(cfg.artifact)).kind)  # before the artifact and the reference are loaded
     ctx = RunContext.begin(cfg)
     timer, device = ctx.timer, ctx.device
     with timer("load"):
@@ -59,7 +61,7 @@ def evaluate_artifact(cfg: EvaluateConfig) -> dict:
             )
         with timer("reference"):
             ref_model = load_model(reference, art.task.kind).model.to(device)
-    elif not isinstance(art.task.metric(prepared.evalset), ClassificationState):
+    elif not isinstance(art.task.metric(prepared.evalset), (ClassificationState, PerplexityState)):
         raise ValueError(
             f"compare=false on data={cfg.data.name} leaves nothing to measure: the artifact is an encoder "
             "(scored by fidelity to full precision) or the data has no labels; set compare=true"

@@ -119,11 +119,12 @@ def check_outputs(run_dir: Path, checkpoint_dir: Optional[str], needed_bytes: in
                              f"{needed_bytes / 1e6:.0f} MB: free some space or choose another run_dir")
 
 
-def check_data(cfg_data) -> None:
-    """The data a config names is there and readable (columns, texts, labels); InputError if not."""
-    from mrem_dist.inputs import load_splits
+def check_data(cfg_data, kind: str = "encoder") -> None:
+    """The evaluation data a config names is there and readable for a model of task `kind`
+    (columns, texts, labels; a causal LM's documents); InputError if not."""
+    from mrem_dist.inputs import load_splits, load_texts
 
-    _checked(f"data={cfg_data.name}", load_splits, cfg_data, False)
+    _checked(f"data={cfg_data.name}", load_texts if kind == "causal_lm" else load_splits, cfg_data, False)
 
 
 def preflight(cfg: RunConfig) -> None:

@@ -82,13 +82,14 @@ def _job(rank, model_dir, text, run_dir, out_dir, overrides):
 
 
 @pytest.mark.dist
-def test_two_rank_mrem_p_on_a_decoder_is_bit_identical_to_one_process(tmp_path, tiny_llama_dir, wiki_like_txt):
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_mrem_p_on_a_decoder_over_ranks_is_bit_identical_to_one_process(tmp_path, tiny_llama_dir, wiki_like_txt, ranks):
     overrides = [*W3, *_recon("mrem_p", "method.modules=3", "method.init=gptq", "method.queue=2")]
     out = tmp_path / "out"
     out.mkdir()
-    run_ranks(_job, 2, tiny_llama_dir, wiki_like_txt, str(tmp_path / "ranks"), str(out), overrides)
+    run_ranks(_job, ranks, tiny_llama_dir, wiki_like_txt, str(tmp_path / "ranks"), str(out), overrides)
     report = json.loads((out / "report.json").read_text())
-    assert report["reconstruction"]["world_size"] == 2 and report["validation"]["passed"]
+    assert report["reconstruction"]["world_size"] == ranks and report["validation"]["passed"]
     single, qmodel = execute(_cfg(tmp_path / "single", f"model.path={tiny_llama_dir}", *_data(*wiki_like_txt), *overrides))
     parallel_state, state = torch.load(out / "state.pt"), qmodel.state_dict()
     assert parallel_state.keys() == state.keys()
@@ -114,6 +115,16 @@ def test_the_decoder_artifact_loads_and_its_int8_path_matches(tmp_path, tiny_lla
         ref = run_batch(qmodel, art.family, batch)
         torch.testing.assert_close(run_batch(art.model, art.family, batch), ref, rtol=0, atol=0)
         torch.testing.assert_close(run_batch(fast.model, fast.family, batch), ref, rtol=1e-3, atol=1e-3)
+    # python -m mrem_dist.evaluate on the artifact: the run's perplexities again, and the artifact alone.
+    from mrem_dist.evaluate import evaluate_artifact
+    from test_evaluate_artifact import _eval_cfg
+
+    data = [o for o in _data(*wiki_like_txt) if o.startswith("data") and "calib" not in o and "train_file" not in o]
+    again = evaluate_artifact(_eval_cfg(tmp_path / "eval", f"artifact={tmp_path / 'run' / 'model'}", *data))
+    assert again["metrics"]["quantized"]["perplexity"] == pytest.approx(report["metrics"]["quantized"]["perplexity"])
+    assert again["metrics"]["full_precision"] == pytest.approx(report["metrics"]["full_precision"])
+    alone = evaluate_artifact(_eval_cfg(tmp_path / "alone", f"artifact={tmp_path / 'run' / 'model'}", "compare=false", *data))
+    assert alone["metrics"]["full_precision"] is None and set(alone["metrics"]["quantized"]) == {"perplexity"}
 
 
 @pytest.mark.parametrize("overrides,match", [

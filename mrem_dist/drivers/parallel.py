@@ -24,7 +24,7 @@ import torch
 from mrem_dist.config import RunConfig
 from mrem_dist.context import RunContext
 from mrem_dist.distributed import gather_to_main, init_distributed, teardown_distributed
-from mrem_dist.engine import ModuleSpec, epoch_order, lam_at, partition
+from mrem_dist.engine import ModuleSpec, epoch_order, lam_at
 from mrem_dist.engine.checkpoint import Preempted, StopSignal
 from mrem_dist.engine.gptq import copy_gptq, gptq_model, gptq_options
 from mrem_dist.engine.parallel import RankPipeline
@@ -72,7 +72,7 @@ def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, torch.n
     model.requires_grad_(False)
     calib, evalset = ctx.data.calib, ctx.data.evalset
     with timer("quantize"):
-        specs = partition(model, family, cfg.method.modules, cfg.method.balance, ctx.sequence_length)
+        specs = ctx.partition(model)
         layout = ParallelLayout.build(dist.rank, dist.world_size, len(specs))
         held = set(layout.modules)
     checkpoint = ctx.checkpointer(layout, model)

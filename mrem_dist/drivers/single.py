@@ -11,7 +11,6 @@ import torch
 
 from mrem_dist.config import RECONSTRUCTION_METHODS
 from mrem_dist.context import RunContext, fmt_metrics
-from mrem_dist.engine import partition
 from mrem_dist.engine.checkpoint import Checkpointer, StopSignal
 from mrem_dist.engine.gptq import gptq_model, gptq_options
 from mrem_dist.engine.sequential import EngineOptions, reconstruct_sequential
@@ -34,7 +33,7 @@ def run_single(ctx: RunContext) -> tuple[dict, torch.nn.Module]:
     # OCS) before any long forward pass; so does the partition.
     with timer("quantize"):
         qmodel = quantize_model(copy.deepcopy(model), family, ctx.scheme, learnable=reconstruct)
-        specs = partition(model, family, cfg.method.modules, cfg.method.balance, ctx.sequence_length) if reconstruct else []
+        specs = ctx.partition(model) if reconstruct else []
     extra: dict = {}
     if cfg.method.name == "gptq" or cfg.method.init == "gptq":
         with timer("gptq"):

@@ -81,9 +81,11 @@ def split_contiguous(costs: list[float], n: int) -> list[tuple[int, int]]:
     return ranges[::-1]
 
 
-def layer_costs(model: nn.Module, family: ModelFamily, balance: str, seq_len: int = 128) -> list[float]:
+def layer_costs(model: nn.Module, family: ModelFamily, balance: str, seq_len: int = 128, head: bool = True) -> list[float]:
     """Cost of each layer, with the embeddings charged to layer 0 and the head to the last layer
-    (per token: the family says what its head costs a token).
+    (per token: the family says what its head costs a token). head=False: the head does not run
+    in a training step (no KD term), so its compute is not charged (an LM head over a 49K
+    vocabulary costs as much as several layers, and would otherwise shrink the last module).
 
     params: parameters held (memory balance). cost: estimated compute per token of a training
     step: 2 FLOPs per Linear weight plus the attention matmuls (4 * seq_len * hidden); an
@@ -108,15 +110,18 @@ def layer_costs(model: nn.Module, family: ModelFamily, balance: str, seq_len: in
         costs.append(2.0 * linear + 4.0 * seq_len * hidden)
     # Rows of the embedding table touched per token: one lookup of `hidden` values.
     costs[0] += 2.0 * family.word_embeddings(model).embedding_dim
-    costs[-1] += family.head_cost_per_token(model, seq_len)
+    if head:
+        costs[-1] += family.head_cost_per_token(model, seq_len)
     return costs
 
 
-def partition(model: nn.Module, family: ModelFamily, modules: int, balance: str = "cost", seq_len: int = 128) -> list[ModuleSpec]:
-    """N modules of consecutive layers; modules=0 means one layer per module."""
+def partition(model: nn.Module, family: ModelFamily, modules: int, balance: str = "cost", seq_len: int = 128,
+              head: bool = True) -> list[ModuleSpec]:
+    """N modules of consecutive layers; modules=0 means one layer per module. `head`: whether the
+    head's compute is charged to the last module (layer_costs)."""
     num_layers = len(family.layers(model))
     n = num_layers if modules == 0 else modules
     if n < 0:
         raise ValueError(f"method.modules={modules} must be >= 0 (0 = one layer per module)")
-    ranges = split_contiguous(layer_costs(model, family, balance, seq_len), n)
+    ranges = split_contiguous(layer_costs(model, family, balance, seq_len, head), n)
     return [ModuleSpec(i, n, start, stop) for i, (start, stop) in enumerate(ranges)]

@@ -112,7 +112,8 @@ def trainable_groups(stage: Stage, settings: ReconSettings) -> list[dict]:
             weights.append(module.weight)
         if isinstance(module, QuantLinear) and settings.train_bias and module.bias is not None:
             weights.append(module.bias)
-        if isinstance(module, nn.LayerNorm) and settings.train_layernorm:
+        # LayerNorm, or a decoder's RMSNorm (LlamaRMSNorm, Qwen2RMSNorm, ...: one class per model type).
+        if (isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")) and settings.train_layernorm:
             weights.extend(p for p in module.parameters())
         if isinstance(module, (WeightQuantizer, ActQuantizer)) and settings.train_scales:
             scale = getattr(module, "scale", None)
