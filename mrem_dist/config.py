@@ -293,6 +293,7 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 def _validate_data(d: DataConfig, calibration: bool = True) -> None:
     _check(d.max_length >= 8, f"data.max_length={d.max_length} is too small: use at least 8 tokens")
+    _check(d.seq_len >= 2, f"data.seq_len={d.seq_len} leaves no next token to predict: use at least 2 tokens (e.g. 512)")
     if calibration:
         _check(d.calib_samples > 0, f"data.calib_samples={d.calib_samples}: the calibration set must not be empty")
     _check(d.eval_samples > 0, f"data.eval_samples={d.eval_samples}: set a positive number of evaluation samples")

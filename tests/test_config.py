@@ -70,6 +70,7 @@ def test_schema_rejects_unknown_keys_and_wrong_types():
         (["data=local"], r"data=local needs files"),
         (["data.calib_samples=0"], r"must not be empty"),
         (["method.name=awq"], r"method.name='awq' is not one of"),
+        (["data.seq_len=1"], r"data.seq_len=1 leaves no next token to predict"),
         (["method=gptq"], r"method=gptq is weight-only"),
         (["method=gptq", "quant=w4a16_g64", "quant.w_granularity=group", "quant.w_groups=4"], r"w_group_size=64 is read only with quant.w_granularity=input_group"),
         (["method=ptq", "quant=w4a16_g64", "quant.w_group_size=0"], r"input_group needs quant.w_group_size > 0"),

@@ -143,3 +143,14 @@ def test_a_text_shorter_than_one_window_is_named(tmp_path, tiny_llama_dir):
     short.write_text("a few words only.")
     with pytest.raises(Exception, match=r"fewer than one window of data.seq_len=32"):
         _run(tmp_path, tiny_llama_dir, (str(short), str(short)), "quant=w4a16_g64", "quant.w_group_size=16")
+
+
+def test_bfloat16_forward_passes_keep_float32_latent_weights(tmp_path, tiny_llama_dir, wiki_like_txt):
+    from mrem_dist.quant import QuantLinear
+
+    report, qmodel = _run(tmp_path, tiny_llama_dir, wiki_like_txt, *W3, *_recon("mrem_s"), "model.dtype=bfloat16")
+    assert report["validation"]["passed"] and report["metrics"]["quantized"]["perplexity"] > 0
+    linears = [m for m in qmodel.modules() if isinstance(m, QuantLinear)]
+    assert linears and all(m.weight.dtype == torch.float32 and m.weight_quantizer.scale.dtype == torch.float32
+                           for m in linears)
+    assert qmodel.model.norm.weight.dtype == torch.bfloat16  # everything else runs in the model's dtype

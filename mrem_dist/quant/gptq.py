@@ -103,7 +103,6 @@ def _positive_int(value: object, name: str, minimum: int) -> int:
     return int(value)
 
 
-@torch.no_grad()
 @dataclass(frozen=True)
 class GptqOptions:
     """How GPTQ runs: columns per lazy-batch block, damping (a fraction of the Hessian's mean
@@ -114,6 +113,7 @@ class GptqOptions:
     act_order: bool = False
 
 
+@torch.no_grad()
 def gptq_quantize(weight: Tensor, hessian: Tensor, bits: int, symmetric: bool, group_size: int = 0,
                   options: GptqOptions = GptqOptions(), name: str = "this Linear") -> GptqResult:
     """GPTQ-quantize `weight` [out, in] given the input Hessian `hessian` [in, in] (see the module doc)."""
