@@ -40,7 +40,13 @@ def evaluate_artifact(cfg: EvaluateConfig) -> dict:
 
     from mrem_dist.artifact.schema import read_meta
 
-    check_data(cfg.data, read_meta(Path(cfg.artifact)).kind)  # before the artifact and the reference are loaded
+    # The data is checked before the artifact and the reference are loaded, for the artifact's task
+    # (a causal LM reads documents); unreadable metadata is load_quantized's error, reported next.
+    try:
+        kind = read_meta(Path(cfg.artifact)).kind
+    except (ArtifactError, OSError):
+        kind = "encoder"
+    check_data(cfg.data, kind)
     ctx = RunContext.begin(cfg)
     timer, device = ctx.timer, ctx.device
     with timer("load"):
