@@ -11,10 +11,17 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
+def umask() -> int:
+    """The process's file-creation mask (read without changing it for longer than the call)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def cache_root() -> Path:
+    """Where fetched data and converted models are kept: $MREM_DIST_DATA, else ~/.cache/mrem_dist
+    (movie_reviews/, wiki/, models/ below it)."""
+    return Path(os.environ.get("MREM_DIST_DATA") or Path.home() / ".cache" / "mrem_dist")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -27,7 +34,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         # mkstemp makes the file private (0600): give it the permissions of any other file written here.
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -80,10 +87,10 @@ def atomic_dir(path: str | os.PathLike, what: str = "directory") -> Iterator[Pat
     try:
         yield tmp
         # mkdtemp makes a private (0700) folder: give it, and its files, the usual umask permissions.
-        umask = _umask()
-        tmp.chmod(0o777 & ~umask)
+        mask = umask()
+        tmp.chmod(0o777 & ~mask)
         for f in tmp.iterdir():
-            f.chmod(0o666 & ~umask)
+            f.chmod(0o666 & ~mask)
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

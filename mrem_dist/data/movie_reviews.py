@@ -23,6 +23,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from mrem_dist.io import cache_root
 from mrem_dist.log import get_logger
 
 from .sources import TextDataset
@@ -41,8 +42,7 @@ _TRAIN_PERCENT = 80
 
 def cache_dir() -> Path:
     """$MREM_DIST_DATA/movie_reviews, else ~/.cache/mrem_dist/movie_reviews."""
-    root = os.environ.get("MREM_DIST_DATA") or Path.home() / ".cache" / "mrem_dist"
-    return Path(root) / "movie_reviews"
+    return cache_root() / "movie_reviews"
 
 
 def _sha256(data: bytes) -> str:

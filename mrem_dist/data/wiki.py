@@ -58,6 +58,7 @@ import zipfile
 from functools import lru_cache
 from pathlib import Path
 
+from mrem_dist.io import cache_root
 from mrem_dist.log import get_logger
 
 log = get_logger(__name__)
@@ -81,8 +82,7 @@ _DROP_SECTIONS = {"see also", "references", "notes", "notes and references", "fo
 
 def cache_dir() -> Path:
     """$MREM_DIST_DATA/wiki, else ~/.cache/mrem_dist/wiki."""
-    root = os.environ.get("MREM_DIST_DATA") or Path.home() / ".cache" / "mrem_dist"
-    return Path(root) / "wiki"
+    return cache_root() / "wiki"
 
 
 def _sha256(data: bytes) -> str:

@@ -58,6 +58,7 @@ import zipfile
 from pathlib import Path
 from typing import Callable, Iterator
 
+from mrem_dist.io import cache_root, umask
 from mrem_dist.log import get_logger
 
 log = get_logger(__name__)
@@ -178,17 +179,11 @@ def _write_manifest(folder: Path, source: Path, source_sha256: str) -> None:
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _finish_tree(folder: Path) -> None:
     """Give the files the permissions of ordinary files (mkdtemp makes the folder 0700, and
     save_pretrained writes the weights 0600, which would hide a shared cache from its other users),
     then flush every file and the directory itself, so the rename publishes complete data."""
-    mask = _umask()
+    mask = umask()
     for path in folder.rglob("*"):
         if path.is_file():
             os.chmod(path, 0o666 & ~mask)
@@ -360,11 +355,6 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- SmolLM2 from PyPI
-
-
-def cache_root() -> Path:
-    """$MREM_DIST_DATA, else ~/.cache/mrem_dist (the root data=movie_reviews uses as well)."""
-    return Path(os.environ.get("MREM_DIST_DATA") or Path.home() / ".cache" / "mrem_dist")
 
 
 @contextlib.contextmanager
