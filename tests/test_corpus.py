@@ -14,6 +14,7 @@ import subprocess
 import pytest
 import torch
 
+import mrem_dist.io
 from mrem_dist.data import wiki
 from mrem_dist.data.corpus import calibration_sequences, eval_windows, load_text_file, tokenize_corpus
 from mrem_dist.data.wiki import load_wiki, parse_export, strip_markup
@@ -243,7 +244,7 @@ def test_failed_download_names_command_and_fix(tmp_path, monkeypatch):
     def fail(cmd, **kwargs):
         return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: Could not find a version (offline)")
 
-    monkeypatch.setattr(wiki.subprocess, "run", fail)
+    monkeypatch.setattr(mrem_dist.io.subprocess, "run", fail)
     with pytest.raises(RuntimeError) as info:
         wiki.fetch(tmp_path)
     message = str(info.value)

