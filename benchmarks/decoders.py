@@ -54,7 +54,7 @@ def main() -> None:
         write_table(p.parse_args(), saved["rows"], saved["rows"][0]["fp_perplexity"])
         return
     data = ["model=smollm2", "data=wiki", f"data.calib_samples={args.calib}", f"data.seq_len={args.seq_len}",
-            f"data.eval_samples={args.eval}", f"data.batch_size={args.batch}", "checkpoint.dir=null", "export=false"]
+            f"data.eval_samples={args.eval}", f"data.batch_size={args.batch}", "checkpoint.dir=null", "export.enabled=false"]
     recon = [f"method.steps={args.steps}", f"method.modules={args.modules}", f"method.lr_weight={args.lr}"]
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:

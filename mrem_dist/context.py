@@ -21,7 +21,8 @@ from typing import Any, Optional
 import torch
 
 from mrem_dist.artifact import export_quantized
-from mrem_dist.config import MethodConfig
+from mrem_dist.artifact.compressed_tensors import export_compressed_tensors
+from mrem_dist.config import EXPORT_DIRS, MethodConfig, export_formats
 from mrem_dist.distributed import DistContext, resolve_device
 from mrem_dist.engine import ReconSettings, partition
 from mrem_dist.engine.checkpoint import Checkpointer, fingerprint
@@ -170,15 +171,22 @@ class RunContext:
             "config": dataclasses.asdict(cfg),
         }
 
-    def _export(self, qmodel: torch.nn.Module) -> dict:
-        """Write the artifact to <run_dir>/model; returns the report's `artifact` section."""
-        loaded, out = self.loaded, Path(self.cfg.run_dir) / "model"
-        meta = export_quantized(qmodel, loaded.tokenizer, self.scheme, loaded.task.kind, out, source=self.source)
-        size = meta["bytes"]["model.safetensors"]
-        ratio = round(size / (4 * loaded.num_parameters), 4)
-        log.info("wrote the quantized model to %s (%.1f MB, %.3fx of FP32)", out, size / 1e6, ratio)
-        return {"path": str(out), "bytes": size, "fp32_parameter_bytes": 4 * loaded.num_parameters,
-                "ratio_to_fp32": ratio}
+    def _export(self, qmodel: torch.nn.Module, fmt: str) -> dict:
+        """Write the model as `fmt` to <run_dir>/<EXPORT_DIRS[fmt]>; returns its entry of the
+        report's `artifacts` section."""
+        loaded, out = self.loaded, Path(self.cfg.run_dir) / EXPORT_DIRS[fmt]
+        kind = loaded.task.kind
+        if fmt == "mrem":
+            size = export_quantized(qmodel, loaded.tokenizer, self.scheme, kind, out, source=self.source)["bytes"]["model.safetensors"]
+        else:
+            size = export_compressed_tensors(qmodel, loaded.tokenizer, self.scheme, kind, loaded.family.name, out,
+                                             source=self.source)["bytes"]
+        n = loaded.num_parameters
+        entry = {"path": str(out), "bytes": size, "fp32_parameter_bytes": 4 * n, "ratio_to_fp32": round(size / (4 * n), 4),
+                 "ratio_to_fp16": round(size / (2 * n), 4)}
+        log.info("wrote the quantized model as %s to %s (%.1f MB, %.3fx of FP16)", fmt, out, size / 1e6,
+                 entry["ratio_to_fp16"])
+        return entry
 
     def finish(self, qmodel: torch.nn.Module, metrics: tuple[Optional[dict], dict], extra: dict,
                failures: Optional[list[str]] = None) -> dict:
@@ -193,15 +201,18 @@ class RunContext:
         if failures:
             report["validation"]["failures"][:0] = failures
             report["validation"]["passed"] = False
-        # The report first, so that no failure below loses it; then the artifact, then the report again.
+        # The report first, so that no failure below loses it; then the exports, then the report again.
         write_report(Path(cfg.run_dir), report)
-        if report["validation"]["passed"] and cfg.export:
-            try:
-                report["artifact"] = self._export(qmodel)
-            except BaseException as e:
-                report["artifact"] = {"error": f"{type(e).__name__}: {e}"}
-                write_report(Path(cfg.run_dir), report, plot=False)
-                raise
+        formats = export_formats(cfg.export)
+        if report["validation"]["passed"] and formats:
+            report["artifacts"] = {}
+            for fmt in formats:
+                try:
+                    report["artifacts"][fmt] = self._export(qmodel, fmt)
+                except BaseException as e:
+                    report["artifacts"][fmt] = {"error": f"{type(e).__name__}: {e}"}
+                    write_report(Path(cfg.run_dir), report, plot=False)
+                    raise
             write_report(Path(cfg.run_dir), report, plot=False)
         log_summary(report)
         if not report["validation"]["passed"]:

@@ -1,8 +1,10 @@
 """Score a saved artifact as it will be shipped:
 
     python -m mrem_dist.evaluate artifact=runs/.../model [data=sst2] [kernel=int8] [reference=<fp model>]
+    python -m mrem_dist.evaluate artifact=runs/.../model-compressed-tensors data=wiki
 
-The artifact is loaded with `load_quantized` (kernel float or int8) and run on the evaluation split
+The artifact is loaded with `load_quantized` (kernel float or int8), a compressed-tensors folder with
+transformers alone (`from_pretrained`, as its users load it), and run on the evaluation split
 of `data`. With compare=true (the default) the full-precision model it was quantized from (recorded
 in the artifact, or `reference=`) runs on the same batches, so the result carries the same metrics as
 the run's report: the task metric of both (labeled data) and the fidelity of the artifact to full
@@ -38,19 +40,25 @@ def evaluate_artifact(cfg: EvaluateConfig) -> dict:
 
     from mrem_dist.preflight import check_data
 
+    from mrem_dist.artifact.compressed_tensors import load_compressed_tensors, read_quantization_config
     from mrem_dist.artifact.schema import read_meta
 
+    compressed = read_quantization_config(cfg.artifact) is not None
+    if compressed and cfg.kernel != "float":
+        raise ConfigError(f"kernel={cfg.kernel} runs mrem-dist's own artifact; {cfg.artifact} is a compressed-tensors "
+                          "folder, which transformers runs: set kernel=float")
     # The data is checked before the artifact and the reference are loaded, for the artifact's task
     # (a causal LM reads documents); unreadable metadata is load_quantized's error, reported next.
     try:
-        kind = read_meta(Path(cfg.artifact)).kind
+        kind = _compressed_kind(cfg.artifact) if compressed else read_meta(Path(cfg.artifact)).kind
     except (ArtifactError, OSError):
         kind = "encoder"
     check_data(cfg.data, kind)
     ctx = RunContext.begin(cfg)
     timer, device = ctx.timer, ctx.device
     with timer("load"):
-        art = load_quantized(cfg.artifact, cfg.kernel, cfg.backend, device)
+        art = (load_compressed_tensors(cfg.artifact, device) if compressed
+               else load_quantized(cfg.artifact, cfg.kernel, cfg.backend, device))
     size = sum(f.stat().st_size for f in Path(cfg.artifact).iterdir() if f.is_file())
     ctx.use(LoadedModel(art.model, art.tokenizer, art.family, art.task, str(cfg.artifact), 0), calibration=False)
     prepared = ctx.data
@@ -59,7 +67,7 @@ def evaluate_artifact(cfg: EvaluateConfig) -> dict:
 
     reference, ref_model = None, None
     if cfg.compare:
-        reference = cfg.reference or art.meta.source
+        reference = cfg.reference or art.source
         if not reference:
             raise ValueError(
                 f"{cfg.artifact} does not record the model it was quantized from: pass reference=<full-precision model "
@@ -84,7 +92,8 @@ def evaluate_artifact(cfg: EvaluateConfig) -> dict:
         "kernel": cfg.kernel,
         "backend": next((m.backend for m in art.model.modules() if isinstance(m, Int8Linear)), None),
         "kind": art.task.kind,
-        "quant": art.meta.to_json()["quant"],
+        "format": "compressed-tensors" if compressed else "mrem",
+        "quant": art.quant,
         "artifact_bytes": size,
         "reference": reference,
         "data": prepared.description,
@@ -97,6 +106,17 @@ def evaluate_artifact(cfg: EvaluateConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def _compressed_kind(path: str) -> str:
+    """The task of a compressed-tensors folder: as recorded beside it, else from its architecture."""
+    from mrem_dist.artifact.compressed_tensors import PROVENANCE
+    from mrem_dist.models.loading import auto_kind, load_config
+
+    recorded = Path(path) / PROVENANCE
+    if recorded.is_file():
+        return json.loads(recorded.read_text())["kind"]
+    return auto_kind(load_config(path), "auto")
 
 
 register_configs()

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from mrem_dist.config import RECONSTRUCTION_METHODS, ConfigError, RunConfig
+from mrem_dist.config import EXPORT_DIRS, RECONSTRUCTION_METHODS, ConfigError, RunConfig, export_formats
 
 
 class InputError(ConfigError):
@@ -91,19 +91,22 @@ def _check_writable(folder: Path, what: str) -> None:
         raise InputError(f"{what}={folder} cannot be written ({probe} is not writable): point it somewhere writable")
 
 
-def check_outputs(run_dir: Path, checkpoint_dir: Optional[str], needed_bytes: int) -> None:
-    """The run directory (no finished model in it; what a killed export left is removed), the
-    checkpoint folder, and the free space for the model folder."""
+def check_outputs(run_dir: Path, checkpoint_dir: Optional[str], needed_bytes: int,
+                  outputs: tuple[str, ...] = ("model",)) -> None:
+    """The run directory (none of the `outputs` folders in it yet; what a killed export left is
+    removed), the checkpoint folder, and the free space for the exported folders."""
     from mrem_dist.io import clean_stale_temporaries
 
     run_dir = Path(run_dir)
     # A killed export leaves .model.<pid>.*.tmp in its own run directory: the next run (here or in a
     # sibling run directory of the same day) removes it.
     for folder in [run_dir, *(run_dir.parent.glob("*/") if run_dir.parent.is_dir() else [])]:
-        clean_stale_temporaries(folder / "model")
-    if (run_dir / "model").exists():
-        raise InputError(f"{run_dir / 'model'} already exists: this run directory holds a finished run; choose a "
-                         "new run_dir (the default is a new timestamped one) or move the old artifact away")
+        for name in outputs:
+            clean_stale_temporaries(folder / name)
+    for name in outputs:
+        if (run_dir / name).exists():
+            raise InputError(f"{run_dir / name} already exists: this run directory holds a finished run; choose a "
+                             "new run_dir (the default is a new timestamped one) or move the old artifact away")
     _check_writable(run_dir, "run_dir")
     if checkpoint_dir:
         _check_writable(Path(checkpoint_dir), "checkpoint.dir")
@@ -130,9 +133,16 @@ def preflight(cfg: RunConfig) -> None:
     from mrem_dist.inputs import load_splits, load_texts
 
     model, family, kind = _skeleton(cfg)
+    formats = export_formats(cfg.export)
+    if "compressed-tensors" in formats:
+        from mrem_dist.artifact.compressed_tensors import unsupported
+
+        problems = unsupported(cfg.quant, family.name)
+        if problems:
+            raise InputError("export.format=compressed-tensors cannot express this run's model: " + "; ".join(problems))
     _check_shapes(cfg, model, family, kind)
     _checked(f"data={cfg.data.name}", load_texts if kind == "causal_lm" else load_splits, cfg.data)
-    # An upper bound of the artifact: every parameter at 32 bits (it is 4-8x smaller), plus the report.
-    needed = 4 * sum(p.numel() for p in model.parameters()) + 10**7 if cfg.export else 10**7
+    # An upper bound of each export: every parameter at 32 bits (they are 4-8x smaller), plus the report.
+    needed = 4 * sum(p.numel() for p in model.parameters()) * len(formats) + 10**7
     checkpoints = cfg.checkpoint.dir if cfg.method.name in RECONSTRUCTION_METHODS else None
-    check_outputs(Path(cfg.run_dir), checkpoints, needed)
+    check_outputs(Path(cfg.run_dir), checkpoints, needed, tuple(EXPORT_DIRS[f] for f in formats) or ("model",))

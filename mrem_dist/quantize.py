@@ -51,6 +51,7 @@ def act_quantizer(scheme: QuantScheme, name: str, learnable: bool = True) -> Act
         clip=scheme.a_clip,
         learnable=learnable,
         name=name,
+        full_range=scheme.a_full_range,
     )
 
 

@@ -40,5 +40,10 @@ class QuantScheme:
     ocs_quant_aware: bool = True
     a_mode: str = "static"
     a_symmetric: bool = True
+    # Symmetric activation grid: false = restricted codes [-(2^(b-1)-1), 2^(b-1)-1] with step
+    # max|x| / (2^(b-1)-1) (ZeroQuant, vLLM's int8 kernels); true = all 2^b codes [-2^(b-1), 2^(b-1)-1]
+    # with step max|x| / ((2^b-1)/2), the grid of compressed-tensors, which transformers runs on a
+    # compressed-tensors folder (export.format=compressed-tensors needs it). Not w_full_range's step.
+    a_full_range: bool = False
     a_clip: str = "minmax"
     e_granularity: str = "row"

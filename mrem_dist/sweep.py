@@ -48,7 +48,8 @@ def _job_row(job_dir: Path) -> dict:
         "reconstruct_s": r["timings_s"].get("reconstruct"), "total_s": r["timings_s"].get("total"),
         "ranks": r.get("reconstruction", {}).get("world_size", 1),
         "peak_rss_gb": r.get("peak_memory_gb", {}).get("rss"),
-        "artifact_ratio": r.get("artifact", {}).get("ratio_to_fp32"),
+        # The first format the job exported (the mrem artifact unless export.format put another first).
+        "artifact_ratio": next(iter(r.get("artifacts", {}).values()), {}).get("ratio_to_fp32"),
     }
 
 

@@ -65,7 +65,7 @@ def state_hash(state: dict[str, torch.Tensor]) -> str:
 def _overrides(model_dir: str, data: tuple, name: str) -> list[str]:
     if name.startswith("cls_"):
         model_dir = model_dir.replace("tiny_bert_enc", "tiny_bert_cls")
-    return [f"model.path={model_dir}", "threads=1", "checkpoint.dir=null", "export=false", *_small_data(*data),
+    return [f"model.path={model_dir}", "threads=1", "checkpoint.dir=null", "export.enabled=false", *_small_data(*data),
             *RUNS[name]]
 
 

@@ -160,7 +160,7 @@ def test_a_failed_export_keeps_the_report(tmp_path, monkeypatch, tiny_encoder_di
     with pytest.raises(OSError, match="No space left"):
         run(cfg)
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert report["validation"]["passed"] and "No space left on device" in report["artifact"]["error"]
+    assert report["validation"]["passed"] and "No space left on device" in report["artifacts"]["mrem"]["error"]
 
 
 def test_reports_are_as_readable_as_the_artifact(tmp_path, tiny_encoder_dir, sst_like_csv):

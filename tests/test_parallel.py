@@ -99,7 +99,7 @@ def test_two_ranks_train_at_once_and_equal_one_process(tmp_path, tiny_encoder_di
     b = _batches(1)[0]
     with torch.no_grad():
         torch.testing.assert_close(run_batch(art.model, art.family, b), run_batch(reference, art.family, b))
-    assert report["artifact"]["ratio_to_fp32"] < 0.5
+    assert report["artifacts"]["mrem"]["ratio_to_fp32"] < 0.5
 
 
 def test_lam_one_on_three_ranks_equals_sequential_lkd(tmp_path, tiny_encoder_dir, sst_like_csv):

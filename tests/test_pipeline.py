@@ -223,7 +223,7 @@ def test_builtin_default_on_the_real_minilm(tmp_path):
     from mrem_dist.scoring import run_batch
 
     art_dir = tmp_path / "model"
-    assert 0.2 < report["artifact"]["ratio_to_fp32"] < 0.3 and oct(art_dir.stat().st_mode)[-3:] != "700"
+    assert 0.2 < report["artifacts"]["mrem"]["ratio_to_fp32"] < 0.3 and oct(art_dir.stat().st_mode)[-3:] != "700"
     art = mrem_dist.load_quantized(art_dir)
     enc = art.tokenizer(["a sentence to embed", "and one more"], return_tensors="pt", padding=True)
     from mrem_dist.data import Batch

@@ -52,7 +52,7 @@ def _quantized_modules(model: nn.Module):
             yield name, module
 
 
-def _untied_state(model: nn.Module) -> tuple[dict, dict[str, str]]:
+def untied_state(model: nn.Module) -> tuple[dict, dict[str, str]]:
     """The state to store, each tensor once: a tensor under several names (tied weights) is kept
     under its first name; the others are returned as {alias: kept name}, re-tied on load."""
     state, first, tied = {}, {}, {}
@@ -86,7 +86,7 @@ def export_quantized(
     from safetensors.torch import save_file
 
     path = Path(path)
-    state, tied = _untied_state(model)
+    state, tied = untied_state(model)
     modules = {}
     for name, module in _quantized_modules(model):
         wq = module.weight_quantizer
@@ -116,6 +116,15 @@ class QuantizedArtifact:
     family: ModelFamily
     task: Task
     meta: ArtifactMeta
+
+    @property
+    def source(self) -> str | None:
+        """The full-precision model it was quantized from (what mrem_dist.evaluate compares against)."""
+        return self.meta.source
+
+    @property
+    def quant(self) -> dict:
+        return self.meta.to_json()["quant"]
 
 
 @torch.no_grad()

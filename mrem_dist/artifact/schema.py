@@ -2,11 +2,12 @@
 independent of the Hydra config classes (renaming a config field cannot change what an artifact
 means; a change of this schema is a new VERSION, with a reader for the old one).
 
-Version 3 (version 2 plus the scheme's w_group_size; versions 1 and 2 still load, as
-w_group_size=0: they predate groups of input columns):
+Version 4 (version 3 plus the scheme's a_full_range; version 3 plus w_group_size was version 2.
+Versions 1-3 still load, as a_full_range=false and, before 3, w_group_size=0: they predate the
+full activation grid and groups of input columns):
 
     format      "mrem-dist-quantized"
-    version     3
+    version     4
     kind        the task: "encoder" (bare backbone) or "classifier" (sequence classification)
     model_type  config.json's model_type
     source      the full-precision model it was quantized from (what `mrem_dist.evaluate`
@@ -38,15 +39,18 @@ from mrem_dist.scheme import QuantScheme
 log = get_logger(__name__)
 
 FORMAT = "mrem-dist-quantized"
-VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 META = "quantization.json"
 MANIFEST = "manifest.json"
 # The scheme's fields as versions 1 and 2 store them (the names are the schema's, whatever the dataclass's).
 SCHEME_FIELDS_V2 = ("name", "w_bits", "e_bits", "a_bits", "w_symmetric", "w_full_range", "w_granularity", "w_groups",
                     "w_clip", "aciq_prior", "ternary", "ocs_ratio", "ocs_quant_aware", "a_mode", "a_symmetric", "a_clip",
                     "e_granularity")
-SCHEME_FIELDS = SCHEME_FIELDS_V2 + ("w_group_size",)
+SCHEME_FIELDS_V3 = SCHEME_FIELDS_V2 + ("w_group_size",)
+SCHEME_FIELDS = SCHEME_FIELDS_V3 + ("a_full_range",)
+# The scheme fields of each readable version (a field a version lacks takes its default).
+FIELDS_OF_VERSION = {1: SCHEME_FIELDS_V2, 2: SCHEME_FIELDS_V2, 3: SCHEME_FIELDS_V3, 4: SCHEME_FIELDS}
 
 
 class ArtifactError(ValueError):
@@ -111,7 +115,7 @@ class ArtifactMeta:
             )
         try:
             quant = d["quant"]
-            fields = SCHEME_FIELDS if d["version"] >= 3 else SCHEME_FIELDS_V2
+            fields = FIELDS_OF_VERSION[d["version"]]
             unknown = sorted(set(quant) - set(fields))
             missing = sorted(set(fields) - set(quant))
             if unknown or missing:

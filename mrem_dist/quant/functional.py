@@ -13,7 +13,8 @@ import numbers
 import torch
 from torch import Tensor
 
-__all__ = ["check_bits", "qrange", "round_ste", "fake_quant", "quantize_codes", "dequantize", "tokenwise_scale"]
+__all__ = ["check_bits", "qrange", "round_ste", "fake_quant", "quantize_codes", "dequantize", "symmetric_levels",
+           "tokenwise_scale"]
 
 
 def check_bits(bits: int, name: str = "bits") -> None:
@@ -96,10 +97,18 @@ def dequantize(codes: Tensor, scale: Tensor, zero_point: Tensor | None) -> Tenso
     return q * scale
 
 
-def tokenwise_scale(x: Tensor, bits: int) -> Tensor:
-    """Symmetric per-token scale amax(|x|, dim=-1, keepdim=True) / qmax.
+def symmetric_levels(bits: int, full_range: bool = False) -> float:
+    """What max|x| is divided by to give a symmetric activation step: qmax = 2^(b-1)-1 on the
+    restricted grid; (2^b - 1) / 2 (127.5 at 8 bits) on the full grid, compressed-tensors' choice
+    (max|x| lands half a step beyond +qmax and is clipped; -max|x| rounds to -2^(b-1))."""
+    qmin, qmax = qrange(bits, True, full_range)
+    return (qmax - qmin) / 2 if full_range else float(qmax)
+
+
+def tokenwise_scale(x: Tensor, bits: int, full_range: bool = False) -> Tensor:
+    """Symmetric per-token scale amax(|x|, dim=-1, keepdim=True) / symmetric_levels(bits, full_range).
 
     Floored at the dtype's smallest normal number so that an all-zero token (e.g. padding)
     gets a positive scale instead of 0 (x/0 would be NaN); any positive scale codes 0 as 0."""
-    qmax = qrange(bits, True)[1]
-    return (x.abs().amax(dim=-1, keepdim=True) / qmax).clamp_min(torch.finfo(x.dtype).tiny)
+    levels = symmetric_levels(bits, full_range)
+    return (x.abs().amax(dim=-1, keepdim=True) / levels).clamp_min(torch.finfo(x.dtype).tiny)

@@ -104,7 +104,7 @@ class Int8Linear(nn.Module):
             )
         self.in_features, self.out_features = in_features, codes.shape[0]
         self.backend, self.name = backend, name
-        self.act_mode, self.act_bits = act.mode, act.bits
+        self.act_mode, self.act_bits, self.act_full_range = act.mode, act.bits, act.full_range
         self.qmin, self.qmax = act.qmin, act.qmax
         self.act_scale = float(act.scale) if act.mode == "static" else None
         self.act_zero_point = int(act.zero_point) if act.mode == "static" and act.zero_point is not None else 0
@@ -133,7 +133,7 @@ class Int8Linear(nn.Module):
         and the input step: a float for static, a [M, 1] tensor for token-wise dynamic."""
         x = x.float()
         if self.act_mode == "dynamic":
-            scale = tokenwise_scale(x, self.act_bits)
+            scale = tokenwise_scale(x, self.act_bits, self.act_full_range)
             return x.div(scale).round_().clamp_(self.qmin, self.qmax), scale
         q = x.div(self.act_scale).round_()
         if self.act_zero_point:

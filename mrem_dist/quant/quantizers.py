@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .clipping import SCALE_EPS, check_clip, clip_range, scale_zero_point
-from .functional import check_bits, fake_quant, qrange, quantize_codes, tokenwise_scale
+from .functional import check_bits, fake_quant, qrange, quantize_codes, symmetric_levels, tokenwise_scale
 
 __all__ = [
     "GRANULARITIES", "ACT_MODES", "SAMPLE_SIZE", "group_view", "expand_to_rows", "WeightQuantizer", "ActQuantizer",
@@ -272,6 +272,8 @@ class ActQuantizer(nn.Module):
     static:  one per-tensor scale from calibration: `start_observing()`, forward batches (passed
              through unchanged, running min/max recorded, plus a bounded seeded subsample for
              clip aciq/mse), then `stop_observing()` computes and freezes scale / zero point.
+    full_range (symmetric only): all 2^b codes, step max|x| / ((2^b-1)/2), compressed-tensors' grid
+             (functional.symmetric_levels); otherwise the restricted grid, step max|x| / (2^(b-1)-1).
     """
 
     scale: Tensor
@@ -287,6 +289,7 @@ class ActQuantizer(nn.Module):
         learnable: bool = True,
         prior: str = "laplace",
         name: str = "",
+        full_range: bool = False,
     ) -> None:
         super().__init__()
         check_bits(bits)
@@ -294,10 +297,13 @@ class ActQuantizer(nn.Module):
             raise ValueError(f"mode={mode!r} is not one of {', '.join(ACT_MODES)}: pick one of them")
         if mode == "dynamic" and not symmetric:
             raise ValueError("mode='dynamic' (token-wise) is symmetric only: set symmetric=True or mode='static'")
+        if full_range and not symmetric:
+            raise ValueError("full_range widens a symmetric grid to all 2^bits codes; an asymmetric grid already uses "
+                             "them: set full_range=False")
         check_clip(clip, prior)
-        self.bits, self.mode, self.symmetric = bits, mode, symmetric
+        self.bits, self.mode, self.symmetric, self.full_range = bits, mode, symmetric, bool(full_range)
         self.clip, self.prior, self.learnable, self.name = clip, prior, learnable, name
-        self.qmin, self.qmax = qrange(bits, symmetric)
+        self.qmin, self.qmax = qrange(bits, symmetric, self.full_range)
         if mode == "static":
             # Fixed shapes from the constructor, so load_state_dict works on a fresh quantizer.
             scale = torch.ones(1)
@@ -365,7 +371,10 @@ class ActQuantizer(nn.Module):
             # The true extremes join the subsample so aciq's cap and mse's grid use the real range.
             values = torch.cat([self._sample, extremes])
         lo, hi = clip_range(values.reshape(1, -1), self.bits, self.symmetric, self.clip, self.prior)
-        scale, zero_point = scale_zero_point(lo, hi, self.bits, self.symmetric)
+        if self.full_range:
+            scale, zero_point = (torch.maximum(hi, -lo) / symmetric_levels(self.bits, True)).clamp_min(SCALE_EPS), None
+        else:
+            scale, zero_point = scale_zero_point(lo, hi, self.bits, self.symmetric)
         self.scale.copy_(scale.reshape(1))
         if self.zero_point is not None:
             self.zero_point.copy_(zero_point.reshape(1))
@@ -407,7 +416,7 @@ class ActQuantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.mode == "dynamic":
             # The per-token scale is a statistic of x, not a learned quantity: no gradient through it.
-            scale = tokenwise_scale(x.detach().float(), self.bits)
+            scale = tokenwise_scale(x.detach().float(), self.bits, self.full_range)
             return fake_quant(x, scale, None, self.qmin, self.qmax).to(x.dtype)
         if self._observing:
             self._observe(x)
@@ -430,4 +439,5 @@ class ActQuantizer(nn.Module):
     def extra_repr(self) -> str:
         name = f"name={self.name!r}, " if self.name else ""
         clip = "" if self.mode == "dynamic" else f", clip={self.clip}, calibrated={self._is_calibrated}"
-        return f"{name}bits={self.bits}, mode={self.mode}, symmetric={self.symmetric}{clip}, learnable={self.learnable}"
+        full = ", full_range=True" if self.full_range else ""
+        return f"{name}bits={self.bits}, mode={self.mode}, symmetric={self.symmetric}{full}{clip}, learnable={self.learnable}"

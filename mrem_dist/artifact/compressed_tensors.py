@@ -1,0 +1,305 @@
+"""The quantized model as a compressed-tensors folder: what vLLM serves and what `transformers`
+loads with `from_pretrained` (with the `compressed-tensors` package installed), no mrem-dist code.
+
+The integer codes written are the ones mrem-dist trained and evaluated, packed here from the
+codes themselves (not re-quantized from dequantized weights); learned step sizes are the scales.
+Layout of compressed-tensors (its `pack-quantized` and `int-quantized` formats), per quantized Linear
+`<name>`:
+
+    <name>.weight_packed     int32 [out, ceil(in*b/32)]: codes shifted to unsigned (c + 2^(b-1)),
+                             each run of 32 codes of a row filling b words densely, code i at bit i*b
+                             (3-bit codes straddle words); `int-quantized` (8-bit weights with
+                             activations) stores int8 codes as <name>.weight instead
+    <name>.weight_scale      [1] tensor, [out, 1] channel, [out, in/group_size] group
+    <name>.weight_zero_point asymmetric only: the zero point in the signed grid (zp - 2^(b-1)), int32
+                             packed the same way along the output dimension (int8 [1] per tensor)
+    <name>.weight_shape      int64 [2]
+    <name>.input_scale / .input_zero_point   static activations (dynamic ones are computed per token)
+
+and config.json's `quantization_config` (quant_method compressed-tensors, format, one config group
+targeting `Linear`, an `ignore` list of every Linear kept in full precision). A signed grid is
+[-2^(b-1), 2^(b-1)-1] there, mrem-dist's asymmetric grid [0, 2^b-1]: the shift by 2^(b-1) maps one
+onto the other exactly, so the folder dequantizes to the same weights bit for bit.
+
+What the format cannot express is refused by name (`unsupported`), never approximated: OCS's split
+columns, PreQuant's full-precision outlier columns, quantized word embeddings, ZeroQuant's groups of
+output rows, GPT-2's Conv1D projections (the format targets nn.Linear), and activations on mrem-dist's
+restricted symmetric grid (the format's is all 2^b codes: quant.a_full_range=true).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mrem_dist.io import atomic_dir
+from mrem_dist.quant import QuantEmbedding, QuantLinear
+from mrem_dist.scheme import QuantScheme
+
+from .schema import ArtifactError, sha256_file
+
+FORMAT = "compressed-tensors"
+TENSORS = "model.safetensors"
+# Provenance beside the folder (transformers ignores it): what `mrem_dist.evaluate` compares against.
+PROVENANCE = "mrem_dist.json"
+# The compressed-tensors release the folder was written for and tested with (pyproject's pin).
+CT_VERSION = "0.20.1"
+# mrem-dist granularity -> the format's strategy.
+STRATEGIES = {"tensor": "tensor", "row": "channel", "input_group": "group"}
+
+
+def unsupported(scheme: QuantScheme, family: str = "", outliers: bool = False) -> list[str]:
+    """Why `scheme` on this family cannot be written as compressed-tensors (empty: it can). Checked
+    before any work (preflight) and again on the model itself at export."""
+    why = []
+    if scheme.ocs_ratio:
+        why.append(f"OCS split columns (quant.ocs_ratio={scheme.ocs_ratio}) add input columns the format has no "
+                   "field for: set quant.ocs_ratio=0")
+    if scheme.e_bits is not None:
+        why.append(f"quantized word embeddings (quant.e_bits={scheme.e_bits}): the format quantizes Linear layers "
+                   "here; set quant.e_bits=null")
+    if scheme.w_granularity not in STRATEGIES:
+        why.append(f"ZeroQuant's groups of output rows (quant.w_granularity={scheme.w_granularity}) have no "
+                   "compressed-tensors strategy: use row, tensor or input_group (quant.w_group_size)")
+    if scheme.a_bits is not None and scheme.a_symmetric and not scheme.a_full_range:
+        why.append("activations on the restricted symmetric grid (quant.a_full_range=false, codes from "
+                   f"-{2 ** (scheme.a_bits - 1) - 1}): compressed-tensors quantizes activations on all 2^b codes; "
+                   "set quant.a_full_range=true")
+    if family == "gpt2":
+        why.append("GPT-2's Conv1D projections: transformers builds GPT-2 with Conv1D, which compressed-tensors "
+                   "does not quantize (it targets nn.Linear); export the mrem format for GPT-2")
+    if outliers:
+        why.append("PreQuant's full-precision outlier columns have no compressed-tensors field: export the mrem format")
+    return why
+
+
+def pack_int32(codes: Tensor, bits: int) -> Tensor:
+    """Pack signed `bits`-bit codes [rows, cols] along the columns into int32 [rows, ceil(cols*bits/32)]:
+    each code shifted by 2^(bits-1) to unsigned, code i of every run of 32 at bit i*bits of the run's
+    `bits` words (the last run zero-padded), the compressed-tensors layout."""
+    rows, cols = codes.shape
+    unsigned = (codes.to(torch.int64) + (1 << (bits - 1))).contiguous()
+    if unsigned.numel() and (int(unsigned.min()) < 0 or int(unsigned.max()) >= 1 << bits):
+        raise ValueError(f"codes span [{int(codes.min())}, {int(codes.max())}], outside the signed {bits}-bit grid")
+    runs = math.ceil(cols / 32)
+    padded = torch.zeros(rows, runs * 32, dtype=torch.int64)
+    padded[:, :cols] = unsigned
+    # Each run of 32 codes is one (32*bits)-bit integer, built up as `bits` 32-bit words: code i
+    # contributes bits [i*bits, (i+1)*bits), split across two words when it straddles a boundary.
+    words = torch.zeros(rows, runs, bits, dtype=torch.int64)
+    values = padded.view(rows, runs, 32)
+    for i in range(32):
+        start = i * bits
+        word, offset = divmod(start, 32)
+        words[:, :, word] |= (values[:, :, i] << offset) & 0xFFFFFFFF
+        if offset + bits > 32:
+            words[:, :, word + 1] |= values[:, :, i] >> (32 - offset)
+    # Reinterpret the low 32 bits as signed int32 (the stored dtype).
+    signed = torch.where(words >= 1 << 31, words - (1 << 32), words)
+    return signed.reshape(rows, runs * bits)[:, :math.ceil(cols * bits / 32)].to(torch.int32).contiguous()
+
+
+def _args(bits: int, symmetric: bool, strategy: str, group_size: int | None, dynamic: bool) -> dict:
+    return {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": strategy,
+            "group_size": group_size, "dynamic": dynamic, "actorder": None, "observer": None if dynamic else "minmax",
+            "observer_kwargs": {}}
+
+
+def _linear_tensors(name: str, module: QuantLinear, dense_8bit: bool, dtype: torch.dtype) -> tuple[dict, dict]:
+    """The folder's tensors of one QuantLinear and its (weights, input_activations) arguments."""
+    wq = module.weight_quantizer
+    if module.in_index is not None or module.outlier_index is not None:
+        raise ArtifactError(f"{name} has OCS split or PreQuant outlier columns: compressed-tensors cannot express "
+                            "them; export the mrem format")
+    out_f, in_f = module.weight.shape
+    strategy = STRATEGIES.get(wq.granularity)
+    if strategy is None:
+        raise ArtifactError(f"{name}: granularity {wq.granularity!r} has no compressed-tensors strategy")
+    offset = 1 << (wq.bits - 1)
+    codes = wq.codes(module.weight)  # [out, in], the trained grid's codes
+    signed = codes if wq.symmetric else codes - offset
+    scale, zp = wq.dequant_params()
+    per_row = {"tensor": 1, "channel": 1, "group": in_f // max(wq.group_size, 1)}[strategy]
+    shape = (1,) if strategy == "tensor" else (out_f, per_row)
+    t = {f"{name}.weight_scale": scale.float().reshape(shape).clone(),
+         f"{name}.weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64)}
+    if dense_8bit:
+        t[f"{name}.weight"] = signed.to(torch.int8)
+    else:
+        t[f"{name}.weight_packed"] = pack_int32(signed, wq.bits)
+    if not wq.symmetric:
+        zsigned = (zp.reshape(shape) - offset).round().to(torch.int64)
+        t[f"{name}.weight_zero_point"] = (zsigned.to(torch.int8) if strategy == "tensor" or dense_8bit
+                                          else pack_int32(zsigned.t(), wq.bits).t().contiguous())
+    if module.bias is not None:
+        t[f"{name}.bias"] = module.bias.detach().to(dtype).clone()
+    weights = _args(wq.bits, wq.symmetric, strategy, wq.group_size if strategy == "group" else None, False)
+    aq, acts = module.act_quantizer, None
+    if aq is not None:
+        if aq.symmetric and not aq.full_range:
+            raise ArtifactError(f"{name}: activations on the restricted symmetric grid cannot be expressed in "
+                                "compressed-tensors: quantize with quant.a_full_range=true")
+        dynamic = aq.mode == "dynamic"
+        acts = _args(aq.bits, aq.symmetric, "token" if dynamic else "tensor", None, dynamic)
+        if not dynamic:
+            t[f"{name}.input_scale"] = aq.scale.detach().float().reshape(1).clone()
+            if not aq.symmetric:
+                t[f"{name}.input_zero_point"] = (aq.zero_point.reshape(1) - (1 << (aq.bits - 1))).round().to(torch.int8)
+    return t, {"weights": weights, "input_activations": acts}
+
+
+def _ignored_linears(model: nn.Module, config: Any, quantized: dict) -> list[str]:
+    """Every Linear a loader builds from `config` that is not quantized (the LM head, a classifier, a
+    pooler the exported encoder left out): without an ignore entry the `Linear` target would quantize it."""
+    with torch.device("meta"):
+        skeleton = type(model)._from_config(config)
+    return [n for n, m in skeleton.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
+
+
+def quantization_config(groups: list[dict], ignore: list[str], fmt: str) -> dict:
+    """config.json's `quantization_config`: one config group per distinct scheme (all Linears
+    share one in an mrem-dist model), targeting `Linear`."""
+    return {
+        "quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
+        "config_groups": {f"group_{i}": {"targets": ["Linear"], **g, "output_activations": None, "format": fmt}
+                          for i, g in enumerate(groups)},
+        "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None, "version": CT_VERSION,
+    }
+
+
+@torch.no_grad()
+def export_compressed_tensors(model: nn.Module, tokenizer: Any, scheme: QuantScheme, kind: str, family: str,
+                              path: str | os.PathLike, source: str | None = None) -> dict:
+    """Write `model` (fake-quantized, mrem-dist modules inside) as a compressed-tensors folder at
+    `path` (written under a temporary name, renamed at the end). Returns what the report records."""
+    from safetensors.torch import save_file
+
+    from .export import untied_state
+
+    problems = unsupported(scheme, family)
+    if any(isinstance(m, QuantEmbedding) and m.weight_quantizer is not None for m in model.modules()):
+        problems.append("quantized word embeddings: set quant.e_bits=null")
+    if problems:
+        raise ArtifactError("cannot export compressed-tensors: " + "; ".join(problems))
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.weight_quantizer is not None}
+    if not quantized:
+        raise ArtifactError("the model has no quantized Linear layers: nothing to export as compressed-tensors")
+    # The dtype the model runs in (its unquantized parameters'): QuantLinear keeps float32 latent biases.
+    dtype = next((p.dtype for n, p in model.named_parameters()
+                  if not any(n.startswith(q + ".") for q in quantized)), torch.float32)
+    dense_8bit = scheme.w_bits == 8 and scheme.a_bits is not None
+    fmt = "int-quantized" if dense_8bit else "pack-quantized"
+    state, tied = untied_state(model)
+    tensors: dict[str, Tensor] = {}
+    groups: list[dict] = []
+    for key, value in state.items():
+        if not any(key.startswith(n + ".") for n in quantized):
+            tensors[key] = value
+    for name, module in quantized.items():
+        t, args = _linear_tensors(name, module, dense_8bit, dtype)
+        tensors.update(t)
+        if args not in groups:
+            groups.append(args)
+    if len(groups) > 1:
+        raise ArtifactError(f"the quantized Linears use {len(groups)} different schemes: one scheme per model is "
+                            "exported as compressed-tensors")
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    config.quantization_config = quantization_config(groups, _ignored_linears(model, config, quantized), fmt)
+    path = Path(path)
+    with atomic_dir(path, "directory for the compressed-tensors export") as tmp:
+        save_file(tensors, str(tmp / TENSORS), metadata={"format": "pt"})
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        provenance = {"format": FORMAT, "kind": kind, "source": source, "quant": dataclasses.asdict(scheme),
+                      "tied": tied, "sha256": {TENSORS: sha256_file(tmp / TENSORS)}}
+        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=1) + "\n")
+    return {"path": str(path), "format": fmt, "bytes": (path / TENSORS).stat().st_size}
+
+
+@dataclass
+class CompressedTensorsFolder:
+    """A compressed-tensors folder loaded by transformers (no mrem-dist module inside), with what
+    `mrem_dist.evaluate` needs beside it; the fields `mrem_dist.evaluate` reads match QuantizedArtifact's."""
+
+    model: nn.Module
+    tokenizer: Any
+    family: Any
+    task: Any
+    source: str | None
+    quant: dict
+
+
+def read_quantization_config(path: str | os.PathLike) -> dict | None:
+    """config.json's compressed-tensors `quantization_config` of the folder `path`, or None when the
+    folder is not a compressed-tensors export."""
+    config_file = Path(path) / "config.json"
+    try:
+        q = json.loads(config_file.read_text()).get("quantization_config")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return q if isinstance(q, dict) and q.get("quant_method") == FORMAT else None
+
+
+def load_kwargs(qconfig: dict) -> dict:
+    """from_pretrained's arguments that give back exactly the exported model. transformers 5.24 with
+    compressed-tensors 0.20.1 builds the packed zero points of asymmetric group/channel weights at
+    their unpacked shape and refuses the folder (the llm-compressor#1618 family of bugs; vLLM reads
+    the packed layout): such weights are dequantized while loading, which is exact for weight-only
+    schemes; activation quantization needs the quantized modules, so that combination is refused."""
+    from transformers import CompressedTensorsConfig
+
+    groups = list(qconfig.get("config_groups", {}).values())
+    asymmetric = any(g.get("weights") and not g["weights"].get("symmetric", True)
+                     and g["weights"].get("strategy") in ("group", "channel") for g in groups)
+    if not asymmetric:
+        return {}
+    if any(g.get("input_activations") for g in groups):
+        raise ArtifactError("transformers cannot load compressed-tensors asymmetric per-channel/group weights with "
+                            "quantized activations (its loader mis-shapes the packed zero points); vLLM can. Score the "
+                            "mrem artifact of the run instead (export.format=[mrem,compressed-tensors])")
+    return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+
+
+def load_compressed_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> CompressedTensorsFolder:
+    """Load a compressed-tensors folder with transformers alone (the way a user of the folder
+    does), as the task recorded beside it (or read from its architecture)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from mrem_dist.models.families import family_for
+    from mrem_dist.models.loading import auto_kind
+    from mrem_dist.models.tasks import task_for
+
+    path = Path(path)
+    qconfig = read_quantization_config(path)
+    if qconfig is None:
+        raise ArtifactError(f"{path} is not a compressed-tensors folder (config.json has no compressed-tensors "
+                            "quantization_config)")
+    if importlib.util.find_spec("compressed_tensors") is None:  # transformers needs it to read the folder
+        raise ArtifactError(f"{path} is a compressed-tensors folder: install compressed-tensors=={CT_VERSION} "
+                            "(pip install 'mrem-dist[export]') to load it")
+    provenance = {}
+    if (path / PROVENANCE).is_file():
+        provenance = json.loads((path / PROVENANCE).read_text())
+        expected = provenance.get("sha256", {}).get(TENSORS)
+        if expected and sha256_file(path / TENSORS) != expected:
+            raise ArtifactError(f"{path / TENSORS}: checksum mismatch with {PROVENANCE} (the file is truncated or was "
+                                "modified after export): re-export the model")
+    config = AutoConfig.from_pretrained(str(path))
+    family = family_for(config.model_type)
+    task = task_for(provenance.get("kind") or auto_kind(config, "auto"), int(config.num_labels))
+    model = task.auto_class().from_pretrained(str(path), **load_kwargs(qconfig)).eval().requires_grad_(False).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return CompressedTensorsFolder(model, tokenizer, family, task, provenance.get("source"),
+                                   {"format": qconfig.get("format"), "config_groups": qconfig.get("config_groups"),
+                                    **({"mrem_dist": provenance["quant"]} if "quant" in provenance else {})})
