@@ -41,10 +41,10 @@ def compose_config(overrides: list[str], run_dir: str | Path) -> RunConfig:
 
 
 def launch(overrides: list[str], run_dir: Path, ranks: int = 1, threads: int = 0,
-           module: str = "mrem_dist") -> tuple[dict, float]:
-    """`python -m <module> <overrides>` (mrem_dist, or mrem_dist.finetune) in a subprocess (under
-    torchrun when ranks > 1), exactly as a user starts it; returns (report.json, wall seconds of
-    the whole job)."""
+           module: str = "mrem_dist", result: str = "report.json") -> tuple[dict, float]:
+    """`python -m <module> <overrides>` (mrem_dist, mrem_dist.finetune or mrem_dist.evaluate) in a
+    subprocess (under torchrun when ranks > 1), exactly as a user starts it; returns (the `result`
+    file it wrote: report.json, or evaluation.json for evaluate; wall seconds of the whole job)."""
     launcher = [sys.executable, "-m", module]
     if ranks > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
@@ -58,7 +58,7 @@ def launch(overrides: list[str], run_dir: Path, ranks: int = 1, threads: int = 0
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    return json.loads((Path(run_dir) / "report.json").read_text()), wall
+    return json.loads((Path(run_dir) / result).read_text()), wall
 
 
 def write_results(out: str | Path, script: str, header: str, rows: list[dict], table: list[str]) -> None:

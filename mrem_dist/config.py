@@ -150,8 +150,11 @@ class ExportConfig:
     both as a list (`export.format=[mrem,compressed-tensors]`); `export.enabled=false` writes none."""
 
     enabled: bool = True
-    # A format name or a list of them (EXPORT_FORMATS); `formats(cfg)` reads it as a tuple.
+    # A format name or a list of them (EXPORT_FORMATS); `export_formats` reads it as a tuple.
     format: Any = "mrem"
+    # compressed-tensors: the dtype of its unquantized tensors and scales (float16 / bfloat16, what a
+    # server runs in); null keeps the dtype the model was quantized and evaluated in, exactly.
+    dtype: Optional[str] = None
 
 
 def export_formats(e: ExportConfig) -> tuple[str, ...]:
@@ -446,6 +449,10 @@ def validate(cfg: RunConfig) -> RunConfig:
            "compressed-tensors, or both as a list) or set export.enabled=false")
     for f in formats:
         _check_choice("export.format", f, EXPORT_FORMATS)
+    if cfg.export.dtype is not None:
+        _check_choice("export.dtype", cfg.export.dtype, DTYPES)
+        _check("compressed-tensors" in formats, f"export.dtype={cfg.export.dtype} casts the compressed-tensors folder: "
+               "add compressed-tensors to export.format, or set export.dtype=null")
     if "compressed-tensors" in formats:
         from mrem_dist.artifact.compressed_tensors import unsupported
 

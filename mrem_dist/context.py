@@ -180,7 +180,7 @@ class RunContext:
             size = export_quantized(qmodel, loaded.tokenizer, self.scheme, kind, out, source=self.source)["bytes"]["model.safetensors"]
         else:
             size = export_compressed_tensors(qmodel, loaded.tokenizer, self.scheme, kind, loaded.family.name, out,
-                                             source=self.source)["bytes"]
+                                             source=self.source, dtype=self.cfg.export.dtype)["bytes"]
         n = loaded.num_parameters
         entry = {"path": str(out), "bytes": size, "fp32_parameter_bytes": 4 * n, "ratio_to_fp32": round(size / (4 * n), 4),
                  "ratio_to_fp16": round(size / (2 * n), 4)}

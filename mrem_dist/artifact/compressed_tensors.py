@@ -179,9 +179,12 @@ def quantization_config(groups: list[dict], ignore: list[str], fmt: str) -> dict
 
 @torch.no_grad()
 def export_compressed_tensors(model: nn.Module, tokenizer: Any, scheme: QuantScheme, kind: str, family: str,
-                              path: str | os.PathLike, source: str | None = None) -> dict:
+                              path: str | os.PathLike, source: str | None = None, dtype: str | None = None) -> dict:
     """Write `model` (fake-quantized, mrem-dist modules inside) as a compressed-tensors folder at
-    `path` (written under a temporary name, renamed at the end). Returns what the report records."""
+    `path` (written under a temporary name, renamed at the end). `dtype` (float16 / bfloat16): cast
+    the unquantized tensors and the scales to it (config.json's dtype too); None keeps the model's
+    own dtype, so that the folder computes exactly what mrem-dist evaluated. Returns what the report
+    records."""
     from safetensors.torch import save_file
 
     from .export import untied_state
@@ -195,8 +198,9 @@ def export_compressed_tensors(model: nn.Module, tokenizer: Any, scheme: QuantSch
     if not quantized:
         raise ArtifactError("the model has no quantized Linear layers: nothing to export as compressed-tensors")
     # The dtype the model runs in (its unquantized parameters'): QuantLinear keeps float32 latent biases.
-    dtype = next((p.dtype for n, p in model.named_parameters()
-                  if not any(n.startswith(q + ".") for q in quantized)), torch.float32)
+    runs_in = next((p.dtype for n, p in model.named_parameters()
+                    if not any(n.startswith(q + ".") for q in quantized)), torch.float32)
+    target = getattr(torch, dtype) if dtype else None
     dense_8bit = scheme.w_bits == 8 and scheme.a_bits is not None
     fmt = "int-quantized" if dense_8bit else "pack-quantized"
     state, tied = untied_state(model)
@@ -206,15 +210,19 @@ def export_compressed_tensors(model: nn.Module, tokenizer: Any, scheme: QuantSch
         if not any(key.startswith(n + ".") for n in quantized):
             tensors[key] = value
     for name, module in quantized.items():
-        t, args = _linear_tensors(name, module, dense_8bit, dtype)
+        t, args = _linear_tensors(name, module, dense_8bit, runs_in)
         tensors.update(t)
         if args not in groups:
             groups.append(args)
     if len(groups) > 1:
         raise ArtifactError(f"the quantized Linears use {len(groups)} different schemes: one scheme per model is "
                             "exported as compressed-tensors")
+    if target is not None:
+        tensors = {k: v.to(target) if v.is_floating_point() else v for k, v in tensors.items()}
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
+    if target is not None:
+        config.dtype = dtype
     config.quantization_config = quantization_config(groups, _ignored_linears(model, config, quantized), fmt)
     path = Path(path)
     with atomic_dir(path, "directory for the compressed-tensors export") as tmp:
@@ -299,6 +307,12 @@ def load_compressed_tensors(path: str | os.PathLike, device: str | torch.device 
     family = family_for(config.model_type)
     task = task_for(provenance.get("kind") or auto_kind(config, "auto"), int(config.num_labels))
     model = task.auto_class().from_pretrained(str(path), **load_kwargs(qconfig)).eval().requires_grad_(False).to(device)
+    # compressed-tensors decompresses the weights in a forward pre-hook of the whole model, on its
+    # first call; mrem-dist's scoring runs the model piece by piece (ModelFamily.forward), which would
+    # bypass the hook: one token through the whole model first, as a user's first call does.
+    with torch.no_grad():
+        one = torch.zeros(1, 1, dtype=torch.long, device=device)
+        model(input_ids=one, attention_mask=torch.ones_like(one))
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     return CompressedTensorsFolder(model, tokenizer, family, task, provenance.get("source"),
                                    {"format": qconfig.get("format"), "config_groups": qconfig.get("config_groups"),
