@@ -108,6 +108,17 @@ def test_unknown_version_is_refused(artifact):
         load_quantized(artifact)
 
 
+def test_a_version_3_artifact_loads_with_the_restricted_activation_grid(artifact):
+    # Version 3 predates quant.a_full_range: its activations were on the restricted grid.
+    meta = json.loads((artifact / "quantization.json").read_text())
+    assert meta["version"] == 4 and meta["quant"].pop("a_full_range") is False
+    meta["version"] = 3
+    (artifact / "quantization.json").write_text(json.dumps(meta))
+    _reseal(artifact)
+    art = load_quantized(artifact)
+    assert art.meta.version == 3 and art.meta.scheme.a_full_range is False
+
+
 def test_corrupt_metadata_and_missing_tokenizer_are_named(artifact):
     for f in [*artifact.glob("tokenizer*"), *artifact.glob("vocab*"), *artifact.glob("special_tokens*")]:
         f.unlink()

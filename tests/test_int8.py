@@ -11,8 +11,10 @@ import mrem_dist.quant.int8 as int8
 from mrem_dist.quant import ActQuantizer, QuantEmbedding, QuantLinear, WeightQuantizer, calibrating
 from mrem_dist.quant.int8 import Int8Embedding, Int8Linear, cpu_int8_code_limit, to_int8
 
-# (weight bits, symmetric weights, activation mode, symmetric activations, OCS ratio)
+# (weight bits, symmetric weights, activation mode, symmetric activations, OCS ratio[, full activation grid])
 CASES = {
+    "w4-dynamic-full-grid": (4, True, "dynamic", True, 0.0, True),
+    "w4-static-full-grid": (4, True, "static", True, 0.0, True),
     "w4-static": (4, True, "static", True, 0.0),
     "w4-dynamic": (4, True, "dynamic", True, 0.0),
     "w2-dynamic": (2, True, "dynamic", True, 0.0),
@@ -22,14 +24,12 @@ CASES = {
 }
 
 
-def _layer(w_bits, w_sym, a_mode, a_sym, ocs, in_features=90, out_features=37, seed=0):
+def _layer(w_bits, w_sym, a_mode, a_sym, ocs, full_range=False, in_features=90, out_features=37, seed=0):
     """A calibrated QuantLinear with odd sizes (K, N not multiples of 8) and moved-off-init params."""
     torch.manual_seed(seed)
     lin = nn.Linear(in_features, out_features)
-    m = nn.Sequential(
-        QuantLinear(lin, WeightQuantizer(w_bits, w_sym, learnable=False), ActQuantizer(8, a_mode, a_sym, learnable=False),
-                    ocs_ratio=ocs)
-    )
+    act = ActQuantizer(8, a_mode, a_sym, learnable=False, full_range=full_range)
+    m = nn.Sequential(QuantLinear(lin, WeightQuantizer(w_bits, w_sym, learnable=False), act, ocs_ratio=ocs))
     if a_mode == "static":
         with torch.no_grad(), calibrating(m):
             m(torch.randn(4, 16, in_features) * 2 + 0.3)

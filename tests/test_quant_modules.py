@@ -232,6 +232,23 @@ def test_dynamic_per_token_scales():
     assert torch.equal(x.grad, torch.ones_like(x))
 
 
+def test_the_full_activation_grid_is_compressed_tensors_one():
+    # Dynamic: step max|x| / 127.5 per token, codes -128..127 (-max|x| reaches -128).
+    q = ActQuantizer(8, mode="dynamic", full_range=True)
+    x = torch.randn(2, 3, 16)
+    x[0, 0, 0] = -x[0, 0].abs().max() - 1
+    scale = x.abs().amax(-1, keepdim=True) / 127.5
+    codes = torch.clamp(torch.round(x / scale), -128, 127)
+    assert torch.equal(q(x), codes * scale) and codes.min() == -128 and (q.qmin, q.qmax) == (-128, 127)
+    # Static: the calibrated step is max|x| / 127.5 as well.
+    s = ActQuantizer(8, full_range=True, learnable=False)
+    with torch.no_grad(), calibrating(nn.Sequential(s)):
+        s(x)
+    assert torch.equal(s.scale, (x.abs().max() / 127.5).reshape(1))
+    with pytest.raises(ValueError, match="asymmetric grid already uses"):
+        ActQuantizer(8, symmetric=False, full_range=True)
+
+
 def test_act_quantizer_state_dict_round_trip():
     for kwargs in ({}, {"symmetric": False, "learnable": False}):
         q = ActQuantizer(8, **kwargs)

@@ -13,7 +13,7 @@ Layout of compressed-tensors (its `pack-quantized` and `int-quantized` formats),
     <name>.weight_scale      [1] tensor, [out, 1] channel, [out, in/group_size] group
     <name>.weight_zero_point asymmetric only: the zero point in the signed grid (zp - 2^(b-1)), int32
                              packed the same way along the output dimension (int8 [1] per tensor)
-    <name>.weight_shape      int64 [2]
+    <name>.weight_shape      int64 [2] (pack-quantized)
     <name>.input_scale / .input_zero_point   static activations (dynamic ones are computed per token)
 
 and config.json's `quantization_config` (quant_method compressed-tensors, format, one config group
@@ -131,12 +131,12 @@ def _linear_tensors(name: str, module: QuantLinear, dense_8bit: bool, dtype: tor
     scale, zp = wq.dequant_params()
     per_row = {"tensor": 1, "channel": 1, "group": in_f // max(wq.group_size, 1)}[strategy]
     shape = (1,) if strategy == "tensor" else (out_f, per_row)
-    t = {f"{name}.weight_scale": scale.float().reshape(shape).clone(),
-         f"{name}.weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64)}
-    if dense_8bit:
+    t = {f"{name}.weight_scale": scale.float().reshape(shape).clone()}
+    if dense_8bit:  # int-quantized: the int8 codes as the weight, no shape to record
         t[f"{name}.weight"] = signed.to(torch.int8)
     else:
         t[f"{name}.weight_packed"] = pack_int32(signed, wq.bits)
+        t[f"{name}.weight_shape"] = torch.tensor([out_f, in_f], dtype=torch.int64)
     if not wq.symmetric:
         zsigned = (zp.reshape(shape) - offset).round().to(torch.int64)
         t[f"{name}.weight_zero_point"] = (zsigned.to(torch.int8) if strategy == "tensor" or dense_8bit
