@@ -40,7 +40,7 @@ def evaluate_artifact(cfg: EvaluateConfig) -> dict:
 
     from mrem_dist.preflight import check_data
 
-    from mrem_dist.artifact.compressed_tensors import load_compressed_tensors, read_quantization_config
+    from mrem_dist.artifact.compressed_tensors import folder_kind, load_compressed_tensors, read_quantization_config
     from mrem_dist.artifact.schema import read_meta
 
     compressed = read_quantization_config(cfg.artifact) is not None
@@ -50,7 +50,7 @@ def evaluate_artifact(cfg: EvaluateConfig) -> dict:
     # The data is checked before the artifact and the reference are loaded, for the artifact's task
     # (a causal LM reads documents); unreadable metadata is load_quantized's error, reported next.
     try:
-        kind = _compressed_kind(cfg.artifact) if compressed else read_meta(Path(cfg.artifact)).kind
+        kind = folder_kind(cfg.artifact) if compressed else read_meta(Path(cfg.artifact)).kind
     except (ArtifactError, OSError):
         kind = "encoder"
     check_data(cfg.data, kind)
@@ -106,17 +106,6 @@ def evaluate_artifact(cfg: EvaluateConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
-
-
-def _compressed_kind(path: str) -> str:
-    """The task of a compressed-tensors folder: as recorded beside it, else from its architecture."""
-    from mrem_dist.artifact.compressed_tensors import PROVENANCE
-    from mrem_dist.models.loading import auto_kind, load_config
-
-    recorded = Path(path) / PROVENANCE
-    if recorded.is_file():
-        return json.loads(recorded.read_text())["kind"]
-    return auto_kind(load_config(path), "auto")
 
 
 register_configs()

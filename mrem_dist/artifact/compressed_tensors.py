@@ -166,13 +166,12 @@ def _ignored_linears(model: nn.Module, config: Any, quantized: dict) -> list[str
     return [n for n, m in skeleton.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
 
 
-def quantization_config(groups: list[dict], ignore: list[str], fmt: str) -> dict:
-    """config.json's `quantization_config`: one config group per distinct scheme (all Linears
-    share one in an mrem-dist model), targeting `Linear`."""
+def quantization_config(group: dict, ignore: list[str], fmt: str) -> dict:
+    """config.json's `quantization_config`: the one config group (every quantized Linear of an
+    mrem-dist model shares its scheme), targeting `Linear`."""
     return {
         "quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
-        "config_groups": {f"group_{i}": {"targets": ["Linear"], **g, "output_activations": None, "format": fmt}
-                          for i, g in enumerate(groups)},
+        "config_groups": {"group_0": {"targets": ["Linear"], **group, "output_activations": None, "format": fmt}},
         "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None, "version": CT_VERSION,
     }
 
@@ -205,25 +204,24 @@ def export_compressed_tensors(model: nn.Module, tokenizer: Any, scheme: QuantSch
     fmt = "int-quantized" if dense_8bit else "pack-quantized"
     state, tied = untied_state(model)
     tensors: dict[str, Tensor] = {}
-    groups: list[dict] = []
+    group = None
     for key, value in state.items():
         if not any(key.startswith(n + ".") for n in quantized):
             tensors[key] = value
     for name, module in quantized.items():
         t, args = _linear_tensors(name, module, dense_8bit, runs_in)
         tensors.update(t)
-        if args not in groups:
-            groups.append(args)
-    if len(groups) > 1:
-        raise ArtifactError(f"the quantized Linears use {len(groups)} different schemes: one scheme per model is "
-                            "exported as compressed-tensors")
+        if group is not None and args != group:
+            raise ArtifactError(f"{name} is quantized with another scheme than the Linears before it: one scheme per "
+                                "model is exported as compressed-tensors")
+        group = args
     if target is not None:
         tensors = {k: v.to(target) if v.is_floating_point() else v for k, v in tensors.items()}
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
     if target is not None:
         config.dtype = dtype
-    config.quantization_config = quantization_config(groups, _ignored_linears(model, config, quantized), fmt)
+    config.quantization_config = quantization_config(group, _ignored_linears(model, config, quantized), fmt)
     path = Path(path)
     with atomic_dir(path, "directory for the compressed-tensors export") as tmp:
         save_file(tensors, str(tmp / TENSORS), metadata={"format": "pt"})
@@ -259,6 +257,16 @@ def read_quantization_config(path: str | os.PathLike) -> dict | None:
     return q if isinstance(q, dict) and q.get("quant_method") == FORMAT else None
 
 
+def folder_kind(path: str | os.PathLike) -> str:
+    """The task of a compressed-tensors folder: as recorded beside it, else from its architecture."""
+    from mrem_dist.models.loading import auto_kind, load_config
+
+    recorded = Path(path) / PROVENANCE
+    if recorded.is_file():
+        return json.loads(recorded.read_text())["kind"]
+    return auto_kind(load_config(str(path)), "auto")
+
+
 def load_kwargs(qconfig: dict) -> dict:
     """from_pretrained's arguments that give back exactly the exported model. transformers 5.24 with
     compressed-tensors 0.20.1 builds the packed zero points of asymmetric group/channel weights at
@@ -285,7 +293,6 @@ def load_compressed_tensors(path: str | os.PathLike, device: str | torch.device 
     from transformers import AutoConfig, AutoTokenizer
 
     from mrem_dist.models.families import family_for
-    from mrem_dist.models.loading import auto_kind
     from mrem_dist.models.tasks import task_for
 
     path = Path(path)
@@ -305,7 +312,7 @@ def load_compressed_tensors(path: str | os.PathLike, device: str | torch.device 
                                 "modified after export): re-export the model")
     config = AutoConfig.from_pretrained(str(path))
     family = family_for(config.model_type)
-    task = task_for(provenance.get("kind") or auto_kind(config, "auto"), int(config.num_labels))
+    task = task_for(folder_kind(path), int(config.num_labels))
     model = task.auto_class().from_pretrained(str(path), **load_kwargs(qconfig)).eval().requires_grad_(False).to(device)
     # compressed-tensors decompresses the weights in a forward pre-hook of the whole model, on its
     # first call; mrem-dist's scoring runs the model piece by piece (ModelFamily.forward), which would
