@@ -16,11 +16,16 @@ On the real all-MiniLM-L6-v2 and the built-in text (no network), every figure me
    mrem-dist's PTQ on both of its weight grids and LKD on DeepSpeed's grid, the same scheme on
    both sides (benchmarks/zeroquant_peer.py's cells; run that script for LKD on both grids);
 5. prequant: PreQuant against FP fine-tuning and fine-tune -> PTQ / MREM-S on the movie-review
-   task, accuracy at W4 and W3 (benchmarks/prequant.py's cells).
+   task, accuracy at W4 and W3 (benchmarks/prequant.py's cells);
+6. llm_peers: the decoder LLM side by side, SmolLM2 on Wikipedia text at W4/W3/W2A16 g64: AutoRound
+   and llm-compressor's GPTQ against mrem-dist's RTN, GPTQ, MREM-S and MREM-P, every folder scored
+   by mrem-dist's perplexity (benchmarks/llm_peers.py's cells; hours on 2 cores at full size, most
+   of them AutoRound's defaults: run that script alone and `--render` its json in).
 
 Writes <out>.md, <out>.json, <out>_quality.png and <out>_scaling.png. `--sections` runs some of
 them; `--render A.json B.json` rebuilds one report from runs that measured different sections
-(each section from the first file that has it; every run's command and machine are listed).
+(each section from the first file that has it; every run's command and machine are listed), a
+benchmarks/llm_peers.py json among them as the llm_peers section.
 
     python benchmarks/report.py             # the full report: benchmarks/results/report.*
     python benchmarks/report.py --quick     # smoke run (30 min here beside two other jobs): results/quick/
@@ -44,7 +49,7 @@ from common import RESULTS, compose_config, hydra_configs, launch
 
 from mrem_dist.runner import run
 
-SECTIONS = ("scaling", "latency", "quality", "peer", "prequant")
+SECTIONS = ("scaling", "latency", "quality", "peer", "prequant", "llm_peers")
 SETTINGS = ["w8a8", "w4a8", "w3a8", "w2a8", "w4e4a8", "w2e2a8"]  # conf/quant presets
 FINE_GRAINED = ["quant.w_granularity=group", "quant.w_groups=48", "quant.a_mode=dynamic"]
 # (label, method, overrides, ranks): every reconstruction starts from the MSE clip, the best PTQ
@@ -130,6 +135,13 @@ def prequant(bits: list[int], steps: int, recon_steps: int, eval_samples: int, t
     return prequant_rows(bits, steps, recon_steps, tmp, eval_samples=eval_samples)
 
 
+def llm_peers(quick: bool, tmp: Path, command: str) -> tuple[list[dict], dict]:
+    import llm_peers as lp
+
+    report = lp.measure(lp.parse_args(["--quick"] if quick else []), tmp, command=command)
+    return report["rows"], report["setup"]
+
+
 # ------------------------------------------------------------------------------------------ output
 
 
@@ -200,9 +212,28 @@ def markdown(meta: dict, q: list[dict], sc: list[dict], lat: list[dict], pr: lis
         lines += _peer_md(meta, pr)
     if pq:
         lines += _prequant_md(meta, pq)
+    if meta.get("llm_peers"):
+        from llm_peers import tables
+
+        lines += ["", "## Decoder LLM: AutoRound and llm-compressor side by side", "",
+                  *tables(meta["llm_peers"], meta["llm_peers_setup"])]
     lines += ["", "Not run here: GPUs and NCCL (this machine has none; the same commands run there with "
               "`device=cuda`), DeepSpeed's fused `quantizer_kernel` (CUDA only), multi-node MREM-P.", ""]
     return "\n".join(lines)
+
+
+def llm_peers_headlines(rows: list[dict], setup: dict) -> list[str]:
+    """Per bit width: MREM-P's perplexity and wall time against the best cell of each peer."""
+    out = []
+    for bits in sorted({r["bits"] for r in rows}, reverse=True):
+        cells = [r for r in rows if r["bits"] == bits]
+        ours = next((r for r in cells if r["cell"] == "mrem-dist MREM-P (2 ranks)"), None)
+        best = {tool: min((r for r in cells if r["tool"] == tool), key=lambda r: r["perplexity"], default=None)
+                for tool in ("autoround", "llmcompressor")}
+        shown = [f"{r['cell']} {r['perplexity']:.2f} in {r['wall_s']:.0f} s" for r in [ours, *best.values()] if r]
+        out.append(f"SmolLM2 W{bits}A16 g64 perplexity (FP {setup['fp_perplexity']:.2f}): "
+                   + "; ".join(shown))
+    return out
 
 
 def _quality_md(meta: dict, q: list[dict]) -> list[str]:
@@ -368,6 +399,7 @@ def main() -> None:
     todo = set(args.sections)
 
     started, t0 = datetime.datetime.now(), time.perf_counter()
+    command = "python benchmarks/report.py " + " ".join(sys.argv[1:])
     found: dict = {name: [] for name in SECTIONS}
     meta: dict = {}
     cpu = None
@@ -386,6 +418,8 @@ def main() -> None:
         if "prequant" in todo:
             found["prequant"], pq_meta = prequant(pq_bits, pq_steps, 2 if quick else 30, 64 if quick else 1000, tmp)
             meta["prequant_setup"] = pq_meta["setup"]
+        if "llm_peers" in todo:
+            found["llm_peers"], meta["llm_peers_setup"] = llm_peers(quick, tmp, command)
 
     from importlib.metadata import PackageNotFoundError, version
 
@@ -393,7 +427,6 @@ def main() -> None:
         ds = f", DeepSpeed {version('deepspeed')}"
     except PackageNotFoundError:
         ds = ""
-    command = "python benchmarks/report.py " + " ".join(sys.argv[1:])
     this_run = {"command": command.strip(), "started": started.strftime("%Y-%m-%d %H:%M"),
            "minutes": (time.perf_counter() - t0) / 60, "sections": [n for n in SECTIONS if n in todo],
            "machine": f"{os.cpu_count()} CPU cores ({cpu or _cpu()}), {platform.system()}, Python "
@@ -426,6 +459,9 @@ def merge(reports: list[dict]) -> dict:
     measured it; every run listed. Reads reports written before `runs` existed (one run each)."""
     merged: dict = {"runs": []}
     for r in reports:
+        if "budget" in r.get("setup", {}):  # a benchmarks/llm_peers.py report: its one section
+            r = {"runs": [{**run, "sections": ["llm_peers"], "minutes": run.get("minutes", math.nan)} for run in r["runs"]],
+                 "llm_peers": r["rows"], "llm_peers_setup": r["setup"]}
         runs = r.get("runs") or [{"command": r["command"], "started": r["started"], "minutes": r["minutes"],
                                   "machine": r["machine"], "sections": [n for n in SECTIONS if r.get(n)]}]
         merged["runs"] += runs
@@ -442,15 +478,21 @@ def merge(reports: list[dict]) -> dict:
 
 def write(out: Path, data: dict) -> None:
     """<out>.md / .json / _quality.png / _scaling.png from the run's rows and settings."""
-    q, sc, lat, pr, pq = (data.get(n, []) for n in ("quality", "scaling", "latency", "peer", "prequant"))
-    data["headlines"] = heads = headlines(q, sc, lat, pr, pq)
+    q, sc, lat, pr, pq, lp = (data.get(n, []) for n in ("quality", "scaling", "latency", "peer", "prequant",
+                                                                       "llm_peers"))
+    data["headlines"] = heads = headlines(q, sc, lat, pr, pq) + llm_peers_headlines(lp, data.get("llm_peers_setup", {}))
     out.parent.mkdir(parents=True, exist_ok=True)
     text = markdown(data, q, sc, lat, pr, heads, pq)
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps(data, indent=1))
     plots(out, q, sc, pr)
+    if lp:
+        from llm_peers import plot
+
+        plot(Path(f"{out}_llm_peers.png"), lp, data["llm_peers_setup"].get("fp_perplexity"))
     print(text)
-    print(f"wrote {out}.md / .json" + (" / _quality.png" if q or pr else "") + (" / _scaling.png" if sc else ""))
+    print(f"wrote {out}.md / .json" + (" / _quality.png" if q or pr else "") + (" / _scaling.png" if sc else "")
+          + (" / _llm_peers.png" if lp else ""))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """CI smoke of the benchmark report: `python benchmarks/report.py --quick` on the real MiniLM runs
 every section (quality grid, MREM-P scaling with torchrun, INT8 latency, DeepSpeed's ZeroQuant,
-PreQuant on the movie-review task) and writes a report whose every figure comes from the run's own
+PreQuant on the movie-review task, AutoRound and llm-compressor on SmolLM2) and writes a report whose every figure comes from the run's own
 rows; `--render` merges reports of runs that measured different sections."""
 
 import json
@@ -17,6 +17,7 @@ from conftest import REPO
 @pytest.mark.slow
 def test_quick_report_runs_every_section(tmp_path):
     pytest.importorskip("deepspeed", reason="the peer section needs the dev extra (deepspeed==0.19.6)")
+    pytest.importorskip("auto_round", reason="the llm_peers section needs the dev extra (auto-round==0.16.1)")
     out = tmp_path / "report"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "benchmarks/report.py", "--quick", "--out", str(out)], cwd=REPO, env=env,
@@ -55,9 +56,30 @@ def test_quick_report_runs_every_section(tmp_path):
     assert pq[(4, "prequant")]["drop_pts"] == pytest.approx(100 * (fp - pq[(4, "prequant")]["accuracy"]), abs=0.01)
     assert 0 < pq[(4, "prequant")]["outlier_fraction"] < pq[(4, "prequant")]["trainable_fraction"] < 0.02
 
+    # The decoder peers: every cell of the quick mode ran, its folder scored by mrem-dist's perplexity
+    # (for mrem-dist's own cells equal to what its run reported: llm_peers.py checks it).
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import llm_peers
+
+    lp = {r["cell"]: r for r in report["llm_peers"]}
+    assert list(lp) == llm_peers.QUICK_CELLS and {r["bits"] for r in lp.values()} == {3}
+    fp = report["llm_peers_setup"]["fp_perplexity"]
+    for r in lp.values():
+        assert fp < r["perplexity"] < 1e4 and r["ratio_to_fp"] == pytest.approx(r["perplexity"] / fp, abs=1e-3), r
+        assert r["wall_s"] > 0 and r["peak_rss_gb"] > 0.3, r
+    assert lp["mrem-dist MREM-P (2 ranks)"]["processes"] == "2 x 1 threads"
+    assert lp["mrem-dist RTN"]["run_perplexity"] == pytest.approx(lp["mrem-dist RTN"]["perplexity"], rel=1e-4)
+    assert lp["AutoRound (matched budget)"]["settings"]["iters"] == 2 and lp["AutoRound RTN (iters=0)"]["settings"]["iters"] == 0
+    # Same min-max grid, same windows: the two RTNs agree (AutoRound's rounding ties aside).
+    assert lp["AutoRound RTN (iters=0)"]["perplexity"] == pytest.approx(lp["mrem-dist RTN"]["perplexity"], rel=0.02)
+    # llm-compressor ran in its own environment, on the versions it pins.
+    assert lp["llm-compressor GPTQ"]["peer_versions"]["transformers"] == "5.17.0"
+    assert lp["llm-compressor GPTQ"]["version"] == "llmcompressor 0.14.0.1"
+    assert (tmp_path / "report_llm_peers.png").stat().st_size > 0
+
     text = out.with_suffix(".md").read_text()
     assert text.startswith("`python benchmarks/report.py --quick") and "## Headlines" in text
-    assert "## PreQuant" in text
+    assert "## PreQuant" in text and "## Decoder LLM: AutoRound and llm-compressor side by side" in text
     for h in report["headlines"]:
         assert h in text
     for png in ("_quality.png", "_scaling.png"):
