@@ -5,8 +5,9 @@ windows and the same scheme, scored by one evaluator.
 SmolLM2-135M-Instruct (model=smollm2) on Wikipedia text (data=wiki); W<b>A16, asymmetric weights in
 groups of 64 input columns (quant=w<b>a16_g64: SmolLM2's hidden size 576 is not a multiple of 128),
 embeddings and LM head in full precision, for everyone. Cells per bit width (CELLS):
-- mrem-dist: RTN, GPTQ (one process), MREM-S (one process) and MREM-P (2 torchrun ranks x 1 thread),
-  both reconstructions from GPTQ (method.init=gptq), and MREM-P from RTN: the start AutoRound has;
+- mrem-dist: RTN, GPTQ (one process; with its default static act-order, and without: the ablation
+  that separates act-order from the rest), MREM-S (one process) and MREM-P (2 torchrun ranks x 1
+  thread), both reconstructions from GPTQ (method.init=gptq), and MREM-P from RTN: AutoRound's start;
 - peers, each in its own process (benchmarks/peer_quantize.py) through its public API: AutoRound at
   its default tuning (200 iterations per block, batch 8, lr 1/iters: nothing passed but the scheme and
   the data), at a budget near MREM-P's wall time (--matched-iters), and at iters=0 (its RTN);
@@ -67,7 +68,9 @@ class Cell:
 
 CELLS = [
     Cell("mrem-dist RTN", "mrem-dist", ("method=ptq",), trained="nothing (min-max)"),
-    Cell("mrem-dist GPTQ", "mrem-dist", ("method=gptq",), trained="nothing (Hessian rounding)"),
+    Cell("mrem-dist GPTQ", "mrem-dist", ("method=gptq",), trained="nothing (Hessian rounding, static act-order)"),
+    Cell("mrem-dist GPTQ without act-order", "mrem-dist", ("method=gptq", "method.gptq_act_order=false"),
+         trained="nothing (Hessian rounding, columns in order)"),
     Cell("mrem-dist MREM-S", "mrem-dist", ("method=mrem_s", "method.init=gptq"),
          trained="weights + step sizes, 2 modules of 15 layers, from GPTQ"),
     Cell("mrem-dist MREM-P (2 ranks)", "mrem-dist", ("method=mrem_p", "method.init=gptq"), ranks=2,
@@ -251,7 +254,8 @@ class Bench:
             command = f"torchrun --nproc_per_node={cell.ranks} -m mrem_dist {' '.join(cfg)} threads=1"
         return ({"wall_s": round(wall - report["timings_s"]["evaluate"], 1), "peak_rss_gb": round(rss, 3),
                  "processes": f"{cell.ranks} x {2 // cell.ranks} threads", "command": command,
-                 "run_perplexity": report["metrics"]["quantized"]["perplexity"]},
+                 "run_perplexity": report["metrics"]["quantized"]["perplexity"],
+                 **({"before_perplexity": round(report["metrics_before_reconstruction"]["perplexity"], 3)} if trains else {})},
                 Path(report["artifacts"]["compressed-tensors"]["path"]))
 
     def peer(self, cell: Cell, bits: int, run_dir: Path) -> tuple[dict, Path]:
@@ -320,8 +324,15 @@ def tables(rows: list[dict], s: dict) -> list[str]:
     for bits in sorted({r["bits"] for r in rows}, reverse=True):
         lines += ["", f"### W{bits}A16 g{s['group_size']}", "",
                   "| cell | perplexity | x FP | wall s | peak RSS GB | processes | trained |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['cell']} | {r['perplexity']:.2f} | {r['ratio_to_fp']:.3f} | {r['wall_s']} | {r['peak_rss_gb']} | "
-                  f"{r['processes']} | {r['trained']} |" for r in rows if r["bits"] == bits]
+        here = {r["cell"]: r for r in rows if r["bits"] == bits}
+        for name in NAMES:  # in CELLS' order; a cell this report did not run says so
+            r = here.get(name)
+            if r is None:
+                lines.append(f"| {name} | not run in this report | | | | | |")
+                continue
+            start = f" (start: {r['before_perplexity']:.2f})" if "before_perplexity" in r else ""
+            lines.append(f"| {name} | {r['perplexity']:.2f} | {r['ratio_to_fp']:.3f} | {r['wall_s']} | {r['peak_rss_gb']} | "
+                         f"{r['processes']} | {r['trained']}{start} |")
     lines += ["", "### Targets", "", *targets(rows)]
     versions = sorted({r["version"] for r in rows if "version" in r})
     lines += ["", "### Versions and commands", "", f"Peers: {', '.join(versions) or 'none run'}; llm-compressor's "
