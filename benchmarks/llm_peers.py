@@ -187,16 +187,24 @@ def machine() -> str:
             f"{platform.python_version()}, torch {torch.__version__}, transformers {version('transformers')}")
 
 
-def llmcompressor_env() -> str:
-    """The python of a virtual environment with LLMCOMPRESSOR, created once (beside the data cache).
-    It sees this environment's packages (torch above all, pinned to this one's version so pip keeps
-    it) and installs over them only what llm-compressor pins."""
-    env = cache_root() / "peers" / LLMCOMPRESSOR.replace("==", "-")
+def llmcompressor_env(root: Path | None = None) -> str:
+    """The python of a virtual environment with LLMCOMPRESSOR, created once under `root` (default:
+    beside the data cache). It sees this environment's packages after its own (a .pth file naming
+    this one's site-packages: unlike --system-site-packages that also works when this environment is
+    itself a venv), so torch is not downloaded again (pinned to this one's version so pip keeps it)
+    and only what llm-compressor pins is installed over them."""
+    import sysconfig
+
+    env = (root or cache_root() / "peers") / LLMCOMPRESSOR.replace("==", "-")
     python = env / "bin" / "python"
     if (env / "ready").exists():
         return str(python)
     print(f"creating {env} for {LLMCOMPRESSOR} (once)", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", "--clear", "--system-site-packages", str(env)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(env)], check=True)
+    own = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         check=True, capture_output=True, text=True).stdout.strip()
+    ours = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
+    (Path(own) / "_mrem_dist_parent.pth").write_text("".join(f"{p}\n" for p in ours))
     torch_pin = "torch==" + torch.__version__.split("+")[0]
     done = subprocess.run([str(python), "-m", "pip", "install", "-q", LLMCOMPRESSOR, torch_pin],
                           capture_output=True, text=True)
