@@ -25,11 +25,11 @@ cells get both cores. Peak RSS is the process's (the larger rank's for MREM-P).
 
     python benchmarks/llm_peers.py                     # W4, W3, W2: hours on 2 cores (AutoRound's defaults)
     python benchmarks/llm_peers.py --bits 3 --cells "AutoRound (defaults)" --resume   # add cells to a run
-    python benchmarks/llm_peers.py --quick             # smoke: W3, 2 steps, tiny data (tests/test_llm_peers.py)
+    python benchmarks/llm_peers.py --quick             # smoke: W3, 2 steps, tiny data (CI: report.py --quick)
     python benchmarks/llm_peers.py --render            # rebuild the .md / .png from the .json
 
 Targets (reported whether met or not): at W3 and W2, MREM-P on 2 ranks below both peers' perplexity
-(AutoRound's best cell and llm-compressor's GPTQ), and less wall time than AutoRound at its defaults.
+(each AutoRound cell and llm-compressor's GPTQ), and less wall time than AutoRound at its defaults.
 """
 
 from __future__ import annotations
