@@ -49,20 +49,16 @@ def autoround(args, calib: torch.Tensor) -> dict:
     rounder = AutoRound(model, tokenizer, bits=args.bits, group_size=args.group_size, sym=not args.asym,
                         dataset=dataset, nsamples=calib.shape[0], seqlen=calib.shape[1], device_map="cpu",
                         seed=args.seed, **tuning)
-    # AutoRound saves into a sub-folder named after the model and scheme: the one it returns.
-    _, folders = rounder.quantize_and_save(args.out, format="llm_compressor")
+    # AutoRound saves into a sub-folder named after the model and scheme and returns its path (a
+    # list of paths only when several formats are asked for).
+    _, folder = rounder.quantize_and_save(args.out, format="llm_compressor")
+    if not isinstance(folder, str):
+        raise RuntimeError(f"AutoRound saved {folder}: expected the path of one llm_compressor folder")
     settings = {"nsamples": calib.shape[0], "seqlen": calib.shape[1], "iters": 0}
     if args.iters != 0:  # the tuning settings in effect, read back (iters=0 runs its RTN, which has none)
         settings.update({k: getattr(rounder, k) for k in ("iters", "lr", "minmax_lr")},
                         batch_size=rounder.calibration_context.batch_size)
-    return {**settings, "folder": _one_folder(folders)}
-
-
-def _one_folder(folders) -> str:
-    paths = list(folders.values()) if isinstance(folders, dict) else list(folders) if isinstance(folders, list) else [folders]
-    if len(paths) != 1:
-        raise RuntimeError(f"AutoRound saved {paths}: expected one llm_compressor folder")
-    return str(Path(paths[0]).resolve())
+    return {**settings, "folder": str(Path(folder).resolve())}
 
 
 def llmcompressor(args, calib: torch.Tensor) -> dict:

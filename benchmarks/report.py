@@ -193,7 +193,7 @@ def headlines(q: list[dict], sc: list[dict], lat: list[dict], pr: list[dict], pq
 
 
 def markdown(meta: dict, q: list[dict], sc: list[dict], lat: list[dict], pr: list[dict], heads: list[str],
-             pq: list[dict] = ()) -> str:
+             pq: list[dict] = (), lp: list[dict] = ()) -> str:
     lines = []
     for job in meta["runs"]:
         lines += [f"`{job['command']}` ({', '.join(job['sections'])})", "", f"Machine: {job['machine']}. Started "
@@ -212,11 +212,11 @@ def markdown(meta: dict, q: list[dict], sc: list[dict], lat: list[dict], pr: lis
         lines += _peer_md(meta, pr)
     if pq:
         lines += _prequant_md(meta, pq)
-    if meta.get("llm_peers"):
+    if lp:
         from llm_peers import tables
 
         lines += ["", "## Decoder LLM: AutoRound and llm-compressor side by side", "",
-                  *tables(meta["llm_peers"], meta["llm_peers_setup"])]
+                  *tables(lp, meta["llm_peers_setup"])]
     lines += ["", "Not run here: GPUs and NCCL (this machine has none; the same commands run there with "
               "`device=cuda`), DeepSpeed's fused `quantizer_kernel` (CUDA only), multi-node MREM-P.", ""]
     return "\n".join(lines)
@@ -482,7 +482,7 @@ def write(out: Path, data: dict) -> None:
                                                                        "llm_peers"))
     data["headlines"] = heads = headlines(q, sc, lat, pr, pq) + llm_peers_headlines(lp, data.get("llm_peers_setup", {}))
     out.parent.mkdir(parents=True, exist_ok=True)
-    text = markdown(data, q, sc, lat, pr, heads, pq)
+    text = markdown(data, q, sc, lat, pr, heads, pq, lp)
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps(data, indent=1))
     plots(out, q, sc, pr)
