@@ -235,3 +235,36 @@ def test_hessian_accumulator_equals_one_shot():
     for _ in range(4):
         big.add(torch.full((64, 4), 60000.0, dtype=torch.float16))
     assert torch.allclose(big.hessian, torch.full((4, 4), 2 * 60000.0**2), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_codes_do_not_depend_on_the_thread_count():
+    """On SmolLM2's layer 0 over real Wikipedia windows, LAPACK's Cholesky factors differ in the last
+    float32 bits between 1 and 2 threads; a float32 sweep turned that into 32 different k_proj codes
+    (and 4 of q_proj) at W3 g64. The float64 sweep must give identical codes, so an MREM-P rank on 1
+    thread starts from the GPTQ that one process on 2 computes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mrem_dist.data.corpus import calibration_sequences, tokenize_corpus
+    from mrem_dist.data.wiki import load_wiki
+    from mrem_dist.models.gguf import smollm2_path
+
+    path = smollm2_path()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = calibration_sequences(tokenize_corpus(load_wiki("calibration"), AutoTokenizer.from_pretrained(path)), 8, 256, 0)
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        x = layer.input_layernorm(model.model.embed_tokens(ids))
+    acc = HessianAccumulator("model.layers.0.self_attn", 576)
+    acc.add(x)
+    threads = torch.get_num_threads()
+    try:
+        for name in ("k_proj", "q_proj"):
+            weight = getattr(layer.self_attn, name).weight.detach()
+            codes = []
+            for t in (1, 2):
+                torch.set_num_threads(t)
+                codes.append(gptq_quantize(weight, acc.hessian, 3, False, 64, GptqOptions(act_order=True)).codes)
+            assert torch.equal(codes[0], codes[1]), f"{name}: {int((codes[0] != codes[1]).sum())} codes differ"
+    finally:
+        torch.set_num_threads(threads)

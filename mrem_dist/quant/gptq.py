@@ -23,9 +23,16 @@ Choices of this version:
 * act_order=True sorts columns by descending diag(H) (stable sort). With groups it uses the
   reference's `static_groups`: every group's scale comes up front from the original (dead-zeroed)
   weights, so groups stay consecutive in the original column order and no g_idx is needed.
-* Everything runs in float32 whatever the weight dtype; `weight` is returned in the input dtype.
-  (In bfloat16, re-quantizing the stored weight is exact only while |code - zero| * 2^-8 < 0.5, i.e.
-  up to 6-7 bits; float16 and float32 are exact at every supported width.)
+* The sweep (the damped Hessian, its Cholesky factors, the error updates, the code choice) runs in
+  float64, whatever the weight dtype: GPTQ's rounding is chaotic. In float32, LAPACK's blocking under
+  another thread count moved a few Cholesky entries by an ulp; that flipped 5 codes of SmolLM2's
+  layer-0 k_proj, 6% of layer 1's (whose inputs had moved), and W3 perplexity from 59.17 to 63.12:
+  an MREM-P rank on 1 thread started elsewhere than one process on 2. In float64 such differences
+  stay ~1e-16, far from any rounding boundary, so the codes do not depend on the thread count. The
+  grid (scales, zero points) and the dequantized weights stay float32, computed as the quantizers
+  compute them; `weight` is returned in the input dtype. (In bfloat16, re-quantizing the stored
+  weight is exact only while |code - zero| * 2^-8 < 0.5, i.e. up to 6-7 bits; float16 and float32
+  are exact at every supported width.)
 """
 
 from __future__ import annotations
@@ -140,17 +147,17 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, bits: int, symmetric: bool, g
         raise ValueError(f"the Hessian of {name} contains NaN/inf: recompute it (HessianAccumulator rejects "
                          "non-finite activations)")
 
-    W = weight.detach().float().clone()
-    H = h0.clone()
+    W = weight.detach().to(torch.float64, copy=True)
+    H = h0.double()
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     ng = n // gs
-    scale = W.new_zeros(out, ng)
-    zero = None if symmetric else W.new_zeros(out, ng)
+    scale = h0.new_zeros(out, ng)
+    zero = None if symmetric else h0.new_zeros(out, ng)
 
-    def set_group(g: int, cols: Tensor) -> None:
-        s, z = scale_zero_point(*clip_range(cols, bits, symmetric, "minmax"), bits, symmetric)
+    def set_group(g: int, cols: Tensor) -> None:  # the float32 min-max grid of the weight quantizer
+        s, z = scale_zero_point(*clip_range(cols.float(), bits, symmetric, "minmax"), bits, symmetric)
         scale[:, g] = s[:, 0]
         if zero is not None:
             zero[:, g] = z[:, 0]
@@ -172,7 +179,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, bits: int, symmetric: bool, g
     if info.item() != 0 or not torch.isfinite(U).all():
         raise ValueError(fail)
 
-    Q = torch.zeros_like(W)
+    Q = scale.new_zeros(out, n)
     codes = torch.zeros(out, n, dtype=torch.int32, device=W.device)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
@@ -188,16 +195,16 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, bits: int, symmetric: bool, g
             g = group_of[j]
             s, z = scale[:, g:g + 1], None if zero is None else zero[:, g:g + 1]
             w = W1[:, i:i + 1]
-            c = quantize_codes(w, s, z, qmin, qmax)
+            c = quantize_codes(w, s.double(), None if z is None else z.double(), qmin, qmax)
             q = dequantize(c, s, z)
             codes[:, j], Q[:, j] = c[:, 0], q[:, 0]
-            err = (w - q) / U1[i, i]
+            err = (w - q.double()) / U1[i, i]
             W1[:, i:] -= err @ U1[i:i + 1, i:]
             E1[:, i:i + 1] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
 
     inv = torch.argsort(perm)
     Q, codes = Q[:, inv], codes[:, inv]
-    diff = weight.detach().float() - Q
-    error = float(((diff @ h0) * diff).sum())
+    diff = weight.detach().double() - Q.double()
+    error = float(((diff @ h0.double()) * diff).sum())
     return GptqResult(Q.to(weight.dtype), scale, zero, codes, error)
