@@ -105,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval", type=int, default=None, help="evaluation windows (default 32; --quick: 4)")
     p.add_argument("--lr", type=float, default=1e-3, help="method.lr_weight of the MREM cells")
     # 12: chosen from AutoRound's rate here (about 0.8 s per iteration and block at batch 8 x 256
-    # tokens, plus loading, torch.compile and caching) against MREM-P's ~400 s at W3; measured: 301 s.
+    # tokens, plus loading, torch.compile and caching) against MREM-P's ~430 s at W3; measured: 301 s.
     p.add_argument("--matched-iters", type=int, default=None,
                    help="AutoRound iterations per block of the matched cell (default 12: near MREM-P's wall time "
                         "here, measured; --quick: 2)")
