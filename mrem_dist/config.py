@@ -94,7 +94,7 @@ class MethodConfig:
     # Hessian's mean diagonal), and act-order (columns by decreasing Hessian diagonal; with groups
     # of input columns, every group's scale is fixed up front: GPTQ's static groups). Act-order is
     # on by default, as llm-compressor's GPTQModifier has it (actorder="static"): on SmolLM2 at
-    # W3A16 g64 it takes GPTQ from perplexity 81.46 to 59.17 (benchmarks/results/llm_peers.md).
+    # W3A16 g64 it takes GPTQ from perplexity 79.50 to 60.57 (benchmarks/results/llm_peers.md).
     gptq_block_size: int = 128
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
