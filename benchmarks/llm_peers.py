@@ -263,7 +263,10 @@ class Bench:
         return ({"wall_s": round(wall - report["timings_s"]["evaluate"], 1), "peak_rss_gb": round(rss, 3),
                  "processes": f"{cell.ranks} x {2 // cell.ranks} threads", "command": command,
                  "run_perplexity": report["metrics"]["quantized"]["perplexity"],
-                 **({"before_perplexity": round(report["metrics_before_reconstruction"]["perplexity"], 3)} if trains else {})},
+                 **({"before_perplexity": round(report["metrics_before_reconstruction"]["perplexity"], 3),
+                     # modules the never-worse check returned to their start (training made them worse)
+                     "kept_initial": [m["index"] for m in report["reconstruction"]["modules"] if m["kept"] == "initial"]}
+                    if trains else {})},
                 Path(report["artifacts"]["compressed-tensors"]["path"]))
 
     def peer(self, cell: Cell, bits: int, run_dir: Path) -> tuple[dict, Path]:
@@ -339,6 +342,8 @@ def tables(rows: list[dict], s: dict) -> list[str]:
                 lines.append(f"| {name} | not run in this report | | | | | |")
                 continue
             start = f" (start: {r['before_perplexity']:.2f})" if "before_perplexity" in r else ""
+            if r.get("kept_initial"):
+                start = start[:-1] + f"; kept at their start: module {', '.join(map(str, r['kept_initial']))})"
             lines.append(f"| {name} | {r['perplexity']:.2f} | {r['ratio_to_fp']:.3f} | {r['wall_s']} | {r['peak_rss_gb']} | "
                          f"{r['processes']} | {r['trained']}{start} |")
     lines += ["", "### Targets", "", *targets(rows)]

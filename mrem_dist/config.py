@@ -74,6 +74,10 @@ class DataConfig:
     # concatenated text without padding (max_length is the encoders' padded length).
     seq_len: int = 512
     calib_samples: int = 512
+    # More calibration samples, drawn after calib_samples from the same seeded order and never
+    # trained on: the reconstruction methods measure each module on them before and after training
+    # (method.never_worse). The calibration samples are the same whatever this is.
+    holdout_samples: int = 16
     eval_samples: int = 512
     # Labeled training examples for fine-tuning (mrem_dist.finetune, method=prequant); 0 = all.
     train_samples: int = 0
@@ -121,6 +125,11 @@ class MethodConfig:
     weight_decay: float = 0.0
     train_weights: bool = True
     train_scales: bool = True
+    # Never worse than the start: after training, each module is measured on the held-out
+    # calibration samples (data.holdout_samples) in its trained and its initial state, both fed by
+    # the final upstream modules, and keeps the better one; the report says which were kept at
+    # their initialization. false: always keep the trained state (the error is still reported).
+    never_worse: bool = True
     # Biases and LayerNorm stay at their full-precision values unless these are set.
     train_bias: bool = False
     train_layernorm: bool = False
@@ -484,6 +493,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         _check(m.cache_memory_gb > 0, f"method.cache_memory_gb={m.cache_memory_gb} must be positive")
         _check(m.train_weights or m.train_scales, "method.train_weights and method.train_scales are both false: nothing would be trained")
         _check(m.queue >= 1, f"method.queue={m.queue} must be >= 1 (messages in flight between ranks)")
+        _check(cfg.data.holdout_samples >= 1, f"data.holdout_samples={cfg.data.holdout_samples}: the reconstruction "
+               "measures every module on held-out calibration samples before and after training: set it >= 1 (e.g. 16)")
     if m.name == "prequant":
         _validate_training("method.", m.steps, "lr_weight", m.lr_weight, m.warmup)
         _check_choice("method.outlier_rule", m.outlier_rule, OUTLIER_RULES)

@@ -22,7 +22,7 @@ import torch
 
 from mrem_dist.artifact import export_quantized
 from mrem_dist.artifact.compressed_tensors import export_compressed_tensors
-from mrem_dist.config import EXPORT_DIRS, MethodConfig, export_formats
+from mrem_dist.config import EXPORT_DIRS, RECONSTRUCTION_METHODS, MethodConfig, export_formats
 from mrem_dist.distributed import DistContext, resolve_device
 from mrem_dist.engine import ReconSettings, partition
 from mrem_dist.engine.checkpoint import Checkpointer, fingerprint
@@ -86,7 +86,10 @@ class RunContext:
 
     def use(self, loaded: LoadedModel, calibration: bool = True) -> None:
         """Take a model loaded elsewhere (an artifact) and prepare `cfg.data` for it."""
-        prepared = prepare_data(self.cfg.data, loaded, calibration)
+        method = getattr(self.cfg, "method", None)  # an evaluate run has none
+        holdout = self.cfg.data.holdout_samples if calibration and method is not None and \
+            method.name in RECONSTRUCTION_METHODS else 0
+        prepared = prepare_data(self.cfg.data, loaded, calibration, holdout)
         log.info("data %s: %d calibration / %d evaluation samples", self.cfg.data.name,
                  prepared.description["calibration_samples"], prepared.description["evaluation_samples"])
         loaded.model = loaded.model.to(self.device)
@@ -197,7 +200,9 @@ class RunContext:
         report = self.report(metrics[0], metrics[1], extra)
         modules = report.get("reconstruction", {}).get("modules", [])
         fp, q = report["metrics"]["full_precision"] or {}, report["metrics"]["quantized"]
-        report["validation"] = validate_result(qmodel, fp, q, [m["error_after"] for m in modules], cfg.max_drop)
+        # The error of the state each module kept (its initial one when training made it worse).
+        kept = [m["error_after"] if m["kept"] == "trained" else m["error_before"] for m in modules]
+        report["validation"] = validate_result(qmodel, fp, q, kept, cfg.max_drop)
         if failures:
             report["validation"]["failures"][:0] = failures
             report["validation"]["passed"] = False
@@ -227,7 +232,7 @@ def recon_settings(m: MethodConfig) -> ReconSettings:
         steps=m.steps, lam=m.lam, t0=m.t0, loss=m.loss, kd_weight=m.kd_weight,
         lr_weight=m.lr_weight, lr_scale=m.lr_scale, weight_decay=m.weight_decay,
         train_weights=m.train_weights, train_scales=m.train_scales,
-        train_bias=m.train_bias, train_layernorm=m.train_layernorm, log_every=m.log_every,
+        train_bias=m.train_bias, train_layernorm=m.train_layernorm, never_worse=m.never_worse, log_every=m.log_every,
     )
 
 
@@ -244,10 +249,10 @@ def log_summary(report: dict) -> None:
     """The end-of-run table in the log (the same figures are in summary.md and report.json)."""
     rec = report.get("reconstruction")
     if rec:
-        lines = ["module | layers | rank | error before -> after | train s | resumed from"]
+        lines = ["module | layers | rank | held-out error initial -> trained | kept | train s | resumed from"]
         for m in rec["modules"]:
             lines.append(f"{m['index']:>6} | {m['layers'][0]}-{m['layers'][1] - 1:<4} | {m['rank']:>4} | "
-                         f"{m['error_before']:.4g} -> {m['error_after']:.4g} | {m['seconds']:7.1f} | "
+                         f"{m['error_before']:.4g} -> {m['error_after']:.4g} | {m['kept']:<7} | {m['seconds']:7.1f} | "
                          f"{m['resumed_from']}")
         log.info("reconstruction summary:\n  %s", "\n  ".join(lines))
     fp, q = report["metrics"]["full_precision"] or {}, report["metrics"]["quantized"]

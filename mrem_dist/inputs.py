@@ -27,12 +27,27 @@ class PreparedData:
     calib: list[D.Batch]
     evalset: EvalSet
     description: dict
+    # Calibration samples drawn after `calib` from the same seeded order and never trained on: the
+    # reconstruction methods measure every module on them (the never-worse check). Empty otherwise.
+    holdout: list[D.Batch] = dataclasses.field(default_factory=list)
 
     def to(self, device) -> "PreparedData":
         """The batches on `device` (labels travel with the evaluation batches)."""
         return PreparedData([b.to(device) for b in self.calib],
                             dataclasses.replace(self.evalset, batches=[b.to(device) for b in self.evalset.batches]),
-                            self.description)
+                            self.description, [b.to(device) for b in self.holdout])
+
+
+def split_holdout(n_calib: int, n_total: int, holdout: int, what: str) -> int:
+    """How many held-out samples follow the n_calib calibration ones among n_total drawable ones."""
+    left = n_total - n_calib
+    if holdout and left <= 0:
+        raise ValueError(f"{what} leaves no sample for the held-out check of the reconstruction (data.holdout_samples="
+                         f"{holdout}): lower data.calib_samples, or give more calibration data")
+    if holdout > left:
+        log.warning("%s leaves %d samples for the held-out check, fewer than data.holdout_samples=%d: using them",
+                    what, left, holdout)
+    return min(holdout, max(left, 0))
 
 
 def load_splits(cfg_data, calibration: bool = True) -> tuple[Optional[D.TextDataset], D.TextDataset, Optional[D.TaskSpec]]:
@@ -79,10 +94,12 @@ def load_texts(cfg_data, calibration: bool = True) -> tuple[Optional[list[str]],
     return (read(train_path) if calibration else None), read(eval_path)
 
 
-def prepare_lm_data(cfg_data, loaded: LoadedModel, calibration: bool = True) -> PreparedData:
+def prepare_lm_data(cfg_data, loaded: LoadedModel, calibration: bool = True, holdout: int = 0) -> PreparedData:
     """The LLM protocol: calib_samples windows of seq_len tokens at seeded offsets of the
     concatenated calibration text; perplexity over the first eval_samples non-overlapping windows
-    of the evaluation text. Every window is full: no padding, the attention mask is all ones."""
+    of the evaluation text. Every window is full: no padding, the attention mask is all ones.
+    `holdout` more windows at the next offsets of the same generator (the calibration windows do
+    not depend on it; a held-out window may overlap a calibration one, as calibration windows may)."""
     from mrem_dist.data.corpus import calibration_sequences, eval_windows, tokenize_corpus
 
     def batches(ids: torch.Tensor) -> list[D.Batch]:
@@ -90,9 +107,12 @@ def prepare_lm_data(cfg_data, loaded: LoadedModel, calibration: bool = True) -> 
 
     train, evaluation = load_texts(cfg_data, calibration)
     calib: list[D.Batch] = []
+    held: list[D.Batch] = []
     if train is not None:
         ids = tokenize_corpus(train, loaded.tokenizer)
-        calib = batches(calibration_sequences(ids, cfg_data.calib_samples, cfg_data.seq_len, cfg_data.seed))
+        n = cfg_data.calib_samples
+        windows = calibration_sequences(ids, n + holdout, cfg_data.seq_len, cfg_data.seed)
+        calib, held = batches(windows[:n]), (batches(windows[n:]) if holdout else [])
     eval_ids = tokenize_corpus(evaluation, loaded.tokenizer)
     windows = eval_windows(eval_ids, cfg_data.seq_len, cfg_data.eval_samples)
     if windows.shape[0] < cfg_data.eval_samples:
@@ -104,10 +124,11 @@ def prepare_lm_data(cfg_data, loaded: LoadedModel, calibration: bool = True) -> 
         "evaluation_samples": int(windows.shape[0]),
         "seq_len": cfg_data.seq_len,
         "calibration_tokens": sum(b.input_ids.numel() for b in calib),
+        "holdout_samples": sum(b.input_ids.shape[0] for b in held),
         "evaluation_tokens": int(windows.numel()),
         "labeled": False,
     }
-    return PreparedData(calib, EvalSet(batches(windows)), description)
+    return PreparedData(calib, EvalSet(batches(windows)), description, held)
 
 
 def model_label_names(model) -> Optional[list[str]]:
@@ -129,17 +150,18 @@ def align_labels(splits: list[Optional[D.TextDataset]], model=None) -> list[Opti
     return [D.relabel(s, names) if any(s is n for n in named) else s for s in splits]
 
 
-def prepare_data(cfg_data, loaded: LoadedModel, calibration: bool = True) -> PreparedData:
-    """Tokenized calibration batches (none with calibration=False: evaluating a saved artifact)
-    and the evaluation set, checked against the model (labels for a classifier); a causal LM's
-    follow the LLM protocol (prepare_lm_data)."""
+def prepare_data(cfg_data, loaded: LoadedModel, calibration: bool = True, holdout: int = 0) -> PreparedData:
+    """Tokenized calibration batches (none with calibration=False: evaluating a saved artifact),
+    `holdout` held-out calibration samples after them, and the evaluation set, checked against the
+    model (labels for a classifier); a causal LM's follow the LLM protocol (prepare_lm_data)."""
     if isinstance(loaded.task, CausalLM):
-        return prepare_lm_data(cfg_data, loaded, calibration)
+        return prepare_lm_data(cfg_data, loaded, calibration, holdout)
     train, evaluation, spec = load_splits(cfg_data, calibration)
     if cfg_data.name == "local" and isinstance(loaded.task, SequenceClassification):
         # Files name their labels; GLUE's ids are the hub's own and fixed.
         train, evaluation = align_labels([train, evaluation], loaded.model)
     calib: list[D.Batch] = []
+    held: list[D.Batch] = []
     n_calib = 0
     if train is not None:
         if len(train) == 0:
@@ -147,8 +169,13 @@ def prepare_data(cfg_data, loaded: LoadedModel, calibration: bool = True) -> Pre
         n_calib = min(cfg_data.calib_samples, len(train))
         if n_calib < cfg_data.calib_samples:
             log.warning("data has %d calibration rows, fewer than data.calib_samples=%d: using all", n_calib, cfg_data.calib_samples)
-        calib_idx = D.sample_indices(len(train), n_calib, cfg_data.seed)
-        calib = D.make_batches(D.tokenize(train, loaded.tokenizer, cfg_data.max_length, calib_idx), cfg_data.batch_size)
+        n_held = split_holdout(n_calib, len(train), holdout, f"data.calib_samples={n_calib} of {len(train)} rows")
+        # One seeded permutation: the calibration rows are its first n_calib whatever the holdout.
+        order = D.sample_indices(len(train), n_calib + n_held, cfg_data.seed)
+        calib = D.make_batches(D.tokenize(train, loaded.tokenizer, cfg_data.max_length, order[:n_calib]), cfg_data.batch_size)
+        if n_held:
+            held = D.make_batches(D.tokenize(train, loaded.tokenizer, cfg_data.max_length, order[n_calib:]),
+                                  cfg_data.batch_size)
 
     eval_idx = D.sample_indices(len(evaluation), min(cfg_data.eval_samples, len(evaluation)), cfg_data.seed + 1)
     labels = [evaluation.labels[i] for i in eval_idx] if evaluation.labels is not None else None
@@ -179,11 +206,12 @@ def prepare_data(cfg_data, loaded: LoadedModel, calibration: bool = True) -> Pre
     description = {
         "name": cfg_data.name,
         "calibration_samples": n_calib,
+        "holdout_samples": sum(b.input_ids.shape[0] for b in held),
         "evaluation_samples": len(eval_idx),
         "max_length": cfg_data.max_length,
         "labeled": labels is not None,
     }
-    return PreparedData(calib, EvalSet(eval_batches, metric_names, regression), description)
+    return PreparedData(calib, EvalSet(eval_batches, metric_names, regression), description, held)
 
 
 def task_train_split(cfg_data) -> tuple[D.TextDataset, int]:

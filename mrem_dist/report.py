@@ -43,10 +43,16 @@ def summary_markdown(report: dict) -> str:
         before = report["metrics_before_reconstruction"]
         lines += ["", "Before reconstruction (the PTQ initialisation): " + ", ".join(f"{k} {_fmt(v)}" for k, v in before.items()), ""]
         rec = report["reconstruction"]
-        lines += [f"Reconstruction ({rec['cache']} activation cache): module error before -> after", "",
-                  "| module | layers | error before | error after | seconds |", "|---|---|---|---|---|"]
+        lines += [f"Reconstruction ({rec['cache']} activation cache): module error on the held-out calibration samples, "
+                  "initial -> trained state, and the state kept (never worse than the initial one)", "",
+                  "| module | layers | error initial | error trained | kept | seconds |", "|---|---|---|---|---|---|"]
         for m in rec["modules"]:
-            lines.append(f"| {m['index']} | {m['layers'][0]}-{m['layers'][1] - 1} | {m['error_before']:.4g} | {m['error_after']:.4g} | {m['seconds']:.1f} |")
+            lines.append(f"| {m['index']} | {m['layers'][0]}-{m['layers'][1] - 1} | {m['error_before']:.4g} | "
+                         f"{m['error_after']:.4g} | {m['kept']} | {m['seconds']:.1f} |")
+        initial = [m["index"] for m in rec["modules"] if m["kept"] == "initial"]
+        if initial:
+            lines += ["", f"Kept at their initialization (training made them worse on the held-out samples): modules "
+                      f"{', '.join(map(str, initial))}. A lower method.lr_weight / method.lr_scale may train them."]
         err = report["layer_error"]
         lines += ["", "| layer | relative error before | after |", "|---|---|---|"]
         lines += [f"| {i} | {b:.4g} | {a:.4g} |" for i, (b, a) in enumerate(zip(err["before"], err["after"]))]

@@ -171,7 +171,9 @@ def _setup(head=False, w_bits=2, seed=0, family="bert"):
 def _run(method: MethodConfig, head=False, **kw):
     model, q, family, batches = _setup(head=head)
     specs = partition(model, family, method.modules)
-    result = reconstruct_sequential(model, q, family, specs, batches, recon_settings(method), EngineOptions(seed=0, **kw))
+    holdout = _batches(2, seed=1)  # other random sequences: the held-out check never trains on them
+    result = reconstruct_sequential(model, q, family, specs, batches, holdout, recon_settings(method),
+                                    EngineOptions(seed=0, **kw))
     return q, result
 
 
@@ -179,7 +181,8 @@ def test_reconstruction_lowers_every_module_error():
     q, result = _run(MethodConfig(name="mrem_s", modules=2, steps=60, lam="zero", lr_weight=3e-4))
     assert result.cache == "memory" and len(result.modules) == 2
     for m in result.modules:
-        assert m.error_after < 0.5 * m.error_before, m
+        # Measured on held-out sequences (random tokens, other than the four training batches).
+        assert m.error_after < 0.75 * m.error_before and m.kept == "trained", m
         assert len(m.losses) == 60 and all(math.isfinite(x) for x in m.losses)
         assert sum(m.losses[-10:]) < sum(m.losses[:10])
 
@@ -257,6 +260,33 @@ def test_learned_scales_stay_positive():
     q, _ = _run(MethodConfig(name="mrem_s", modules=2, steps=5, lr_scale=50.0))
     scales = [p for n, p in q.named_parameters() if n.endswith(".scale")]
     assert scales and all((s > 0).all() for s in scales)
+
+
+@pytest.mark.parametrize("never_worse", [True, False])
+def test_a_module_that_training_made_worse_keeps_its_initial_state(never_worse):
+    # A planted learning rate that diverges (10 on weights of scale 0.02): the loss stays finite (the
+    # weight codes clamp to the grid) but every module ends far worse on the held-out batches.
+    model, q, family, batches = _setup()
+    initial = _quant_state(q)
+    specs = partition(model, family, 2)
+    settings = recon_settings(MethodConfig(name="mrem_s", modules=2, steps=10, lr_weight=10.0, never_worse=never_worse))
+    result = reconstruct_sequential(model, q, family, specs, batches, _batches(2, seed=1), settings, EngineOptions())
+    assert all(m.error_after > m.error_before for m in result.modules)
+    final = _quant_state(q)
+    if never_worse:
+        assert [m.kept for m in result.modules] == ["initial", "initial"]
+        assert final.keys() == initial.keys() and all(torch.equal(final[k], initial[k]) for k in final)
+    else:
+        assert [m.kept for m in result.modules] == ["trained", "trained"]
+        assert not all(torch.equal(final[k], initial[k]) for k in final)
+
+
+def test_keep_trained_rule():
+    from mrem_dist.engine.records import keep_trained
+
+    assert keep_trained(1.0, 0.5, True) and keep_trained(1.0, 1.0, True) and not keep_trained(1.0, 1.5, True)
+    assert not keep_trained(1.0, float("nan"), True) and keep_trained(float("inf"), 2.0, True)
+    assert keep_trained(1.0, 1.5, False) and keep_trained(1.0, float("nan"), False)
 
 
 def test_diverging_training_names_the_module():

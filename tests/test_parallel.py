@@ -117,6 +117,26 @@ def test_lam_one_on_three_ranks_equals_sequential_lkd(tmp_path, tiny_encoder_dir
     _assert_same_state(torch.load(out / "state.pt"), qmodel.state_dict())
 
 
+def test_modules_that_training_made_worse_keep_their_initial_state_on_two_ranks(tmp_path, tiny_encoder_dir,
+                                                                                sst_like_csv):
+    # A planted learning rate that diverges (10 on weights of scale 0.02): both modules end worse on
+    # the held-out samples, so the assembled model is the initial quantized one, bit for bit (the
+    # reference: the same run at lr 0, whose weights never move).
+    out = tmp_path / "out"
+    out.mkdir()
+    run_ranks(_job, 2, tiny_encoder_dir, sst_like_csv, str(tmp_path / "run"), str(out),
+              ["method.modules=2", "method.lr_weight=10"], -1)
+    report = json.loads((out / "report.json").read_text())
+    modules = report["reconstruction"]["modules"]
+    assert [m["kept"] for m in modules] == ["initial", "initial"]
+    assert all(m["error_after"] > m["error_before"] for m in modules)
+    assert report["metrics"]["quantized"] == report["metrics_before_reconstruction"]
+    assert "Kept at their initialization" in (tmp_path / "run" / "summary.md").read_text()
+    _, initial = _single(tiny_encoder_dir, sst_like_csv, tmp_path / "lr0",
+                         ["method.modules=2", "method.lr_weight=0", "method.lr_scale=0"])
+    _assert_same_state(torch.load(out / "state.pt"), initial)
+
+
 def test_a_rank_that_raises_stops_every_rank_with_the_rank_named(tmp_path, tiny_encoder_dir, sst_like_csv):
     out = tmp_path / "out"
     out.mkdir()

@@ -214,7 +214,7 @@ def test_builtin_default_on_the_real_minilm(tmp_path):
     report, qmodel = execute(cfg)
     assert report["model"]["family"] == "bert" and report["model"]["kind"] == "encoder"
     assert report["model"]["parameters"] > 22_000_000
-    assert report["data"] == {"name": "builtin", "calibration_samples": 64, "evaluation_samples": 48,
+    assert report["data"] == {"name": "builtin", "calibration_samples": 64, "holdout_samples": 0, "evaluation_samples": 48,
                               "max_length": 32, "labeled": False}
     assert 0.95 < report["metrics"]["quantized"]["cosine"] < 1.0
     # Its artifact: W8 weights, E8 embeddings packed one code per byte (about a quarter of FP32),

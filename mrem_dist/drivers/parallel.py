@@ -102,25 +102,26 @@ def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, torch.n
         if needs_calibration(qmodel):
             pipe.calibrate(calib)
     lam_end = lam_at(settings.lam, settings.steps - 1, settings.steps, settings.t0)
-    probe_calib, probe_eval = calib[:4], evalset.batches[:4]
+    probe_eval = evalset.batches[:4]
     init_metric = task.metric(evalset)
     with timer("evaluate"):
         pipe.evaluate(evalset.batches, lambda b, out: task.reduce(b, out.hidden[-1], out.logits), init_metric)
-        err_before, _ = pipe.probe(probe_calib, lam_end, settings.loss)
         _, layers_before = pipe.probe(probe_eval, 0.0, settings.loss)
+    # Taken before a checkpoint is loaded: a resumed run returns to the same initial state.
+    initial = pipe.initial_states()
     order = list(epoch_order(len(calib), settings.steps, cfg.seed))
     log.info("rank %d: %d steps a module, lam=%s, queue %d", layout.rank, settings.steps, settings.lam, cfg.method.queue)
     with timer("reconstruct"):
         results, stats = pipe.train(calib, order, settings, checkpoint, stop)
     with timer("evaluate"):
-        err_after, _ = pipe.probe(probe_calib, lam_end, settings.loss)
+        decisions = pipe.keep_better(ctx.data.holdout, initial, lam_end, settings.loss, settings.never_worse)
+        del initial
         _, layers_after = pipe.probe(probe_eval, 0.0, settings.loss)
 
     modules = [
-        ModuleRecord(res.index, [spec.start, spec.stop], settings.steps, err_before[res.index], err_after[res.index],
-                     round(res.seconds, 3), round(res.wait_seconds, 3), res.losses, res.lams, stats.resumed_from,
-                     layout.rank)
-        for res, spec in zip(results, pipe.held)
+        ModuleRecord(res.index, [spec.start, spec.stop], settings.steps, before, after, round(res.seconds, 3),
+                     round(res.wait_seconds, 3), res.losses, res.lams, stats.resumed_from, layout.rank, kept)
+        for res, spec, (before, after, kept) in zip(results, pipe.held, decisions)
     ]
     payload = RankPayload(layout.rank, owned_state(qmodel, owner, held), modules, stats.as_dict(), layers_before,
                           layers_after, init_metric if layout.is_last_stage else None, dict(timer.seconds))

@@ -70,7 +70,8 @@ def _reconstruct(ctx: RunContext, qmodel: torch.nn.Module, specs: list, checkpoi
     options = EngineOptions(cache=cfg.method.cache, cache_memory_gb=cfg.method.cache_memory_gb, seed=cfg.seed,
                             device=ctx.device, checkpoint=checkpoint, stop=stop)
     with timer("reconstruct"):
-        engine = reconstruct_sequential(model, qmodel, family, specs, ctx.data.calib, ctx.recon_settings(), options)
+        engine = reconstruct_sequential(model, qmodel, family, specs, ctx.data.calib, ctx.data.holdout,
+                                        ctx.recon_settings(), options)
     with timer("evaluate"):
         after = layer_errors(model, qmodel, family, probe)
     return {

@@ -18,7 +18,9 @@ so the result does not depend on the number of ranks (tested bit for bit).
 
 The same relay carries the passes without training: calibration of the static activation ranges,
 the evaluation of the initial quantized model against full precision (the last stage updates the
-task's streaming metric state), and the error probes before and after.
+task's streaming metric state), the per-layer error probes, and the never-worse check after
+training (`keep_better`: each module measured on held-out batches in its trained and its initial
+state, fed by the final upstream modules, keeps the better one).
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from mrem_dist.quant import calibrating
 
 from .checkpoint import Checkpointer, Preempted, StopSignal
 from .partition import ModuleSpec
-from .reconstruct import ModuleResult, ModuleTrainer, ReconSettings, mix_inputs, reconstruction_loss
+from .reconstruct import ModuleResult, ModuleTrainer, ReconSettings, log_kept, mix_inputs, reconstruction_loss, snapshot
+from .records import keep_trained
 from .stage import Stage, StageOutput
 from .stream import StreamReceiver, StreamSender
 
@@ -180,6 +183,50 @@ class RankPipeline:
 
         self.relay(batches, list(range(len(batches))), teacher=True, lam=lam, visit=visit)
         return errors, layers
+
+    def initial_states(self) -> list[dict[str, Tensor]]:
+        """This rank's quantized modules as they are now (before training), to return to."""
+        return [snapshot(stu) for stu in self.students]
+
+    @torch.no_grad()
+    def keep_better(self, batches: list[Batch], initial: list[dict[str, Tensor]], lam: float, loss: str,
+                    never_worse: bool) -> list[tuple[float, float, str]]:
+        """The never-worse check, module by module down the pipeline: module n is measured (mean
+        reconstruction loss, input mix `lam`) on the held-out `batches` in its initial and its
+        trained state, both fed by the kept states of modules 0..n-1; with never_worse it keeps the
+        better one. Returns (error initial, error trained, kept) per module of this rank.
+
+        A rank needs every held-out batch before it can decide, so it receives them all, decides,
+        and only then sends its kept outputs on (the held-out set is a few batches)."""
+        if not batches:
+            raise ValueError("no held-out calibration batches to measure the modules on: set data.holdout_samples >= 1")
+        base, inputs = self.seq, []
+        for i in range(len(batches)):  # message base + i carries batch i, on both links
+            inputs.append(self._recv(i))
+            self.seq += 1
+        self.seq = base
+        decisions = []
+        for k, (tch, stu) in enumerate(zip(self.teachers, self.students)):
+            trained = snapshot(stu)
+            runs = {}  # state -> (error, the next module's inputs); only module outputs are kept
+            for name, state in (("initial", initial[k]), ("trained", trained)):
+                stu.load_state_dict(state)
+                total, outs = 0.0, []
+                for (fp, q), b in zip(inputs, batches):
+                    t, o = tch(fp, b, logits=False), stu(mix_inputs(lam, fp, q), b, logits=False)
+                    total += reconstruction_loss(o, t, b.attention_mask, loss, 0.0).item()
+                    outs.append((t.hidden[-1], o.hidden[-1]))
+                runs[name] = (total / len(batches), outs)
+            before, after = runs["initial"][0], runs["trained"][0]
+            kept = "trained" if keep_trained(before, after, never_worse) else "initial"
+            stu.load_state_dict(trained if kept == "trained" else initial[k])
+            log_kept(self.held[k], before, after, kept)
+            decisions.append((before, after, kept))
+            inputs = runs[kept][1]
+        for i, (fp, q) in enumerate(inputs):
+            self._send(i, fp, q)
+        self.flush()
+        return decisions
 
     # -- training ------------------------------------------------------------------------------
     def _resume(self, checkpoint: Checkpointer, trainers: list[ModuleTrainer]) -> int:

@@ -54,6 +54,7 @@ class ReconSettings:
     train_scales: bool = True
     train_bias: bool = False
     train_layernorm: bool = False
+    never_worse: bool = True  # keep the initial state of a module that ends worse on the held-out batches
     log_every: int = 0  # 0: ten progress lines per module
 
 
@@ -314,6 +315,20 @@ def module_error(student: Stage, teacher: Stage, feed: Feed, lam: float, loss: s
         total += reconstruction_loss(s, t, batch.attention_mask, loss, 0.0).item()
         n += 1
     return total / max(n, 1)
+
+
+def snapshot(stage: Stage) -> dict[str, torch.Tensor]:
+    """A copy of a stage's state (its weights, step sizes and buffers) to return to."""
+    return {k: v.detach().clone() for k, v in stage.state_dict().items()}
+
+
+def log_kept(spec, before: float, after: float, kept: str) -> None:
+    if kept == "trained":
+        log.info("%s: held-out reconstruction error %.4g -> %.4g", spec.describe(), before, after)
+    else:
+        log.warning("%s: training made it worse on the held-out batches (error %.4g -> %.4g): kept its initial state "
+                    "(method.never_worse); a lower method.lr_weight / method.lr_scale may train it", spec.describe(),
+                    before, after)
 
 
 def freeze_stage(stage: Stage) -> None:

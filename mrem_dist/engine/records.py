@@ -4,7 +4,21 @@ what a rank sends the coordinator, and what a finished module's checkpoint carri
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+
+
+# What a module keeps after training: its trained state, or its initial one when the trained state is
+# worse on the held-out batches (method.never_worse).
+KEPT = ("trained", "initial")
+
+
+def keep_trained(before: float, after: float, never_worse: bool) -> bool:
+    """The never-worse rule: keep the trained state unless it measured worse than the initial one
+    (a tie keeps the trained state; a non-finite error is worse than any finite one)."""
+    if not never_worse:
+        return True
+    return math.isfinite(after) and not (math.isfinite(before) and after > before)
 
 
 @dataclass
@@ -12,7 +26,9 @@ class ModuleRecord:
     index: int
     layers: list[int]  # [start, stop) of the layer list
     steps: int
-    error_before: float  # mean reconstruction loss on probe batches, before / after training
+    # Mean reconstruction loss on the held-out calibration batches of the initial / the trained state,
+    # both fed by the final upstream modules (the inputs the module sees in the final model).
+    error_before: float
     error_after: float
     seconds: float
     wait_seconds: float  # waiting for inputs (activation I/O, or the previous rank's stream)
@@ -20,6 +36,7 @@ class ModuleRecord:
     lams: list[float] = field(default_factory=list)  # teacher-forcing weight at every step
     resumed_from: int = 0  # the step training started at (> 0: resumed from a checkpoint)
     rank: int = 0  # the rank that trained it
+    kept: str = "trained"  # KEPT: the state the final model holds (initial: training made it worse)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -2,8 +2,10 @@
 
 Module n trains on cached boundary activations: f_{n-1} (full precision, for the teacher's
 targets and for teacher forcing) and fq_{n-1} (the output of the already-reconstructed quantized
-modules 0..n-1). After it has trained, its outputs become the next module's inputs. Only the
-stores of one boundary (plus the next one being built) are alive at any time.
+modules 0..n-1). It is measured on held-out calibration batches before and after training and,
+with never_worse, goes back to its initial state when training made it worse there. Then its
+outputs become the next module's inputs. Only the stores of one boundary (plus the next one being
+built) are alive at any time.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from mrem_dist.models.families import ModelFamily
 from .cache import ActivationStore, choose_cache
 from .checkpoint import Checkpointer, Preempted, StopSignal
 from .partition import ModuleSpec
-from .reconstruct import Feed, ModuleTrainer, ReconSettings, lam_at, mix_inputs, module_error, reconstruct_module
-from .records import ModuleRecord
+from .reconstruct import (Feed, ModuleTrainer, ReconSettings, lam_at, log_kept, mix_inputs, module_error,
+                          reconstruct_module, snapshot)
+from .records import ModuleRecord, keep_trained
 from .stage import Stage
 
 log = get_logger(__name__)
@@ -45,7 +48,6 @@ class EngineOptions:
     cache_memory_gb: float = 4.0
     cache_dir: Optional[Path] = None
     seed: int = 0
-    error_batches: int = 4  # calibration batches the module error before / after is measured on
     device: torch.device | str = "cpu"
     checkpoint: Optional[Checkpointer] = None
     stop: Optional[StopSignal] = None
@@ -74,8 +76,8 @@ def activation_bytes(batches: list[Batch], hidden_size: int, dtype_bytes: int = 
 
 
 class _Boundary:
-    """The inputs of the module being trained: the calibration batches and the cached boundary
-    activations entering it (full precision, and quantized upstream unless LKD)."""
+    """The inputs of the module being trained: the batches (calibration, then held-out) and the
+    cached boundary activations entering it (full precision, and quantized upstream unless LKD)."""
 
     def __init__(self, batches: list[Batch], device, use_q: bool) -> None:
         self.batches, self.device, self.use_q = batches, device, use_q
@@ -111,12 +113,15 @@ class _Boundary:
 class _SequentialRun:
     """One module after another; the state shared by the modules of one run."""
 
-    def __init__(self, batches: list[Batch], settings: ReconSettings, options: EngineOptions) -> None:
+    def __init__(self, batches: list[Batch], holdout: list[Batch], settings: ReconSettings, options: EngineOptions) -> None:
+        if not holdout:
+            raise ValueError("no held-out calibration batches to measure the modules on: set data.holdout_samples >= 1")
         self.batches, self.settings, self.options = batches, settings, options
         self.checkpoint, self.stop = options.checkpoint, options.stop
         self.lam_end = lam_at(settings.lam, settings.steps - 1, settings.steps, settings.t0) if settings.steps else 0.0
-        self.probe = list(range(min(options.error_batches, len(batches))))
-        self.boundary = _Boundary(batches, options.device, _needs_quantized_inputs(settings))
+        # The held-out batches ride along after the calibration ones; training never draws them.
+        self.probe = list(range(len(batches), len(batches) + len(holdout)))
+        self.boundary = _Boundary(batches + holdout, options.device, _needs_quantized_inputs(settings))
 
     def _error(self, student: Stage, teacher: Stage) -> float:
         return module_error(student, teacher, self.boundary.feed(iter(self.probe)), self.lam_end, self.settings.loss)
@@ -153,8 +158,10 @@ class _SequentialRun:
         spec, settings, checkpoint = student.spec, self.settings, self.checkpoint
         reached = checkpoint.latest(tag) if checkpoint is not None else 0
         log.info("%s (%d steps, lam=%s)", spec.describe(), settings.steps, settings.lam)
-        # The error before is the initial module's: measured before a checkpoint is loaded into it.
+        # The error before and the initial state are the initial module's: taken before a checkpoint
+        # is loaded into it.
         before = self._error(student, teacher)
+        initial = snapshot(student)
         trainer = ModuleTrainer(student, teacher, settings)
         if reached:
             checkpoint.load(reached, [trainer], tag)
@@ -163,9 +170,13 @@ class _SequentialRun:
         res = reconstruct_module(student, teacher, self.boundary.feed(order), settings, trainer, reached,
                                  self._after_step(spec, tag))
         after = self._error(student, teacher)
-        log.info("%s: reconstruction error %.4g -> %.4g in %.1fs", spec.describe(), before, after, res.seconds)
+        kept = "trained" if keep_trained(before, after, settings.never_worse) else "initial"
+        if kept == "initial":
+            student.load_state_dict(initial)
+        log.info("%s: trained in %.1fs", spec.describe(), res.seconds)
+        log_kept(spec, before, after, kept)
         record = ModuleRecord(spec.index, [spec.start, spec.stop], settings.steps, before, after, round(res.seconds, 3),
-                              round(res.wait_seconds, 3), res.losses, res.lams, reached)
+                              round(res.wait_seconds, 3), res.losses, res.lams, reached, kept=kept)
         if checkpoint is not None:  # done: a rerun restores it instead of training it again
             checkpoint.save(settings.steps, [trainer], tag, extra=record.as_dict())
         return record
@@ -177,10 +188,12 @@ def reconstruct_sequential(
     family: ModelFamily,
     specs: list[ModuleSpec],
     batches: list[Batch],
+    holdout: list[Batch],
     settings: ReconSettings,
     options: Optional[EngineOptions] = None,
 ) -> EngineResult:
-    """Reconstruct every module of `q_model` in order, in place. `batches` live on `options.device`.
+    """Reconstruct every module of `q_model` in order, in place, training on `batches` and measuring
+    each module on `holdout` (the never-worse check). Both live on `options.device`.
 
     With a checkpointer, each module is checkpointed every `checkpoint.every` steps and when it is
     done (with its record); a rerun skips the modules that were done, continues the one that was
@@ -191,12 +204,12 @@ def reconstruct_sequential(
     q_model.requires_grad_(False)
     hidden = family.config(fp_model).hidden_size
     # Live at once: this boundary's fp (and q) store plus the next one being written.
-    needed = activation_bytes(batches, hidden) * (4 if _needs_quantized_inputs(settings) else 2)
+    needed = activation_bytes(batches + holdout, hidden) * (4 if _needs_quantized_inputs(settings) else 2)
     kind = choose_cache(options.cache, needed, options.cache_memory_gb)
     log.info("calibration activations: %.2f GB at peak, kept in %s (method.cache=%s, budget %.1f GB)",
              needed / 2**30, kind, options.cache, options.cache_memory_gb)
     result = EngineResult(cache=kind)
-    run = _SequentialRun(batches, settings, options)
+    run = _SequentialRun(batches, holdout, settings, options)
     try:
         if run.checkpoint is not None:
             run.checkpoint.prepare()
