@@ -117,10 +117,12 @@ class MethodConfig:
     loss: str = "every_layer"
     # Weight of a KL distillation term on the logits (last module of a task model).
     kd_weight: float = 0.0
-    # Adam(W) learning rates, cosine-decayed: latent weights (through the STE), absolute; quantizer
-    # step sizes (LSQ), relative to each step size. Measured on MiniLM at W2A8 and W4A8
-    # (benchmarks/lr_sweep.py): 1e-3 beat 3e-4, 1e-4 and 3e-5 for the weights.
-    lr_weight: float = 1e-3
+    # Adam(W) learning rates, cosine-decayed. Latent weights (through the STE): lr_weight_rel of each
+    # weight tensor's mean quantization step, one rule for every bit width (benchmarks/lr_sweep.py),
+    # or lr_weight, absolute and the same for every tensor, when set. Quantizer step sizes (LSQ):
+    # lr_scale, relative to each step size.
+    lr_weight: Optional[float] = None
+    lr_weight_rel: float = 0.03
     lr_scale: float = 1e-3
     weight_decay: float = 0.0
     train_weights: bool = True
@@ -488,7 +490,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         _check_choice("method.loss", m.loss, LOSSES)
         _check_choice("method.balance", m.balance, BALANCES)
         _check_choice("method.cache", m.cache, CACHE_MODES)
-        _check(m.lr_weight >= 0 and m.lr_scale >= 0, "method.lr_weight and method.lr_scale must be >= 0")
+        _check((m.lr_weight is None or m.lr_weight >= 0) and m.lr_weight_rel >= 0 and m.lr_scale >= 0,
+               "method.lr_weight, method.lr_weight_rel and method.lr_scale must be >= 0")
         _check(m.kd_weight >= 0, f"method.kd_weight={m.kd_weight} must be >= 0")
         _check(m.cache_memory_gb > 0, f"method.cache_memory_gb={m.cache_memory_gb} must be positive")
         _check(m.train_weights or m.train_scales, "method.train_weights and method.train_scales are both false: nothing would be trained")
@@ -496,6 +499,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         _check(cfg.data.holdout_samples >= 1, f"data.holdout_samples={cfg.data.holdout_samples}: the reconstruction "
                "measures every module on held-out calibration samples before and after training: set it >= 1 (e.g. 16)")
     if m.name == "prequant":
+        _check(m.lr_weight is not None, "method=prequant fine-tunes at method.lr_weight: set it (e.g. 5e-4)")
         _validate_training("method.", m.steps, "lr_weight", m.lr_weight, m.warmup)
         _check_choice("method.outlier_rule", m.outlier_rule, OUTLIER_RULES)
         _check(0.0 <= m.outlier_fraction < 1.0, f"method.outlier_fraction={m.outlier_fraction} is the fraction of each "

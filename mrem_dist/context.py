@@ -230,7 +230,7 @@ def recon_settings(m: MethodConfig) -> ReconSettings:
     """The engine's flat settings from the method config (rem / lkd / mrem_s are presets of it)."""
     return ReconSettings(
         steps=m.steps, lam=m.lam, t0=m.t0, loss=m.loss, kd_weight=m.kd_weight,
-        lr_weight=m.lr_weight, lr_scale=m.lr_scale, weight_decay=m.weight_decay,
+        lr_weight=m.lr_weight, lr_weight_rel=m.lr_weight_rel, lr_scale=m.lr_scale, weight_decay=m.weight_decay,
         train_weights=m.train_weights, train_scales=m.train_scales,
         train_bias=m.train_bias, train_layernorm=m.train_layernorm, never_worse=m.never_worse, log_every=m.log_every,
     )
@@ -257,3 +257,23 @@ def log_summary(report: dict) -> None:
         log.info("reconstruction summary:\n  %s", "\n  ".join(lines))
     fp, q = report["metrics"]["full_precision"] or {}, report["metrics"]["quantized"]
     log.info("metrics: %s", ", ".join(f"{k} {fp[k]:.4f} -> {v:.4f}" if k in fp else f"{k} {v:.4f}" for k, v in q.items()))
+    if report["validation"]["passed"]:
+        log.info("%s", closing_line(report))
+
+
+def closing_line(report: dict) -> str:
+    """One sentence for a person: the headline metric from the start to the end, and what was written."""
+    name = report["validation"]["headline_metric"]
+    fp, q = (report["metrics"]["full_precision"] or {}).get(name), report["metrics"]["quantized"][name]
+    before = (report.get("metrics_before_reconstruction") or {}).get(name)
+    what = f"{report['method']} {report['quant']['name']} of {report['model']['path']}"
+    label = "cosine to full precision" if name == "cosine" else name
+    line = f"done: {what}: {label} {before:.4f} before reconstruction -> {q:.4f}" if before is not None else \
+        f"done: {what}: {label} {q:.4f}"
+    if fp is not None and name != "cosine":  # an encoder's cosine is to full precision already
+        line += f" (full precision {fp:.4f})"
+    for fmt, art in (report.get("artifacts") or {}).items():
+        if "bytes" in art:
+            line += (f"; {fmt} model in {art['path']}, {art['bytes'] / 1e6:.1f} MB ({art['ratio_to_fp32']:.2f}x of "
+                     f"FP32's {art['fp32_parameter_bytes'] / 1e6:.1f} MB)")
+    return line

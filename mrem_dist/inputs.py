@@ -38,13 +38,14 @@ class PreparedData:
                             self.description, [b.to(device) for b in self.holdout])
 
 
-def split_holdout(n_calib: int, n_total: int, holdout: int, what: str) -> int:
-    """How many held-out samples follow the n_calib calibration ones among n_total drawable ones."""
+def split_holdout(n_calib: int, n_total: int, holdout: int, what: str, warn: bool = True) -> int:
+    """How many held-out samples follow the n_calib calibration ones among n_total drawable ones
+    (ValueError when none is left; a warning when fewer than asked)."""
     left = n_total - n_calib
     if holdout and left <= 0:
         raise ValueError(f"{what} leaves no sample for the held-out check of the reconstruction (data.holdout_samples="
                          f"{holdout}): lower data.calib_samples, or give more calibration data")
-    if holdout > left:
+    if holdout > left and warn:
         log.warning("%s leaves %d samples for the held-out check, fewer than data.holdout_samples=%d: using them",
                     what, left, holdout)
     return min(holdout, max(left, 0))

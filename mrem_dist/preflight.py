@@ -130,7 +130,7 @@ def check_data(cfg_data, kind: str = "encoder") -> None:
 
 def preflight(cfg: RunConfig) -> None:
     """Every check that needs no weights; raises InputError (exit code 2)."""
-    from mrem_dist.inputs import load_splits, load_texts
+    from mrem_dist.inputs import load_splits, load_texts, split_holdout
 
     model, family, kind = _skeleton(cfg)
     formats = export_formats(cfg.export)
@@ -141,7 +141,11 @@ def preflight(cfg: RunConfig) -> None:
         if problems:
             raise InputError("export.format=compressed-tensors cannot express this run's model: " + "; ".join(problems))
     _check_shapes(cfg, model, family, kind)
-    _checked(f"data={cfg.data.name}", load_texts if kind == "causal_lm" else load_splits, cfg.data)
+    splits = _checked(f"data={cfg.data.name}", load_texts if kind == "causal_lm" else load_splits, cfg.data)
+    rows = len(splits[0]) if kind != "causal_lm" and splits[0] is not None else 0  # a text's windows: any number
+    if cfg.method.name in RECONSTRUCTION_METHODS and rows:
+        _checked("data.holdout_samples", split_holdout, min(cfg.data.calib_samples, rows), rows,
+                 cfg.data.holdout_samples, f"data.calib_samples={cfg.data.calib_samples} of {rows} rows", False)
     # An upper bound of each export: every parameter at 32 bits (they are 4-8x smaller), plus the report.
     needed = 4 * sum(p.numel() for p in model.parameters()) * len(formats) + 10**7
     checkpoints = cfg.checkpoint.dir if cfg.method.name in RECONSTRUCTION_METHODS else None

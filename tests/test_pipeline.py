@@ -233,3 +233,46 @@ def test_builtin_default_on_the_real_minilm(tmp_path):
         torch.testing.assert_close(run_batch(art.model, art.family, b), run_batch(qmodel, art.family, b),
                                    rtol=1e-4, atol=1e-4)
 
+
+
+def _same_batches(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(x.input_ids, y.input_ids) and torch.equal(x.attention_mask, y.attention_mask)
+                                    for x, y in zip(a, b))
+
+
+def test_held_out_samples_follow_the_calibration_ones(tmp_path, tiny_encoder_dir, sst_like_csv, caplog):
+    # The never-worse check's samples come after the calibration ones in the same seeded order:
+    # the calibration set does not depend on how many are held out.
+    from mrem_dist.inputs import prepare_data
+    from mrem_dist.models import load_model
+
+    data = _cfg(tmp_path, f"model.path={tiny_encoder_dir}", *_small_data(*sst_like_csv)).data  # 16 of 32 rows
+    loaded = load_model(tiny_encoder_dir)
+    plain, held = prepare_data(data, loaded), prepare_data(data, loaded, holdout=8)
+    assert plain.holdout == [] and _same_batches(plain.calib, held.calib)
+    assert [b.input_ids.shape[0] for b in held.holdout] == [8] and held.description["holdout_samples"] == 8
+    with caplog.at_level("WARNING"):
+        assert prepare_data(data, loaded, holdout=100).description["holdout_samples"] == 16
+    assert "fewer than data.holdout_samples=100" in caplog.text
+    every_row = _cfg(tmp_path, f"model.path={tiny_encoder_dir}", *_small_data(*sst_like_csv), "data.calib_samples=32").data
+    with pytest.raises(ValueError, match="leaves no sample for the held-out check.*lower data.calib_samples"):
+        prepare_data(every_row, loaded, holdout=8)
+    # A reconstruction run finds it before loading anything (exit code 2).
+    from mrem_dist.preflight import InputError
+
+    with pytest.raises(InputError, match="data.calib_samples=32 of 32 rows leaves no sample for the held-out check"):
+        execute(_cfg(tmp_path / "run", f"model.path={tiny_encoder_dir}", *_small_data(*sst_like_csv),
+                     "data.calib_samples=32", "method=mrem_s", "method.steps=2"))
+
+
+def test_held_out_windows_of_a_decoder_follow_the_calibration_ones(tmp_path, tiny_llama_dir, wiki_like_txt):
+    from mrem_dist.inputs import prepare_data
+    from mrem_dist.models import load_model
+
+    data = _cfg(tmp_path, f"model.path={tiny_llama_dir}", "data=local", f"data.train_file={wiki_like_txt[0]}",
+                f"data.validation_file={wiki_like_txt[1]}", "data.seq_len=32", "data.calib_samples=8",
+                "data.batch_size=4").data
+    loaded = load_model(tiny_llama_dir)
+    plain, held = prepare_data(data, loaded), prepare_data(data, loaded, holdout=4)
+    assert plain.holdout == [] and _same_batches(plain.calib, held.calib)
+    assert [tuple(b.input_ids.shape) for b in held.holdout] == [(4, 32)]

@@ -43,7 +43,8 @@ from mrem_dist.quant import calibrating
 
 from .checkpoint import Checkpointer, Preempted, StopSignal
 from .partition import ModuleSpec
-from .reconstruct import ModuleResult, ModuleTrainer, ReconSettings, log_kept, mix_inputs, reconstruction_loss, snapshot
+from .reconstruct import (ModuleResult, ModuleTrainer, Progress, ReconSettings, log_kept, mix_inputs,
+                          reconstruction_loss, snapshot)
 from .records import keep_trained
 from .stage import Stage, StageOutput
 from .stream import StreamReceiver, StreamSender
@@ -253,8 +254,15 @@ class RankPipeline:
         Preempted."""
         if len(order) != settings.steps:
             raise ValueError(f"the batch order has {len(order)} entries for {settings.steps} steps")
-        trainers = [ModuleTrainer(stu, tch, settings) for stu, tch in zip(self.students, self.teachers)]
+        # One progress display for the rank (a bar on a terminal, else a line every 10%): its
+        # modules step together, each figure is one module's loss.
+        trainers = [ModuleTrainer(stu, tch, settings, progress=False) for stu, tch in zip(self.students, self.teachers)]
         first = self._resume(checkpoint, trainers) if checkpoint is not None else 0
+        names = [s.index for s in self.held]
+        desc = f"module{'s' if len(names) > 1 else ''} {', '.join(map(str, names))}"
+        progress = Progress(desc if self.layout.world_size == 1 else f"rank {self.rank}: {desc}", settings.steps,
+                            settings.log_every or max(settings.steps // 10, 1))
+        progress.resume_at(first)
         # LKD-style runs (lam = 1 throughout) never use the quantized stream: do not send it.
         use_q = settings.lam != "one"
         recv0 = self.receiver.blocked_seconds if self.receiver else 0.0
@@ -268,6 +276,9 @@ class RankPipeline:
                 for trainer in trainers:
                     target, out = trainer.train_step(t, batches[i], fp, q)
                     fp, q = target.hidden[-1], (out.hidden[-1].detach() if use_q else None)
+                losses = [tr.losses[-1] for tr in trainers]
+                progress.update(t, sum(losses) / len(losses), lam=trainers[-1].lams[-1],
+                                **({f"m{n}": x for n, x in zip(names, losses)} if len(names) > 1 else {}))
                 stopping = (self.receiver.stop_requested if self.receiver is not None
                             else stop is not None and stop.received is not None)
                 self._send(i, fp, q, stop=stopping)
@@ -280,6 +291,7 @@ class RankPipeline:
                                     f"{where}: run the same command again to resume")
             self.flush()
         finally:
+            progress.close()
             seconds = time.perf_counter() - start
             recv = (self.receiver.blocked_seconds if self.receiver else 0.0) - recv0
             send = (self.sender.blocked_seconds if self.sender else 0.0) - send0

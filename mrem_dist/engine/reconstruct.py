@@ -47,7 +47,8 @@ class ReconSettings:
     t0: int = 0  # anneal: lam_t = max(1 - t/t0, 0); 0 means half of the steps
     loss: str = "every_layer"
     kd_weight: float = 0.0  # distillation on the logits, last module of a task model only
-    lr_weight: float = 1e-3
+    lr_weight: Optional[float] = None  # absolute, for every latent weight; None: lr_weight_rel per tensor
+    lr_weight_rel: float = 0.03  # relative to each weight's mean quantization step (benchmarks/lr_sweep.py)
     lr_scale: float = 1e-3  # relative to each step size's magnitude
     weight_decay: float = 0.0
     train_weights: bool = True
@@ -104,25 +105,38 @@ def reconstruction_loss(s: StageOutput, t: StageOutput, mask: Tensor, loss: str,
 
 def trainable_groups(stage: Stage, settings: ReconSettings) -> list[dict]:
     """Set requires_grad on the student stage and return the optimizer parameter groups:
-    latent weights (STE) at lr_weight, quantizer step sizes (LSQ) at lr_scale."""
-    weights, scales = [], []
+    latent weights (STE) at lr_weight (or lr_weight_rel of their grid step), quantizer step sizes
+    (LSQ) at lr_scale of their magnitude."""
+    weights, scales = [], []  # weights: (parameter, the tensor its relative lr is measured on)
     for p in stage.parameters():
         p.requires_grad_(False)
     for module in stage.modules():
         if isinstance(module, (QuantLinear, QuantEmbedding)) and settings.train_weights:
-            weights.append(module.weight)
+            wq = module.weight_quantizer
+            weights.append((module.weight, module.weight if wq is None or wq.scale is None else wq.scale))
         if isinstance(module, QuantLinear) and settings.train_bias and module.bias is not None:
-            weights.append(module.bias)
+            weights.append((module.bias, module.bias))
         # LayerNorm, or a decoder's RMSNorm (LlamaRMSNorm, Qwen2RMSNorm, ...: one class per model type).
         if (isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")) and settings.train_layernorm:
-            weights.extend(p for p in module.parameters())
+            weights.extend((p, p) for p in module.parameters())
         if isinstance(module, (WeightQuantizer, ActQuantizer)) and settings.train_scales:
             scale = getattr(module, "scale", None)
             if isinstance(scale, nn.Parameter):
                 scales.append(scale)
     groups = []
-    if weights:
-        groups.append({"params": weights, "lr": settings.lr_weight, "weight_decay": settings.weight_decay, "name": "weights"})
+    if weights and settings.lr_weight is not None:
+        groups.append({"params": [w for w, _ in weights], "lr": settings.lr_weight, "weight_decay": settings.weight_decay,
+                       "name": "weights"})
+    elif weights:
+        # One rule for every bit width: Adam moves a weight by about lr a step whatever its gradient,
+        # and a grid step shrinks with the bits (a symmetric 8-bit grid spans the same range with 127
+        # steps a side that a 4-bit one spans with 7), so one absolute lr is too large at W8 and too
+        # small at W2. Each weight moves lr_weight_rel of its own mean grid step instead (AutoRound's
+        # signed-gradient rounding offsets move lr = 1/iters of a step); a bias or a norm, which has
+        # no grid, lr_weight_rel of its mean magnitude.
+        for w, ref in weights:
+            lr = settings.lr_weight_rel * ref.detach().abs().mean().item()
+            groups.append({"params": [w], "lr": lr, "weight_decay": settings.weight_decay, "name": "weights"})
     # Step sizes span orders of magnitude (a 2-bit weight step ~1e-2, an 8-bit activation step
     # ~1e-1) and Adam's update is ~lr whatever the gradient, so each scale tensor gets its own
     # group with lr relative to its magnitude: lr_scale is a relative change per step.
@@ -189,7 +203,9 @@ class ModuleTrainer:
     the same step (lockstep), passing one module's outputs as the next one's inputs.
     """
 
-    def __init__(self, student: Stage, teacher: Stage, settings: ReconSettings) -> None:
+    def __init__(self, student: Stage, teacher: Stage, settings: ReconSettings, progress: bool = True) -> None:
+        """progress=False: the caller shows the progress (a rank training several modules shows one
+        display for all of them)."""
         if settings.loss not in LOSSES:
             raise ValueError(f"loss={settings.loss!r} is not one of {', '.join(LOSSES)}")
         self.student, self.teacher, self.settings = student, teacher, settings
@@ -201,7 +217,7 @@ class ModuleTrainer:
         self.scales = [p for g in self.groups if g["name"] == "scales" for p in g["params"]]
         freeze_stage(teacher)
         every = settings.log_every or max(settings.steps // 10, 1)
-        self.progress = Progress(f"module {student.spec.index}", settings.steps, every)
+        self.progress = Progress(f"module {student.spec.index}", settings.steps, every) if progress else None
         self.losses: list[float] = []
         self.lams: list[float] = []
         self.start = time.perf_counter()
@@ -219,7 +235,8 @@ class ModuleTrainer:
                 scale.clamp_(min=SCALE_EPS)
         self.losses.append(loss)
         self.lams.append(lam)
-        self.progress.update(t, loss, lam=lam)
+        if self.progress is not None:
+            self.progress.update(t, loss, lam=lam)
         return target, out
 
     def state_dict(self) -> dict:
@@ -232,11 +249,13 @@ class ModuleTrainer:
         self.student.load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.losses, self.lams = list(state["losses"]), list(state["lams"])
-        self.progress.resume_at(len(self.losses))
+        if self.progress is not None:
+            self.progress.resume_at(len(self.losses))
 
     def finish(self, wait_seconds: float = 0.0) -> ModuleResult:
         """Close the progress display and freeze the module again."""
-        self.progress.close()
+        if self.progress is not None:
+            self.progress.close()
         for g in self.groups:
             for p in g["params"]:
                 p.requires_grad_(False)
