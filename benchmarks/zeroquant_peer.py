@@ -118,8 +118,9 @@ def peer_rows(bits_list: list[int], steps: int, groups: int, tmp: Path, data: li
     import deepspeed
 
     rows = []
+    # One absolute weight lr for both LKDs (DeepSpeed's optimizer takes no per-tensor rule).
     base = ["quant=w4a8_fg", f"quant.w_groups={groups}", "quant.e_bits=null", "export.enabled=false", "checkpoint.dir=null",
-            *data]
+            "method.lr_weight=1e-3", *data]
     cfg = compose_config(base, tmp / "inputs")
     ctx = RunContext.begin(cfg)
     loaded = ctx.load()

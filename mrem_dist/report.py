@@ -52,7 +52,7 @@ def summary_markdown(report: dict) -> str:
         initial = [m["index"] for m in rec["modules"] if m["kept"] == "initial"]
         if initial:
             lines += ["", f"Kept at their initialization (training made them worse on the held-out samples): modules "
-                      f"{', '.join(map(str, initial))}. A lower method.lr_weight / method.lr_scale may train them."]
+                      f"{', '.join(map(str, initial))}. A lower method.lr_weight_rel / method.lr_scale may train them."]
         err = report["layer_error"]
         lines += ["", "| layer | relative error before | after |", "|---|---|---|"]
         lines += [f"| {i} | {b:.4g} | {a:.4g} |" for i, (b, a) in enumerate(zip(err["before"], err["after"]))]

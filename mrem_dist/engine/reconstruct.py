@@ -316,7 +316,7 @@ def step(
     if not torch.isfinite(loss):
         raise FloatingPointError(
             f"{student.spec.describe()}: the reconstruction loss became {loss.item()} (lam={lam:.2f}): "
-            "lower method.lr_weight / method.lr_scale, or check the calibration data for NaN/inf"
+            "lower method.lr_weight_rel (or method.lr_weight) / method.lr_scale, or check the calibration data for NaN/inf"
         )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -346,7 +346,7 @@ def log_kept(spec, before: float, after: float, kept: str) -> None:
         log.info("%s: held-out reconstruction error %.4g -> %.4g", spec.describe(), before, after)
     else:
         log.warning("%s: training made it worse on the held-out batches (error %.4g -> %.4g): kept its initial state "
-                    "(method.never_worse); a lower method.lr_weight / method.lr_scale may train it", spec.describe(),
+                    "(method.never_worse); a lower method.lr_weight_rel / method.lr_scale may train it", spec.describe(),
                     before, after)
 
 
