@@ -255,6 +255,22 @@ def test_only_weights_and_scales_train_by_default():
     assert any("LayerNorm" in n for n in more) and any(n.endswith(".bias") for n in more)
 
 
+def test_weight_lr_is_relative_to_each_grid_step_unless_set():
+    from mrem_dist.quant import QuantLinear
+
+    model, q, family, _ = _setup()
+    stage = Stage(q, family, partition(q, family, 2)[1])
+    linears = [m for m in stage.modules() if isinstance(m, QuantLinear)]
+    rule = [g for g in trainable_groups(stage, ReconSettings(lr_weight_rel=0.03)) if g["name"] == "weights"]
+    assert len(rule) == len(linears)
+    for g, m in zip(rule, linears):
+        assert g["params"][0] is m.weight
+        assert g["lr"] == pytest.approx(0.03 * m.weight_quantizer.scale.abs().mean().item())
+    assert len({g["lr"] for g in rule}) > 1  # per tensor, not one rate
+    fixed = [g for g in trainable_groups(stage, ReconSettings(lr_weight=1e-3)) if g["name"] == "weights"]
+    assert len(fixed) == 1 and fixed[0]["lr"] == 1e-3 and len(fixed[0]["params"]) == len(linears)
+
+
 def test_learned_scales_stay_positive():
     # A huge scale learning rate would drive step sizes negative without the clamp.
     q, _ = _run(MethodConfig(name="mrem_s", modules=2, steps=5, lr_scale=50.0))
