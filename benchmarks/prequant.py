@@ -37,7 +37,9 @@ def prequant_rows(bits_list: list[int], steps: int, recon_steps: int, tmp: Path,
              "artifact_ratio": 1.0}]
     print(rows[-1], flush=True)
     for bits in bits_list:
-        quant = [f"quant=w{bits}a8", "quant.e_bits=8", "clip=mse", "device=cpu"]
+        # Static activation ranges: the section was measured with them (2026-11-30), before the
+        # presets went per-token dynamic; PreQuant is compared at one activation scheme on every side.
+        quant = [f"quant=w{bits}a8", "quant.e_bits=8", "quant.a_mode=static", "clip=mse", "device=cpu"]
         cells = [
             ("prequant", "PreQuant", ["method=prequant", f"method.steps={steps}", f"method.lr_weight={pq_lr}",
                                       f"method.reference={fp_model}"]),

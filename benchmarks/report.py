@@ -24,7 +24,8 @@ On the real all-MiniLM-L6-v2 and the built-in text (no network), every figure me
 
 Writes <out>.md, <out>.json, <out>_quality.png and <out>_scaling.png. `--sections` runs some of
 them; `--render A.json B.json` rebuilds one report from runs that measured different sections
-(each section from the first file that has it; every run's command and machine are listed), a
+(each section from the first file that has it, the quality section setting by setting, so it can
+be measured a few `--settings` at a time; every run's command and machine are listed), a
 benchmarks/llm_peers.py json among them as the llm_peers section.
 
     python benchmarks/report.py             # the full report: benchmarks/results/report.*
@@ -466,7 +467,12 @@ def merge(reports: list[dict]) -> dict:
                                   "machine": r["machine"], "sections": [n for n in SECTIONS if r.get(n)]}]
         merged["runs"] += runs
         for name in SECTIONS:
-            if r.get(name) and not merged.get(name):
+            if name == "quality" and r.get(name):
+                # Measured a few settings at a time (--settings): each setting's rows from the
+                # first report that has it.
+                have = {row["setting"] for row in merged.get(name, [])}
+                merged[name] = merged.get(name, []) + [row for row in r[name] if row["setting"] not in have]
+            elif r.get(name) and not merged.get(name):
                 merged[name] = r[name]
         for key, value in r.items():
             if key not in SECTIONS and key not in ("runs", "headlines", "command", "started", "minutes", "machine"):

@@ -143,7 +143,7 @@ class RunContext:
         }
         key = hashlib.sha256(json.dumps({**settings, "model": cfg.model.path}, sort_keys=True).encode()).hexdigest()[:10]
         root = Path(cfg.checkpoint.dir) / f"{m.name}_{cfg.quant.name}_{key}"
-        every = cfg.checkpoint.every if cfg.checkpoint.every is not None else max(1, min(200, m.steps // 10))
+        every = cfg.checkpoint.every if cfg.checkpoint.every is not None else max(1, min(200, m.steps // 4))
         keep = Checkpointer.keep_for(layout.stages, m.queue, every)
         return Checkpointer(root, fingerprint(model, self.data.calib, settings), layout.stage, every, keep,
                             cfg.checkpoint.resume)

@@ -86,8 +86,10 @@ def test_quick_report_runs_every_section(tmp_path):
         assert (tmp_path / f"report{png}").read_bytes()[:4] == b"\x89PNG"
 
     # Two runs, one report: sections from the run that measured them, both commands listed.
+    # The quality section merges setting by setting: a W8A8 row of the other run joins the W4A8 ones.
     other = dict(report, runs=[dict(report["runs"][0], command="python benchmarks/report.py --sections prequant",
-                                    sections=["prequant"])], quality=[], scaling=[], latency=[], peer=[],
+                                    sections=["prequant"])], scaling=[], latency=[], peer=[],
+                 quality=[dict(r, setting="w8a8", cosine=0.5) for r in report["quality"]] + [dict(report["quality"][0], cosine=0.1)],
                  prequant=[dict(r, accuracy=0.5) for r in report["prequant"]])
     (tmp_path / "other.json").write_text(json.dumps(other))
     merged = tmp_path / "merged"
@@ -97,4 +99,5 @@ def test_quick_report_runs_every_section(tmp_path):
     both = json.loads(merged.with_suffix(".json").read_text())
     assert [r["command"] for r in both["runs"]][1] == "python benchmarks/report.py --sections prequant"
     assert both["prequant"] == report["prequant"]  # the first report that has a section wins
+    assert both["quality"] == report["quality"] + [dict(r, setting="w8a8", cosine=0.5) for r in report["quality"]]
     assert merged.with_suffix(".md").read_text().count("Machine:") == 2

@@ -105,7 +105,7 @@ def test_lam_schedules():
     assert [lam_at("zero", t, 10) for t in (0, 5, 9)] == [0.0, 0.0, 0.0]
     assert [lam_at("one", t, 10) for t in (0, 5, 9)] == [1.0, 1.0, 1.0]
     assert [lam_at("anneal", t, 100, 40) for t in (0, 10, 20, 40, 99)] == [1.0, 0.75, 0.5, 0.0, 0.0]
-    assert lam_at("anneal", 25, 100) == 0.5  # t0=0: half of the steps
+    assert lam_at("anneal", 75, 100) == 0.5 and lam_at("anneal", 99, 100) == pytest.approx(1 / 3, abs=0.01)  # t0=0: 1.5x the steps
     with pytest.raises(ValueError, match="not one of"):
         lam_at("linear", 0, 10)
 
@@ -323,7 +323,7 @@ def test_module_trainer_steps_return_the_streams_for_the_next_module():
             assert torch.equal(teacher_out.hidden[-1], Stage(model, family, specs[0])(None, batches[t]).hidden[-1])
         second.train_step(t, batches[t], teacher_out.hidden[-1], student_out.hidden[-1].detach())
     results = [first.finish(), second.finish()]
-    assert [r.lams for r in results] == [[1.0, 0.0, 0.0]] * 2  # anneal over half of 3 steps: t0 = 1
+    assert [r.lams for r in results] == [[1.0, 0.75, 0.5]] * 2  # anneal over 1.5x the 3 steps: t0 = 4
     assert all(len(r.losses) == 3 for r in results)
     assert not any(p.requires_grad for tr in (first, second) for p in tr.student.parameters())
 

@@ -198,7 +198,7 @@ def test_string_labels_map_to_one_id_across_splits_and_to_the_models_names(tmp_p
 
     train = _csv(tmp_path / "train.csv", [(s, "pos" if i % 2 else "neg") for i, s in enumerate(SENTENCES)])
     only_pos = _csv(tmp_path / "dev.csv", [(s, "pos") for s in SENTENCES])
-    data = ["data=local", f"data.train_file={train}", f"data.validation_file={only_pos}", "data.batch_size=4"]
+    data = ["data=local", f"data.train_file={train}", f"data.validation_file={only_pos}", "data.batch_size=4", "method=ptq"]
     ctx = RunContext.begin(_cfg(tmp_path / "run", f"model.path={tiny_classifier_dir}", *data))
     ctx.load()
     labels = torch.cat([b.labels for b in ctx.data.evalset.batches])
@@ -260,7 +260,7 @@ def test_a_short_run_checkpoints_by_default(tmp_path, tiny_encoder_dir, sst_like
                "method.steps=30", f"checkpoint.dir={tmp_path / 'ck'}")
     ctx = RunContext.begin(cfg)
     loaded = ctx.load()
-    assert ctx.checkpointer(ParallelLayout.single(2), loaded.model).every == 3
+    assert ctx.checkpointer(ParallelLayout.single(2), loaded.model).every == 7  # a quarter of the steps
 
 
 # -- 7. messages and exit codes ------------------------------------------------------------------

@@ -24,7 +24,7 @@ import torch
 from mrem_dist.config import RunConfig
 from mrem_dist.context import RunContext
 from mrem_dist.distributed import gather_to_main, init_distributed, teardown_distributed
-from mrem_dist.engine import ModuleSpec, epoch_order, lam_at
+from mrem_dist.engine import ModuleSpec, check_lam, epoch_order
 from mrem_dist.engine.checkpoint import Preempted, StopSignal
 from mrem_dist.engine.gptq import copy_gptq, gptq_model, gptq_options
 from mrem_dist.engine.parallel import RankPipeline
@@ -101,7 +101,6 @@ def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, torch.n
     with timer("calibrate"):
         if needs_calibration(qmodel):
             pipe.calibrate(calib)
-    lam_end = lam_at(settings.lam, settings.steps - 1, settings.steps, settings.t0)
     probe_eval = evalset.batches[:4]
     init_metric = task.metric(evalset)
     with timer("evaluate"):
@@ -114,7 +113,7 @@ def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, torch.n
     with timer("reconstruct"):
         results, stats = pipe.train(calib, order, settings, checkpoint, stop)
     with timer("evaluate"):
-        decisions = pipe.keep_better(ctx.data.holdout, initial, lam_end, settings.loss, settings.never_worse)
+        decisions = pipe.keep_better(ctx.data.holdout, initial, check_lam(settings), settings.loss, settings.never_worse)
         del initial
         _, layers_after = pipe.probe(probe_eval, 0.0, settings.loss)
 

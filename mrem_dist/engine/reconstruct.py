@@ -42,9 +42,9 @@ Feed = Iterable[tuple[Batch, Optional[Tensor], Optional[Tensor]]]
 class ReconSettings:
     """Flat settings of the per-module training loop (built from the method config)."""
 
-    steps: int = 2000
+    steps: int = 40  # MethodConfig.steps
     lam: str = "zero"  # input mix lam*fp + (1-lam)*q: zero (REM, MREM-S), one (LKD), anneal (MREM-P)
-    t0: int = 0  # anneal: lam_t = max(1 - t/t0, 0); 0 means half of the steps
+    t0: int = 0  # anneal: lam_t = max(1 - t/t0, 0); 0 means 1.5x the steps (config.py says why)
     loss: str = "every_layer"
     kd_weight: float = 0.0  # distillation on the logits, last module of a task model only
     lr_weight: Optional[float] = None  # absolute, for every latent weight; None: lr_weight_rel per tensor
@@ -66,9 +66,17 @@ def lam_at(schedule: str, t: int, steps: int, t0: int = 0) -> float:
     if schedule == "one":
         return 1.0
     if schedule == "anneal":
-        horizon = t0 if t0 > 0 else max(steps // 2, 1)
+        horizon = t0 if t0 > 0 else max(3 * steps // 2, 1)
         return max(1.0 - t / horizon, 0.0)
     raise ValueError(f"lam schedule {schedule!r} is not one of {', '.join(LAM_SCHEDULES)}")
+
+
+def check_lam(settings: ReconSettings) -> float:
+    """The input mix a module is measured on after training (the never-worse check, the recorded
+    module errors): the quantized upstream's outputs, which it sees in the final model, whatever mix
+    it ended training on (MREM-P's anneal ends at lam 1/3); LKD, which never computes the quantized
+    stream, on the full-precision inputs it trained on."""
+    return 1.0 if settings.lam == "one" else 0.0
 
 
 def mix_inputs(lam: float, fp_in: Optional[Tensor], q_in: Optional[Tensor]) -> Optional[Tensor]:

@@ -26,7 +26,7 @@ from mrem_dist.models.families import ModelFamily
 from .cache import ActivationStore, choose_cache
 from .checkpoint import Checkpointer, Preempted, StopSignal
 from .partition import ModuleSpec
-from .reconstruct import (Feed, ModuleTrainer, ReconSettings, lam_at, log_kept, mix_inputs, module_error,
+from .reconstruct import (Feed, ModuleTrainer, ReconSettings, check_lam, log_kept, mix_inputs, module_error,
                           reconstruct_module, snapshot)
 from .records import ModuleRecord, keep_trained
 from .stage import Stage
@@ -118,13 +118,13 @@ class _SequentialRun:
             raise ValueError("no held-out calibration batches to measure the modules on: set data.holdout_samples >= 1")
         self.batches, self.settings, self.options = batches, settings, options
         self.checkpoint, self.stop = options.checkpoint, options.stop
-        self.lam_end = lam_at(settings.lam, settings.steps - 1, settings.steps, settings.t0) if settings.steps else 0.0
+        self.check_lam = check_lam(settings)
         # The held-out batches ride along after the calibration ones; training never draws them.
         self.probe = list(range(len(batches), len(batches) + len(holdout)))
         self.boundary = _Boundary(batches + holdout, options.device, _needs_quantized_inputs(settings))
 
     def _error(self, student: Stage, teacher: Stage) -> float:
-        return module_error(student, teacher, self.boundary.feed(iter(self.probe)), self.lam_end, self.settings.loss)
+        return module_error(student, teacher, self.boundary.feed(iter(self.probe)), self.check_lam, self.settings.loss)
 
     def _after_step(self, spec: ModuleSpec, tag: str):
         settings, checkpoint, stop = self.settings, self.checkpoint, self.stop
