@@ -48,7 +48,7 @@ def test_ptq_rtn_and_mse_clip_on_a_decoder_report_perplexity(tmp_path, tiny_llam
 
 
 def test_gptq_beats_round_to_nearest_at_three_bits(tmp_path, tiny_llama_dir, wiki_like_txt):
-    rtn, _ = _run(tmp_path / "rtn", tiny_llama_dir, wiki_like_txt, *W3)
+    rtn, _ = _run(tmp_path / "rtn", tiny_llama_dir, wiki_like_txt, *W3, "method=ptq")
     gptq, qmodel = _run(tmp_path / "gptq", tiny_llama_dir, wiki_like_txt, *W3, "method=gptq")
     assert gptq["gptq"]["linears"] == 7 * 4 and gptq["timings_s"]["gptq"] > 0
     assert gptq["metrics"]["quantized"]["kl"] < rtn["metrics"]["quantized"]["kl"]
@@ -103,7 +103,7 @@ def test_the_decoder_artifact_loads_and_its_int8_path_matches(tmp_path, tiny_lla
     from mrem_dist.scoring import run_batch
 
     # W4A8: codes within the exact range of every CPU INT8 kernel (W8 needs AVX-VNNI, AMX or a GPU).
-    report, qmodel = _run(tmp_path, tiny_llama_dir, wiki_like_txt, "quant=w4a8_dynamic")
+    report, qmodel = _run(tmp_path, tiny_llama_dir, wiki_like_txt, "quant=w4a8_dynamic", "method=ptq")
     assert report["validation"]["passed"]
     art = mrem_dist.load_quantized(tmp_path / "run" / "model")
     fast = mrem_dist.load_quantized(tmp_path / "run" / "model", kernel="int8")

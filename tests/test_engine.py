@@ -110,6 +110,15 @@ def test_lam_schedules():
         lam_at("linear", 0, 10)
 
 
+def test_modules_are_checked_on_the_inputs_of_the_final_model():
+    from mrem_dist.engine import check_lam
+
+    # MREM-P's default anneal ends at lam 1/3, but the final model feeds each module the quantized
+    # upstream only: that is what the never-worse check measures; LKD never computes that stream.
+    assert lam_at("anneal", 9, 10) > 0.3 and check_lam(ReconSettings(steps=10, lam="anneal")) == 0.0
+    assert check_lam(ReconSettings(lam="zero")) == 0.0 and check_lam(ReconSettings(lam="one")) == 1.0
+
+
 def test_mix_inputs():
     fp, q = torch.ones(2, 3), torch.zeros(2, 3)
     assert mix_inputs(0.25, fp, q).eq(0.25).all()

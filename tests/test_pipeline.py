@@ -199,7 +199,7 @@ def test_bad_method_settings_are_rejected(tmp_path, override, match):
 @pytest.mark.slow
 def test_hydra_sweep_runs_every_combination(tmp_path, tiny_encoder_dir, sst_like_csv):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "mrem_dist", "-m", "quant=w8a8,w2a8", f"model.path={tiny_encoder_dir}",
+    cmd = [sys.executable, "-m", "mrem_dist", "-m", "quant=w8a8,w2a8", "method=ptq", f"model.path={tiny_encoder_dir}",
            *_small_data(*sst_like_csv), f"hydra.sweep.dir={tmp_path}"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -211,12 +211,14 @@ def test_hydra_sweep_runs_every_combination(tmp_path, tiny_encoder_dir, sst_like
 
 @pytest.mark.slow
 def test_builtin_default_on_the_real_minilm(tmp_path):
-    # The README's main job, on fewer samples: the real model and text that ship offline.
-    cfg = _cfg(tmp_path, "quant=w8a8", "data.calib_samples=64", "data.eval_samples=48", "data.max_length=32")
+    # The README's main job (MREM-P), on fewer samples and steps: the real model and text that ship offline.
+    cfg = _cfg(tmp_path, "quant=w8a8", "method.steps=4", "data.calib_samples=64", "data.eval_samples=48",
+               "data.max_length=32")
     report, qmodel = execute(cfg)
+    assert report["config"]["method"]["name"] == "mrem_p" and len(report["reconstruction"]["modules"]) == 4
     assert report["model"]["family"] == "bert" and report["model"]["kind"] == "encoder"
     assert report["model"]["parameters"] > 22_000_000
-    assert report["data"] == {"name": "builtin", "calibration_samples": 64, "holdout_samples": 0, "evaluation_samples": 48,
+    assert report["data"] == {"name": "builtin", "calibration_samples": 64, "holdout_samples": 16, "evaluation_samples": 48,
                               "max_length": 32, "labeled": False}
     assert 0.95 < report["metrics"]["quantized"]["cosine"] < 1.0
     # Its artifact: W8 weights, E8 embeddings packed one code per byte (about a quarter of FP32),
