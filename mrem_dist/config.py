@@ -193,7 +193,7 @@ class CheckpointConfig:
     dir: Optional[str] = "checkpoints"
     # Steps between checkpoints; 0: only when stopped by SIGTERM / SIGUSR1 (SLURM's pre-timeout
     # signal); null: a quarter of method.steps, at most 200 (so a short run killed mid-way has one
-    # too; a tenth made the 60-step default run spend 30 of its 150 s training writing checkpoints).
+    # too, without the default 40-step run writing ten).
     every: Optional[int] = None
     # auto: resume from a checkpoint of this run (one of a different model/data is an error);
     # never: discard what is there and start over.
