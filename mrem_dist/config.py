@@ -115,7 +115,7 @@ class MethodConfig:
     lam: str = "zero"
     # Anneal length T0 in steps; 0 = 1.5x the steps, so lam ends at 1/3: at short budgets a
     # module trained on a still-moving upstream's outputs learns to undo errors the upstream then
-    # removes (benchmarks/mrem_p_gap.py: 20 steps, t0 = steps/2 0.9513, 1.5x 0.9598, MREM-S 0.9647).
+    # removes (docs/benchmarks.md, W4A8 at 20 steps: t0 = steps/2 0.9513, 1.5x 0.9598, MREM-S 0.9647).
     t0: int = 0
     # module_output: MSE of the module's output; every_layer: mean MSE over its layers' outputs.
     loss: str = "every_layer"

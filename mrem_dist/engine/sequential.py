@@ -118,13 +118,12 @@ class _SequentialRun:
             raise ValueError("no held-out calibration batches to measure the modules on: set data.holdout_samples >= 1")
         self.batches, self.settings, self.options = batches, settings, options
         self.checkpoint, self.stop = options.checkpoint, options.stop
-        self.check_lam = check_lam(settings)
         # The held-out batches ride along after the calibration ones; training never draws them.
         self.probe = list(range(len(batches), len(batches) + len(holdout)))
         self.boundary = _Boundary(batches + holdout, options.device, _needs_quantized_inputs(settings))
 
     def _error(self, student: Stage, teacher: Stage) -> float:
-        return module_error(student, teacher, self.boundary.feed(iter(self.probe)), self.check_lam, self.settings.loss)
+        return module_error(student, teacher, self.boundary.feed(iter(self.probe)), check_lam(self.settings), self.settings.loss)
 
     def _after_step(self, spec: ModuleSpec, tag: str):
         settings, checkpoint, stop = self.settings, self.checkpoint, self.stop
