@@ -117,6 +117,13 @@ class MethodConfig:
     # module trained on a still-moving upstream's outputs learns to undo errors the upstream then
     # removes (docs/benchmarks.md, W4A8 at 20 steps: t0 = steps/2 0.9513, 1.5x 0.9598, MREM-S 0.9647).
     t0: int = 0
+    # mrem_p: the last finish_steps of every module's steps train on the *finished* upstream
+    # modules' outputs instead of the stream of still-training ones: module n waits for module
+    # n-1's finish, so the pipeline's wall time grows from ~steps to ~steps + (modules - 1) x
+    # finish_steps (steps x modules for MREM-S). 0: fully parallel. At 20 steps on the built-in model
+    # the finished upstream is what MREM-P's last 0.5-1.2% of cosine to MREM-S needs
+    # (docs/benchmarks.md: "MREM-P at short budgets"). finish_steps = steps with lam=zero is MREM-S.
+    finish_steps: int = 0
     # module_output: MSE of the module's output; every_layer: mean MSE over its layers' outputs.
     loss: str = "every_layer"
     # Weight of a KL distillation term on the logits (last module of a task model).
@@ -490,7 +497,14 @@ def validate(cfg: RunConfig) -> RunConfig:
     if m.name in RECONSTRUCTION_METHODS:
         _check(m.modules >= 0, f"method.modules={m.modules} must be >= 0 (0 = one layer per module)")
         _check(m.steps > 0, f"method.steps={m.steps} must be positive (the paper uses 2000 steps per module)")
-        _check(m.t0 >= 0, f"method.t0={m.t0} must be >= 0 (0 = half of method.steps)")
+        _check(m.t0 >= 0, f"method.t0={m.t0} must be >= 0 (0 = 1.5x method.steps)")
+        _check(0 <= m.finish_steps <= m.steps, f"method.finish_steps={m.finish_steps} must be in [0, method.steps="
+               f"{m.steps}] (the last steps of every module, trained on the finished upstream)")
+        if m.finish_steps:
+            _check(m.name == "mrem_p", f"method.finish_steps={m.finish_steps} is MREM-P's finish phase: with "
+                   f"method={m.name} every module already trains on finished upstream modules; set it to 0")
+            _check(m.lam != "one", f"method.finish_steps={m.finish_steps} with method.lam=one: a module trained on "
+                   "full-precision inputs never sees its upstream's quantized outputs, finished or not; set it to 0")
         _check_choice("method.lam", m.lam, LAM_SCHEDULES)
         _check_choice("method.loss", m.loss, LOSSES)
         _check_choice("method.balance", m.balance, BALANCES)

@@ -229,7 +229,7 @@ class RunContext:
 def recon_settings(m: MethodConfig) -> ReconSettings:
     """The engine's flat settings from the method config (rem / lkd / mrem_s are presets of it)."""
     return ReconSettings(
-        steps=m.steps, lam=m.lam, t0=m.t0, loss=m.loss, kd_weight=m.kd_weight,
+        steps=m.steps, lam=m.lam, t0=m.t0, finish_steps=m.finish_steps, loss=m.loss, kd_weight=m.kd_weight,
         lr_weight=m.lr_weight, lr_weight_rel=m.lr_weight_rel, lr_scale=m.lr_scale, weight_decay=m.weight_decay,
         train_weights=m.train_weights, train_scales=m.train_scales,
         train_bias=m.train_bias, train_layernorm=m.train_layernorm, never_worse=m.never_worse, log_every=m.log_every,

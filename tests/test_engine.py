@@ -375,3 +375,63 @@ def test_a_rank_keeps_only_its_modules_and_they_still_run():
     assert torch.equal(got.logits, expected.logits)
     state = owned_state(model, owner, {1})
     assert state and all(owner(k) == 1 and v.numel() > 0 for k, v in state.items())
+
+
+# -- MREM-P's finish phase ----------------------------------------------------------------------
+
+
+def _pipeline_run(method: MethodConfig):
+    """MREM-P in one process (every module in lockstep) on _run's model and data."""
+    from mrem_dist.engine.parallel import RankPipeline
+    from mrem_dist.layout import ParallelLayout
+
+    model, q, family, batches = _setup()
+    specs = partition(model, family, method.modules)
+    settings = recon_settings(method)
+    pipe = RankPipeline(model, q, family, specs, ParallelLayout.single(len(specs)), torch.device("cpu"))
+    initial = pipe.initial_states()
+    results, decisions, _ = pipe.train(batches, list(epoch_order(len(batches), settings.steps, 0)), settings,
+                                       _batches(2, seed=1), initial)
+    return q, results, decisions
+
+
+@pytest.mark.parametrize("revert", [None, 1], ids=["all-trained", "module-1-kept-initial"])
+def test_finish_phase_over_every_step_with_quantized_inputs_is_mrem_s(monkeypatch, revert):
+    # finish_steps = steps: every module trains all its steps on the finished upstream modules'
+    # outputs, which is what MREM-S does: the same weights, losses and held-out errors, bit for bit.
+    # revert=1: the never-worse check (planted) keeps module 1 at its initial state, so module 2
+    # must train on the initial module 1's outputs in both.
+    if revert is not None:
+        from mrem_dist.engine import parallel, sequential
+
+        calls = []
+
+        def planted(before, after, never_worse):
+            calls.append(1)
+            return (len(calls) - 1) % 3 != revert  # the n-th check of each run (3 modules)
+
+        monkeypatch.setattr(parallel, "keep_trained", planted)
+        monkeypatch.setattr(sequential, "keep_trained", planted)
+    steps = 6
+    q_p, results, decisions = _pipeline_run(MethodConfig(name="mrem_p", modules=3, steps=steps, lam="zero",
+                                                        finish_steps=steps, lr_weight=3e-4))
+    q_s, seq = _run(MethodConfig(name="mrem_s", modules=3, steps=steps, lam="zero", lr_weight=3e-4))
+    a, b = _quant_state(q_p), _quant_state(q_s)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r.losses for r in results] == [m.losses for m in seq.modules]
+    assert [(before, after) for before, after, _ in decisions] == [(m.error_before, m.error_after) for m in seq.modules]
+    assert [kept for *_, kept in decisions] == [m.kept for m in seq.modules]
+    if revert is not None:
+        assert [m.kept for m in seq.modules] == ["trained", "initial", "trained"]
+
+
+def test_finish_phase_trains_the_last_steps_on_the_finished_upstream():
+    # The parallel phase is the plain lockstep run's; from step steps - finish_steps on, module 0
+    # (nothing upstream) trains as before and the later modules on other inputs.
+    plain = _pipeline_run(MethodConfig(name="mrem_p", modules=3, steps=8, lam="anneal", lr_weight=3e-4))[1]
+    finish = _pipeline_run(MethodConfig(name="mrem_p", modules=3, steps=8, lam="anneal", finish_steps=3,
+                                        lr_weight=3e-4))[1]
+    assert finish[0].losses == plain[0].losses
+    for p, f in zip(plain[1:], finish[1:]):
+        assert f.losses[:5] == p.losses[:5] and f.losses[5:] != p.losses[5:]
+        assert f.lams == p.lams  # the anneal goes on as scheduled

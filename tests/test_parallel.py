@@ -150,12 +150,30 @@ def test_a_rank_that_raises_stops_every_rank_with_the_rank_named(tmp_path, tiny_
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
-def test_a_killed_rank_resumes_to_the_uninterrupted_result(tmp_path, tiny_encoder_dir, sst_like_csv):
+def test_the_finish_phase_on_two_ranks_equals_one_process(tmp_path, tiny_encoder_dir, sst_like_csv):
+    # 3 modules on 2 ranks, the last 3 of 8 steps on the finished upstream: rank 1 waits for rank 0's
+    # finished stream, the result is the one process's bit for bit.
+    overrides = ["method.modules=3", "method.finish_steps=3"]
+    out = tmp_path / "out"
+    out.mkdir()
+    run_ranks(_job, 2, tiny_encoder_dir, sst_like_csv, str(tmp_path / "run"), str(out), overrides, -1)
+    report = json.loads((out / "report.json").read_text())
+    single, state = _single(tiny_encoder_dir, sst_like_csv, tmp_path / "single", overrides)
+    _assert_same_state(torch.load(out / "state.pt"), state)
+    assert [m["losses"] for m in report["reconstruction"]["modules"]] == [
+        m["losses"] for m in single["reconstruction"]["modules"]]
+    assert report["validation"]["passed"]
+
+
+@pytest.mark.parametrize("finish", [0, 4], ids=["parallel", "finish-phase"])
+def test_a_killed_rank_resumes_to_the_uninterrupted_result(tmp_path, tiny_encoder_dir, sst_like_csv, finish):
     """Rank 1 dies (no cleanup) at step 5 of 8 with checkpoints every 2 steps; the same command run
     again resumes both ranks from step 4, the last step both have, and ends with exactly the weights
-    and loss curves of a run that was never interrupted."""
+    and loss curves of a run that was never interrupted. With finish_steps=4, step 5 is in the finish
+    phase (which takes no checkpoint): the rerun repeats it from the end of the parallel phase."""
     ckpt = tmp_path / "ckpt"
-    overrides = ["method.modules=2", "timeout_s=30", f"checkpoint.dir={ckpt}", "checkpoint.every=2"]
+    overrides = ["method.modules=2", "timeout_s=30", f"checkpoint.dir={ckpt}", "checkpoint.every=2",
+                 f"method.finish_steps={finish}"]
     first, resumed = tmp_path / "first", tmp_path / "resumed"
     first.mkdir()
     resumed.mkdir()
@@ -171,7 +189,8 @@ def test_a_killed_rank_resumes_to_the_uninterrupted_result(tmp_path, tiny_encode
     assert [r["resumed_from"] for r in report["reconstruction"]["ranks"]] == [4, 4]
     assert not ckpt.exists()  # removed once the artifact was written
 
-    single, state = _single(tiny_encoder_dir, sst_like_csv, tmp_path / "single", ["method.modules=2", "checkpoint.dir=null"])
+    single, state = _single(tiny_encoder_dir, sst_like_csv, tmp_path / "single",
+                            ["method.modules=2", "checkpoint.dir=null", f"method.finish_steps={finish}"])
     _assert_same_state(torch.load(resumed / "state.pt"), state)
     assert [m["losses"] for m in report["reconstruction"]["modules"]] == [
         m["losses"] for m in single["reconstruction"]["modules"]]

@@ -196,6 +196,20 @@ def test_bad_method_settings_are_rejected(tmp_path, override, match):
         _cfg(tmp_path, "method=mrem_s", override)
 
 
+@pytest.mark.parametrize(
+    "overrides,match",
+    [(["method=mrem_p", "method.steps=10", "method.finish_steps=11"], r"method.finish_steps=11 must be in \[0, method.steps=10\]"),
+     (["method=mrem_p", "method.finish_steps=-1"], r"method.finish_steps=-1 must be in \[0"),
+     (["method=mrem_s", "method.finish_steps=5"], "MREM-P's finish phase: with method=mrem_s every module already"),
+     (["method=mrem_p", "method.lam=one", "method.finish_steps=5"], "never sees its upstream's quantized outputs")],
+)
+def test_bad_finish_steps_are_rejected(tmp_path, overrides, match):
+    from mrem_dist.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        _cfg(tmp_path, *overrides)
+
+
 @pytest.mark.slow
 def test_hydra_sweep_runs_every_combination(tmp_path, tiny_encoder_dir, sst_like_csv):
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -24,7 +24,7 @@ import torch
 from mrem_dist.config import RunConfig
 from mrem_dist.context import RunContext
 from mrem_dist.distributed import gather_to_main, init_distributed, teardown_distributed
-from mrem_dist.engine import ModuleSpec, check_lam, epoch_order
+from mrem_dist.engine import ModuleSpec, epoch_order
 from mrem_dist.engine.checkpoint import Preempted, StopSignal
 from mrem_dist.engine.gptq import copy_gptq, gptq_model, gptq_options
 from mrem_dist.engine.parallel import RankPipeline
@@ -110,11 +110,10 @@ def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, torch.n
     initial = pipe.initial_states()
     order = list(epoch_order(len(calib), settings.steps, cfg.seed))
     log.info("rank %d: %d steps a module, lam=%s, queue %d", layout.rank, settings.steps, settings.lam, cfg.method.queue)
-    with timer("reconstruct"):
-        results, stats = pipe.train(calib, order, settings, checkpoint, stop)
-    with timer("evaluate"):
-        decisions = pipe.keep_better(ctx.data.holdout, initial, check_lam(settings), settings.loss, settings.never_worse)
+    with timer("reconstruct"):  # the training steps and the never-worse check
+        results, decisions, stats = pipe.train(calib, order, settings, ctx.data.holdout, initial, checkpoint, stop)
         del initial
+    with timer("evaluate"):
         _, layers_after = pipe.probe(probe_eval, 0.0, settings.loss)
 
     modules = [

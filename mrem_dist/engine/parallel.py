@@ -16,11 +16,21 @@ the next one (the bounded FIFO of the stream), so nobody waits for an upstream m
 training. Every rank computes exactly what one process running all modules in lockstep computes,
 so the result does not depend on the number of ranks (tested bit for bit).
 
+Finish phase (method.finish_steps = D > 0): the last D steps of every module train on the
+outputs of the *finished* (trained and checked) modules before it, as MREM-S does, instead of the
+stream of still-training ones. A rank runs steps 0..T-D-1 in the parallel pipeline above,
+checkpoints, then waits for the previous rank's finished stream (one message per finish step),
+trains its modules' last D steps one module after another, each followed by its check, and streams
+its own finished outputs on. The wall time grows from about T steps to T + (stages - 1) x D; D = T
+with lam=zero is MREM-S.
+
+After the training steps, down the pipeline (`_settle`), every module gets the never-worse check:
+measured on held-out batches in its trained and its initial state, both fed by the kept upstream
+modules, it keeps the better one, and the kept state's outputs feed the next module.
+
 The same relay carries the passes without training: calibration of the static activation ranges,
 the evaluation of the initial quantized model against full precision (the last stage updates the
-task's streaming metric state), the per-layer error probes, and the never-worse check after
-training (`keep_better`: each module measured on held-out batches in its trained and its initial
-state, fed by the final upstream modules, keeps the better one).
+task's streaming metric state) and the per-layer error probes.
 """
 
 from __future__ import annotations
@@ -43,7 +53,7 @@ from mrem_dist.quant import calibrating
 
 from .checkpoint import Checkpointer, Preempted, StopSignal
 from .partition import ModuleSpec
-from .reconstruct import (ModuleResult, ModuleTrainer, Progress, ReconSettings, log_kept, mix_inputs,
+from .reconstruct import (ModuleResult, ModuleTrainer, Progress, ReconSettings, check_lam, log_kept, mix_inputs,
                           reconstruction_loss, snapshot)
 from .records import keep_trained
 from .stage import Stage, StageOutput
@@ -53,6 +63,10 @@ log = get_logger(__name__)
 
 # visit(module position on this rank, batch, teacher output or None, student output)
 Visit = Callable[[int, Batch, Optional[StageOutput], StageOutput], None]
+# A module's inputs on one batch: (full precision, quantized upstream); None for the first module.
+Inputs = tuple[Optional[Tensor], Optional[Tensor]]
+# The never-worse check of one module: (error initial, error trained, "initial" or "trained" kept).
+Decision = tuple[float, float, str]
 
 
 @dataclass
@@ -189,46 +203,6 @@ class RankPipeline:
         """This rank's quantized modules as they are now (before training), to return to."""
         return [snapshot(stu) for stu in self.students]
 
-    @torch.no_grad()
-    def keep_better(self, batches: list[Batch], initial: list[dict[str, Tensor]], lam: float, loss: str,
-                    never_worse: bool) -> list[tuple[float, float, str]]:
-        """The never-worse check, module by module down the pipeline: module n is measured (mean
-        reconstruction loss, input mix `lam`) on the held-out `batches` in its initial and its
-        trained state, both fed by the kept states of modules 0..n-1; with never_worse it keeps the
-        better one. Returns (error initial, error trained, kept) per module of this rank.
-
-        A rank needs every held-out batch before it can decide, so it receives them all, decides,
-        and only then sends its kept outputs on (the held-out set is a few batches)."""
-        if not batches:
-            raise ValueError("no held-out calibration batches to measure the modules on: set data.holdout_samples >= 1")
-        base, inputs = self.seq, []
-        for i in range(len(batches)):  # message base + i carries batch i, on both links
-            inputs.append(self._recv(i))
-            self.seq += 1
-        self.seq = base
-        decisions = []
-        for k, (tch, stu) in enumerate(zip(self.teachers, self.students)):
-            trained = snapshot(stu)
-            runs = {}  # state -> (error, the next module's inputs); only module outputs are kept
-            for name, state in (("initial", initial[k]), ("trained", trained)):
-                stu.load_state_dict(state)
-                total, outs = 0.0, []
-                for (fp, q), b in zip(inputs, batches):
-                    t, o = tch(fp, b, logits=False), stu(mix_inputs(lam, fp, q), b, logits=False)
-                    total += reconstruction_loss(o, t, b.attention_mask, loss, 0.0).item()
-                    outs.append((t.hidden[-1], o.hidden[-1]))
-                runs[name] = (total / len(batches), outs)
-            before, after = runs["initial"][0], runs["trained"][0]
-            kept = "trained" if keep_trained(before, after, never_worse) else "initial"
-            stu.load_state_dict(trained if kept == "trained" else initial[k])
-            log_kept(self.held[k], before, after, kept)
-            decisions.append((before, after, kept))
-            inputs = runs[kept][1]
-        for i, (fp, q) in enumerate(inputs):
-            self._send(i, fp, q)
-        self.flush()
-        return decisions
-
     # -- training ------------------------------------------------------------------------------
     def _resume(self, checkpoint: Checkpointer, trainers: list[ModuleTrainer]) -> int:
         """The step to start from: the latest one that every rank has a checkpoint of (0: none)."""
@@ -242,16 +216,22 @@ class RankPipeline:
             checkpoint.load(step, trainers)
         return step
 
-    def train(self, batches: list[Batch], order: list[int], settings: ReconSettings,
-              checkpoint: Optional[Checkpointer] = None, stop: Optional[StopSignal] = None,
-              ) -> tuple[list[ModuleResult], RankStats]:
-        """`settings.steps` steps on batches[order[t]], all of this rank's modules in lockstep.
+
+    def train(self, batches: list[Batch], order: list[int], settings: ReconSettings, holdout: list[Batch],
+              initial: list[dict[str, Tensor]], checkpoint: Optional[Checkpointer] = None,
+              stop: Optional[StopSignal] = None) -> tuple[list[ModuleResult], list[Decision], RankStats]:
+        """`settings.steps` steps on batches[order[t]] for every module of this rank: the parallel
+        phase (steps 0..T-D-1, the rank's modules in lockstep), then down the pipeline the finish
+        phase (the last D = settings.finish_steps steps, none by default) and the never-worse check
+        on the `holdout` batches against the `initial` states (`_settle`). Returns the modules'
+        results, the check's (error initial, error trained, kept) per module, and the rank's stats.
 
         With a checkpointer: resume from the latest step every rank has a checkpoint of, and
-        checkpoint every `checkpoint.every` steps. With a stop signal: rank 0 stops at the step
-        boundary after the signal and tells the next rank in that step's message, which stops after
-        the same step, and so on down the pipeline: every rank checkpoints the same step and raises
-        Preempted."""
+        checkpoint every `checkpoint.every` steps and at the end of the parallel phase. With a stop
+        signal: rank 0 stops at the step boundary after the signal and tells the next rank in that
+        step's message, which stops after the same step, and so on down the pipeline: every rank
+        checkpoints the same step and raises Preempted. The finish phase is not interrupted (it is
+        short; a rank lost in it resumes from the end of the parallel phase)."""
         if len(order) != settings.steps:
             raise ValueError(f"the batch order has {len(order)} entries for {settings.steps} steps")
         # One progress display for the rank (a bar on a terminal, else a line every 10%): its
@@ -260,9 +240,10 @@ class RankPipeline:
         first = self._resume(checkpoint, trainers) if checkpoint is not None else 0
         names = [s.index for s in self.held]
         desc = f"module{'s' if len(names) > 1 else ''} {', '.join(map(str, names))}"
-        progress = Progress(desc if self.layout.world_size == 1 else f"rank {self.rank}: {desc}", settings.steps,
-                            settings.log_every or max(settings.steps // 10, 1))
-        progress.resume_at(first)
+        finish_from = settings.steps - settings.finish_steps  # the parallel phase ends here
+        progress = Progress(desc if self.layout.world_size == 1 else f"rank {self.rank}: {desc}", finish_from,
+                            settings.log_every or max(finish_from // 10, 1))
+        progress.resume_at(min(first, finish_from))
         # LKD-style runs (lam = 1 throughout) never use the quantized stream: do not send it.
         use_q = settings.lam != "one"
         recv0 = self.receiver.blocked_seconds if self.receiver else 0.0
@@ -270,7 +251,7 @@ class RankPipeline:
         start = time.perf_counter()
         results: list[ModuleResult] = []
         try:
-            for t in range(first, settings.steps):
+            for t in range(first, finish_from):
                 i = order[t]
                 fp, q = self._recv(i)
                 for trainer in trainers:
@@ -282,7 +263,10 @@ class RankPipeline:
                 stopping = (self.receiver.stop_requested if self.receiver is not None
                             else stop is not None and stop.received is not None)
                 self._send(i, fp, q, stop=stopping)
-                if checkpoint is not None and (stopping or checkpoint.due(t + 1, settings.steps)):
+                # The end of a parallel phase followed by a finish phase is always checkpointed: a
+                # rank lost in the finish phase resumes there (no checkpoint is taken in it).
+                if checkpoint is not None and (stopping or checkpoint.due(t + 1, settings.steps)
+                                               or t + 1 == finish_from < settings.steps):
                     checkpoint.save(t + 1, trainers)
                 if stopping:
                     self.flush()
@@ -290,6 +274,12 @@ class RankPipeline:
                     raise Preempted(f"rank {self.rank} stopped after step {t + 1} of {settings.steps} on a stop signal; "
                                     f"{where}: run the same command again to resume")
             self.flush()
+            progress.close()
+            window_from = max(first, finish_from)
+            decisions = self._settle(trainers, batches, order[window_from:], window_from, holdout, initial, settings)
+            if settings.finish_steps and stop is not None and stop.received is not None:
+                log.warning("rank %d: a stop signal arrived during the finish phase, which is not interrupted: "
+                            "the run goes on", self.rank)
         finally:
             progress.close()
             seconds = time.perf_counter() - start
@@ -302,4 +292,87 @@ class RankPipeline:
             "rank %d trained modules %s in %.1fs, blocked %.1f%% of it (receiving %.2fs, sending %.2fs)",
             self.rank, stats.modules, seconds, 100 * stats.blocked_fraction, recv, send,
         )
-        return results, stats
+        return results, decisions, stats
+
+    def _settle(self, trainers: list[ModuleTrainer], batches: list[Batch], window: list[int], first: int,
+                holdout: list[Batch], initial: list[dict[str, Tensor]], settings: ReconSettings) -> list[Decision]:
+        """Down the pipeline, one module after another: the finish steps (steps first.. on
+        batches[window], none when the window is empty) on the finished outputs of the modules
+        before it, then the never-worse check: the module measured (mean reconstruction loss at
+        `check_lam`) on the held-out batches in its initial and its trained state, both fed by the
+        kept modules before it; with settings.never_worse it keeps the better one. The kept state's
+        outputs feed the next module; the rank's last module's go to the next rank. This is what
+        MREM-S does module by module: with finish_steps = steps and lam=zero, MREM-S bit for bit.
+
+        Messages on both links: the window's batches in step order, then the held-out ones. The
+        rank's first module trains on the window's messages as they arrive; a rank needs every
+        held-out batch before it can decide, so it receives them all first (they are a few)."""
+        if not holdout:
+            raise ValueError("no held-out calibration batches to measure the modules on: set data.holdout_samples >= 1")
+        lam, base = check_lam(settings), self.seq
+        total = len(window) * len(trainers)
+        progress = None
+        if window:
+            names = ", ".join(str(s.index) for s in self.held)
+            desc = f"finishing module{'s' if len(self.held) > 1 else ''} {names}"
+            progress = Progress(desc if self.layout.world_size == 1 else f"rank {self.rank}: {desc}", total,
+                                settings.log_every or max(total // 10, 1))
+        train_in: dict[int, Inputs] = {}  # batch index -> the module's inputs (a batch seen twice: the same)
+        held_in: list[Inputs] = []
+        decisions: list[Decision] = []
+        try:
+            for k, (trainer, tch, stu) in enumerate(zip(trainers, self.teachers, self.students)):
+                for j, i in enumerate(window):
+                    if k == 0:  # message base + j carries step first + j's batch: every one is read
+                        self.seq = base + j
+                        received = self._recv(i)
+                        train_in.setdefault(i, received)
+                    trainer.train_step(first + j, batches[i], *train_in[i])
+                    progress.update(k * len(window) + j, trainer.losses[-1], lam=trainer.lams[-1])
+                if k == 0:
+                    for h in range(len(holdout)):  # then message base + len(window) + h: held-out batch h
+                        self.seq = base + len(window) + h
+                        held_in.append(self._recv(h))
+                kept, before, after, held_in = self._keep_better(k, holdout, held_in, initial[k], lam, settings)
+                decisions.append((before, after, kept))
+                train_in = {i: self._outputs(k, batches[i], x, 0.0) for i, x in train_in.items()}
+        finally:
+            if progress is not None:
+                progress.close()
+        self.seq = base
+        for i in window:
+            self._send(i, *train_in[i])
+        for h, (fp, q) in enumerate(held_in):
+            self._send(h, fp, q)
+        self.flush()
+        return decisions
+
+    @torch.no_grad()
+    def _outputs(self, k: int, batch: Batch, inputs: Inputs, lam: float) -> tuple[Tensor, Tensor]:
+        """Module k's teacher output and its student's at input mix `lam` (0: the quantized chain,
+        as the final model runs it)."""
+        fp, q = inputs
+        return (self.teachers[k](fp, batch, logits=False).hidden[-1],
+                self.students[k](mix_inputs(lam, fp, q), batch, logits=False).hidden[-1])
+
+    @torch.no_grad()
+    def _keep_better(self, k: int, holdout: list[Batch], inputs: list[Inputs], initial: dict[str, Tensor], lam: float,
+                     settings: ReconSettings) -> tuple[str, float, float, list[Inputs]]:
+        """The never-worse check of module k (see _settle): (kept, error initial, error trained, the
+        kept state's outputs on the held-out batches)."""
+        tch, stu = self.teachers[k], self.students[k]
+        trained = snapshot(stu)
+        runs = {}  # state -> (error, the next module's inputs); only module outputs are kept
+        for name, state in (("initial", initial), ("trained", trained)):
+            stu.load_state_dict(state)
+            total, outs = 0.0, []
+            for (fp, q), b in zip(inputs, holdout):
+                t, o = tch(fp, b, logits=False), stu(mix_inputs(lam, fp, q), b, logits=False)
+                total += reconstruction_loss(o, t, b.attention_mask, settings.loss, 0.0).item()
+                outs.append((t.hidden[-1], o.hidden[-1]))
+            runs[name] = (total / len(holdout), outs)
+        before, after = runs["initial"][0], runs["trained"][0]
+        kept = "trained" if keep_trained(before, after, settings.never_worse) else "initial"
+        stu.load_state_dict(trained if kept == "trained" else initial)
+        log_kept(self.held[k], before, after, kept)
+        return kept, before, after, runs[kept][1]

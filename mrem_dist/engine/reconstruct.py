@@ -45,6 +45,7 @@ class ReconSettings:
     steps: int = 40  # MethodConfig.steps
     lam: str = "zero"  # input mix lam*fp + (1-lam)*q: zero (REM, MREM-S), one (LKD), anneal (MREM-P)
     t0: int = 0  # anneal: lam_t = max(1 - t/t0, 0); 0 means 1.5x the steps (config.py says why)
+    finish_steps: int = 0  # MREM-P: the last steps of every module train on the finished upstream
     loss: str = "every_layer"
     kd_weight: float = 0.0  # distillation on the logits, last module of a task model only
     lr_weight: Optional[float] = None  # absolute, for every latent weight; None: lr_weight_rel per tensor
