@@ -7,6 +7,7 @@ same work. Writes benchmarks/results/mrem_p_gap_<quant>_s<steps>.{md,json}.
 
     python benchmarks/mrem_p_gap.py --steps 20                     # W4A8, every cell
     python benchmarks/mrem_p_gap.py --steps 20 --quant w2a8 --cells mrem_s p finish_half
+    python benchmarks/mrem_p_gap.py --steps 20 --modules 2 --cells mrem_s p finish_half   # one module a rank
 """
 
 from __future__ import annotations
@@ -47,16 +48,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--quant", default="w4a8")
+    p.add_argument("--modules", type=int, default=4, help="method.modules (4: the benchmark report's quality cells)")
     p.add_argument("--cells", nargs="+", default=list(CELLS), choices=list(CELLS), help="default: every cell")
     p.add_argument("--extra", nargs="*", default=["data.calib_samples=256", "data.eval_samples=256"])
     p.add_argument("--out", default=None, help="output prefix (default benchmarks/results/mrem_p_gap_<quant>_s<steps>)")
     args = p.parse_args()
-    out = args.out or str(RESULTS / f"mrem_p_gap_{args.quant}_s{args.steps}")
+    out = args.out or str(RESULTS / f"mrem_p_gap_{args.quant}_s{args.steps}" + ("" if args.modules == 4 else f"_m{args.modules}"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for cell in args.cells:
             name, ranks, overrides = CELLS[cell]
-            cfg = [f"quant={args.quant}", "clip=mse", "method.modules=4", f"method.steps={args.steps}",
+            cfg = [f"quant={args.quant}", "clip=mse", f"method.modules={args.modules}", f"method.steps={args.steps}",
                    "checkpoint.dir=null", "export.enabled=false", *_fill(overrides, args.steps), *args.extra]
             report, wall = launch(cfg, Path(tmp) / cell, ranks=ranks, threads=1)
             rec = report["reconstruction"]
@@ -64,6 +66,7 @@ def main() -> None:
             train = (max(r["train_seconds"] for r in ranks_stats) if ranks_stats
                      else sum(m["seconds"] for m in rec["modules"]))
             row = {"cell": cell, "name": name, "ranks": ranks, "overrides": _fill(overrides, args.steps),
+                   "partition": rec["partition"],
                    "cosine": report["metrics"]["quantized"]["cosine"],
                    "before": report["metrics_before_reconstruction"]["cosine"],
                    "error_after": [round(m["error_after"], 5) for m in rec["modules"]],
@@ -81,9 +84,11 @@ def main() -> None:
         table.append(f"| {r['name']} | {r['ranks']} x 1 | {r['cosine']:.4f} | {gap} | "
                      f"{', '.join(f'{e:.4g}' for e in r['error_after'])} | {r['train_seconds']} | "
                      f"{100 * r['blocked_fraction']:.1f}% | {r['wall_seconds']} |")
-    header = (f"{args.quant}, MSE-clip init (cosine {rows[0]['before']:.4f} before training), 4 modules, "
-              f"{args.steps} steps per module, {' '.join(args.extra)}. Train s: the slowest rank's training "
-              "(MREM-S: the sum over its modules); wall: the whole job, load to report.")
+    header = (f"{args.quant}, MSE-clip init (cosine {rows[0]['before']:.4f} before training), {args.steps} steps per "
+              f"module, {' '.join(args.extra)}; {args.modules} modules ({'; '.join(rows[0]['partition'])}), on 2 ranks "
+              "in consecutive groups. Train s: the slowest rank's steps, finish phase and never-worse check (MREM-S: "
+              "the sum over its modules); most blocked rank: its seconds waiting for a neighbour over its train s; "
+              "wall: the whole job, load to report.")
     write_results(out, "mrem_p_gap.py", header, rows, table)
 
 

@@ -105,6 +105,7 @@ def test_lam_schedules():
     assert [lam_at("zero", t, 10) for t in (0, 5, 9)] == [0.0, 0.0, 0.0]
     assert [lam_at("one", t, 10) for t in (0, 5, 9)] == [1.0, 1.0, 1.0]
     assert [lam_at("anneal", t, 100, 40) for t in (0, 10, 20, 40, 99)] == [1.0, 0.75, 0.5, 0.0, 0.0]
+    assert [lam_at("anneal", t, 10, 20, finish_steps=3) for t in (0, 6, 7, 9)] == [1.0, 0.7, 0.0, 0.0]  # finish: 0
     assert lam_at("anneal", 75, 100) == 0.5 and lam_at("anneal", 99, 100) == pytest.approx(1 / 3, abs=0.01)  # t0=0: 1.5x the steps
     with pytest.raises(ValueError, match="not one of"):
         lam_at("linear", 0, 10)
@@ -434,4 +435,4 @@ def test_finish_phase_trains_the_last_steps_on_the_finished_upstream():
     assert finish[0].losses == plain[0].losses
     for p, f in zip(plain[1:], finish[1:]):
         assert f.losses[:5] == p.losses[:5] and f.losses[5:] != p.losses[5:]
-        assert f.lams == p.lams  # the anneal goes on as scheduled
+        assert f.lams == p.lams[:5] + [0.0] * 3  # the finish steps: the finished quantized upstream alone

@@ -60,9 +60,11 @@ class ReconSettings:
     log_every: int = 0  # 0: ten progress lines per module
 
 
-def lam_at(schedule: str, t: int, steps: int, t0: int = 0) -> float:
-    """Teacher-forcing weight of the full-precision input at step t (0-based)."""
-    if schedule == "zero":
+def lam_at(schedule: str, t: int, steps: int, t0: int = 0, finish_steps: int = 0) -> float:
+    """Teacher-forcing weight of the full-precision input at step t (0-based). MREM-P's finish
+    steps (the last `finish_steps`) train on the finished upstream's quantized outputs alone, as
+    MREM-S does: the upstream no longer moves, so there is nothing to force."""
+    if schedule == "zero" or (schedule == "anneal" and t >= steps - finish_steps):
         return 0.0
     if schedule == "one":
         return 1.0
@@ -234,7 +236,7 @@ class ModuleTrainer:
     def train_step(self, t: int, batch: Batch, fp_in: Optional[Tensor], q_in: Optional[Tensor]) -> tuple[StageOutput, StageOutput]:
         """Step t on one batch; returns (teacher output, student output) for the next module."""
         s = self.settings
-        lam = lam_at(s.lam, t, s.steps, s.t0)
+        lam = lam_at(s.lam, t, s.steps, s.t0, s.finish_steps)
         # Cosine decay: large early moves to escape the rounding init, small late ones to settle.
         for g, lr in zip(self.optimizer.param_groups, self.base_lrs):
             g["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * t / s.steps))
