@@ -247,7 +247,8 @@ class Bench:
         if "run_perplexity" in row and not math.isclose(ppl, row["run_perplexity"], rel_tol=1e-4):
             raise RuntimeError(f"{cell.name} W{bits}: the folder scores {ppl}, its run reported {row['run_perplexity']}")
         return {"bits": bits, "cell": cell.name, "tool": cell.tool, "perplexity": round(ppl, 3),
-                "ratio_to_fp": round(ppl / self.fp_perplexity, 4), **row, "trained": cell.trained}
+                "ratio_to_fp": round(ppl / self.fp_perplexity, 4), **row, "trained": cell.trained,
+                "cpu": torch.backends.cpu.get_cpu_capability()}
 
     def mrem(self, cell: Cell, bits: int, run_dir: Path) -> tuple[dict, Path]:
         trains = cell.overrides[0].startswith("method=mrem")
@@ -333,19 +334,23 @@ def tables(rows: list[dict], s: dict) -> list[str]:
               "same windows. Wall: the process, start to exit (load, calibrate, save), less mrem-dist's in-run "
               "evaluation; peak RSS of one process."]
     for bits in sorted({r["bits"] for r in rows}, reverse=True):
-        lines += ["", f"### W{bits}A16 g{s['group_size']}", "",
-                  "| cell | perplexity | x FP | wall s | peak RSS GB | processes | trained |", "|---|---|---|---|---|---|---|"]
         here = {r["cell"]: r for r in rows if r["bits"] == bits}
+        # Rows measured on machines of different CPU kernels (sessions land on different machines)
+        # say which: their wall times compare only roughly.
+        mixed = len({r.get("cpu") for r in here.values()}) > 1
+        lines += ["", f"### W{bits}A16 g{s['group_size']}", "",
+                  "| cell | perplexity | x FP | wall s | peak RSS GB | processes | trained |" + (" CPU |" if mixed else ""),
+                  "|---|---|---|---|---|---|---|" + ("---|" if mixed else "")]
         for name in NAMES:  # in CELLS' order; a cell this report did not run says so
             r = here.get(name)
             if r is None:
-                lines.append(f"| {name} | not run in this report | | | | | |")
+                lines.append(f"| {name} | not run in this report | | | | | |" + (" |" if mixed else ""))
                 continue
             start = f" (start: {r['before_perplexity']:.2f})" if "before_perplexity" in r else ""
             if r.get("kept_initial"):
                 start = start[:-1] + f"; kept at their start: module {', '.join(map(str, r['kept_initial']))})"
             lines.append(f"| {name} | {r['perplexity']:.2f} | {r['ratio_to_fp']:.3f} | {r['wall_s']} | {r['peak_rss_gb']} | "
-                         f"{r['processes']} | {r['trained']}{start} |")
+                         f"{r['processes']} | {r['trained']}{start} |" + (f" {r.get('cpu', '?')} |" if mixed else ""))
     lines += ["", "### Targets", "", *targets(rows)]
     versions = sorted({r["version"] for r in rows if "version" in r})
     lines += ["", "### Versions and commands", "", f"Peers: {', '.join(versions) or 'none run'}; llm-compressor's "
@@ -374,8 +379,10 @@ def targets(rows: list[dict]) -> list[str]:
         theirs = cell.get((bits, "AutoRound (defaults)"))
         if theirs:
             met = ours["wall_s"] < theirs["wall_s"]
+            where = ("" if ours.get("cpu") == theirs.get("cpu") else
+                     f", measured on different machines (CPU {ours.get('cpu', '?')} and {theirs.get('cpu', '?')})")
             out.append(f"- W{bits} wall time: MREM-P {ours['wall_s']} s vs AutoRound at its defaults {theirs['wall_s']} s: "
-                       f"{'met' if met else 'NOT met'} (target: MREM-P faster)")
+                       f"{'met' if met else 'NOT met'} (target: MREM-P faster){where}")
         else:
             out.append(f"- W{bits} wall time vs AutoRound at its defaults: not measured")
     return out

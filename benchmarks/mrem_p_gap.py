@@ -53,7 +53,8 @@ def main() -> None:
     p.add_argument("--extra", nargs="*", default=["data.calib_samples=256", "data.eval_samples=256"])
     p.add_argument("--out", default=None, help="output prefix (default benchmarks/results/mrem_p_gap_<quant>_s<steps>)")
     args = p.parse_args()
-    out = args.out or str(RESULTS / f"mrem_p_gap_{args.quant}_s{args.steps}" + ("" if args.modules == 4 else f"_m{args.modules}"))
+    suffix = "" if args.modules == 4 else f"_m{args.modules}"
+    out = args.out or str(RESULTS / f"mrem_p_gap_{args.quant}_s{args.steps}{suffix}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for cell in args.cells:
