@@ -54,6 +54,17 @@ GOLDEN: dict[tuple[str, str], dict[str, str]] = {
         "mrem_p": "e713428d5a2bc377f795af991838916cd3c3e4138c47eaccd289e9e5d0a5bbf8",
         "mrem_p_2ranks": "e713428d5a2bc377f795af991838916cd3c3e4138c47eaccd289e9e5d0a5bbf8",
     },
+    # Recorded 2026-12-02 on an AVX-512 machine at commit 04da3f2 (which matched every AVX2 pin above).
+    ("2.13.0+cpu", "AVX512"): {
+        "ptq": "fe3d604d440aee7301df6ba0060d03814156ae86a8f67d07002e855cdbf69406",
+        "cls_mrem_s": "e8d9c94a750a24d18c54431542b8955f32347ab5313acca76b8fd678ccabd9fb",
+        "cls_prequant": "866bacecd552c46610d2230044e566d9ed126bcba9dc1e3ad4d309ec104bf425",
+        "rem": "68b231d638aa8cebba38f5b2869f1b073d8d79feaa1f70ce3ba2f633455971a1",
+        "lkd": "1a4dbf59af8e5bd7bb2da5a98d4f553355deac928fe5dfa3fea06c4261d2b8b1",
+        "mrem_s": "8095507cc11e5cd0e3110a2c47dd3b859f00cc1ac622fd31340a818e77d9751c",
+        "mrem_p": "a3e11e73d07e70c1a76a020624a6744ee933dca2183ccc9bf6740fba88343bf2",
+        "mrem_p_2ranks": "a3e11e73d07e70c1a76a020624a6744ee933dca2183ccc9bf6740fba88343bf2",
+    },
 }
 
 

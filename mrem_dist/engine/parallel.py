@@ -216,7 +216,6 @@ class RankPipeline:
             checkpoint.load(step, trainers)
         return step
 
-
     def train(self, batches: list[Batch], order: list[int], settings: ReconSettings, holdout: list[Batch],
               initial: list[dict[str, Tensor]], checkpoint: Optional[Checkpointer] = None,
               stop: Optional[StopSignal] = None) -> tuple[list[ModuleResult], list[Decision], RankStats]:
@@ -306,7 +305,9 @@ class RankPipeline:
 
         Messages on both links: the window's batches in step order, then the held-out ones. The
         rank's first module trains on the window's messages as they arrive; a rank needs every
-        held-out batch before it can decide, so it receives them all first (they are a few)."""
+        held-out batch before it can decide, so it receives them all first (they are a few). The
+        window's inputs stay in memory until the rank's last module is done: one boundary's
+        activations of the batches it visits (at most the calibration set, as MREM-S caches)."""
         if not holdout:
             raise ValueError("no held-out calibration batches to measure the modules on: set data.holdout_samples >= 1")
         lam, base = check_lam(settings), self.seq
@@ -321,7 +322,7 @@ class RankPipeline:
         held_in: list[Inputs] = []
         decisions: list[Decision] = []
         try:
-            for k, (trainer, tch, stu) in enumerate(zip(trainers, self.teachers, self.students)):
+            for k, trainer in enumerate(trainers):
                 for j, i in enumerate(window):
                     if k == 0:  # message base + j carries step first + j's batch: every one is read
                         self.seq = base + j
@@ -333,9 +334,9 @@ class RankPipeline:
                     for h in range(len(holdout)):  # then message base + len(window) + h: held-out batch h
                         self.seq = base + len(window) + h
                         held_in.append(self._recv(h))
-                kept, before, after, held_in = self._keep_better(k, holdout, held_in, initial[k], lam, settings)
-                decisions.append((before, after, kept))
-                train_in = {i: self._outputs(k, batches[i], x, 0.0) for i, x in train_in.items()}
+                decision, held_in = self._keep_better(k, holdout, held_in, initial[k], lam, settings)
+                decisions.append(decision)
+                train_in = {i: self._final_outputs(k, batches[i], x) for i, x in train_in.items()}
         finally:
             if progress is not None:
                 progress.close()
@@ -348,18 +349,18 @@ class RankPipeline:
         return decisions
 
     @torch.no_grad()
-    def _outputs(self, k: int, batch: Batch, inputs: Inputs, lam: float) -> tuple[Tensor, Tensor]:
-        """Module k's teacher output and its student's at input mix `lam` (0: the quantized chain,
-        as the final model runs it)."""
+    def _final_outputs(self, k: int, batch: Batch, inputs: Inputs) -> tuple[Tensor, Tensor]:
+        """Module k's teacher output and its student's on the quantized chain, as the final model
+        runs it (and as the sequential engine caches it for the next module)."""
         fp, q = inputs
         return (self.teachers[k](fp, batch, logits=False).hidden[-1],
-                self.students[k](mix_inputs(lam, fp, q), batch, logits=False).hidden[-1])
+                self.students[k](mix_inputs(0.0, fp, q), batch, logits=False).hidden[-1])
 
     @torch.no_grad()
     def _keep_better(self, k: int, holdout: list[Batch], inputs: list[Inputs], initial: dict[str, Tensor], lam: float,
-                     settings: ReconSettings) -> tuple[str, float, float, list[Inputs]]:
-        """The never-worse check of module k (see _settle): (kept, error initial, error trained, the
-        kept state's outputs on the held-out batches)."""
+                     settings: ReconSettings) -> tuple[Decision, list[Inputs]]:
+        """The never-worse check of module k (see _settle): its decision and the kept state's
+        outputs on the held-out batches."""
         tch, stu = self.teachers[k], self.students[k]
         trained = snapshot(stu)
         runs = {}  # state -> (error, the next module's inputs); only module outputs are kept
@@ -375,4 +376,4 @@ class RankPipeline:
         kept = "trained" if keep_trained(before, after, settings.never_worse) else "initial"
         stu.load_state_dict(trained if kept == "trained" else initial)
         log_kept(self.held[k], before, after, kept)
-        return kept, before, after, runs[kept][1]
+        return (before, after, kept), runs[kept][1]
