@@ -118,11 +118,12 @@ class MethodConfig:
     # removes (docs/benchmarks.md, W4A8 at 20 steps: t0 = steps/2 0.9513, 1.5x 0.9598, MREM-S 0.9647).
     t0: int = 0
     # mrem_p: the last finish_steps of every module's steps train on the *finished* upstream
-    # modules' outputs instead of the stream of still-training ones: module n waits for module
-    # n-1's finish, so the pipeline's wall time grows from ~steps to ~steps + (modules - 1) x
-    # finish_steps (steps x modules for MREM-S). 0: fully parallel. At 20 steps on the built-in model
-    # the finished upstream is what MREM-P's last 0.5-1.2% of cosine to MREM-S needs
-    # (docs/benchmarks.md: "MREM-P at short budgets"). finish_steps = steps with lam=zero is MREM-S.
+    # modules' quantized outputs instead of the stream of still-training ones. A rank waits for the
+    # previous rank's finish, so the pipeline's wall grows from ~steps to ~steps + (ranks - 1) x
+    # finish_steps (free in one process). 0: fully parallel. At 20 steps on the built-in model,
+    # finish_steps=10 takes MREM-P from 0.1-1.0% below MREM-S to within 0.3% at every width, for most
+    # of the 2-rank speed-up (docs/benchmarks.md, "The finish phase"); at 60 steps the gap is 0.1%
+    # without it. finish_steps = steps with lam=zero is MREM-S, bit for bit.
     finish_steps: int = 0
     # module_output: MSE of the module's output; every_layer: mean MSE over its layers' outputs.
     loss: str = "every_layer"
