@@ -238,10 +238,8 @@ class RankPipeline:
         trainers = [ModuleTrainer(stu, tch, settings, progress=False) for stu, tch in zip(self.students, self.teachers)]
         first = self._resume(checkpoint, trainers) if checkpoint is not None else 0
         names = [s.index for s in self.held]
-        desc = f"module{'s' if len(names) > 1 else ''} {', '.join(map(str, names))}"
         finish_from = settings.steps - settings.finish_steps  # the parallel phase ends here
-        progress = Progress(desc if self.layout.world_size == 1 else f"rank {self.rank}: {desc}", finish_from,
-                            settings.log_every or max(finish_from // 10, 1))
+        progress = self._progress("", finish_from, settings)
         progress.resume_at(min(first, finish_from))
         # LKD-style runs (lam = 1 throughout) never use the quantized stream: do not send it.
         use_q = settings.lam != "one"
@@ -273,7 +271,7 @@ class RankPipeline:
                     raise Preempted(f"rank {self.rank} stopped after step {t + 1} of {settings.steps} on a stop signal; "
                                     f"{where}: run the same command again to resume")
             self.flush()
-            progress.close()
+            progress.close()  # before the finish phase's own display (closing twice is harmless)
             window_from = max(first, finish_from)
             decisions = self._settle(trainers, batches, order[window_from:], window_from, holdout, initial, settings)
             if settings.finish_steps and stop is not None and stop.received is not None:
@@ -293,6 +291,14 @@ class RankPipeline:
         )
         return results, decisions, stats
 
+    def _progress(self, doing: str, total: int, settings: ReconSettings) -> Progress:
+        """The rank's progress display over `total` steps (a bar on a terminal, else a line every
+        10%), named by its modules (and its rank when there are several)."""
+        names = [s.index for s in self.held]
+        desc = f"{doing}module{'s' if len(names) > 1 else ''} {', '.join(map(str, names))}"
+        return Progress(desc if self.layout.world_size == 1 else f"rank {self.rank}: {desc}", total,
+                        settings.log_every or max(total // 10, 1))
+
     def _settle(self, trainers: list[ModuleTrainer], batches: list[Batch], window: list[int], first: int,
                 holdout: list[Batch], initial: list[dict[str, Tensor]], settings: ReconSettings) -> list[Decision]:
         """Down the pipeline, one module after another: the finish steps (steps first.. on
@@ -311,13 +317,7 @@ class RankPipeline:
         if not holdout:
             raise ValueError("no held-out calibration batches to measure the modules on: set data.holdout_samples >= 1")
         lam, base = check_lam(settings), self.seq
-        total = len(window) * len(trainers)
-        progress = None
-        if window:
-            names = ", ".join(str(s.index) for s in self.held)
-            desc = f"finishing module{'s' if len(self.held) > 1 else ''} {names}"
-            progress = Progress(desc if self.layout.world_size == 1 else f"rank {self.rank}: {desc}", total,
-                                settings.log_every or max(total // 10, 1))
+        progress = self._progress("finishing ", len(window) * len(trainers), settings) if window else None
         train_in: dict[int, Inputs] = {}  # batch index -> the module's inputs (a batch seen twice: the same)
         held_in: list[Inputs] = []
         decisions: list[Decision] = []
