@@ -137,38 +137,52 @@ def latency(loaded, calib_ids: torch.Tensor, batch: dict, tmp: Path, device: tor
     return rows
 
 
-def gemm(device: torch.device, rounds: int, m: int = 32 * 128, k: int = 384, n: int = 1536) -> list[dict]:
-    """The GEMM alone, at MiniLM's FFN shape: FP32 F.linear against the integer kernel on codes
-    that are already quantized (what the INT8 path cannot beat, whatever it does around it)."""
-    torch.manual_seed(0)
-    x = torch.randn(m, k, device=device)
-    w = torch.randn(n, k, device=device)
-    codes = torch.randint(-7, 8, (n, k), dtype=torch.int8)
-    qx = torch.randint(0, 256, (m, k), dtype=torch.uint8)
-    if device.type == "cuda":
-        codes_t, sx = codes.to(device).t(), (qx.to(torch.int16) - 128).to(torch.int8).to(device)
-        kernel = ("torch._int_mm", lambda: torch._int_mm(sx, codes_t))
-    else:
-        packed, ones = torch.ops.onednn.qlinear_prepack(codes, None), torch.ones(n)
-        kernel = ("onednn qlinear", lambda: int8._onednn_linear(qx, 1.0, 128, packed, ones, None))
-    runs = {"FP32 F.linear": lambda: torch.nn.functional.linear(x, w), kernel[0]: kernel[1]}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds + 1):  # the first round warms up
-        for name, fn in runs.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
-    base = statistics.median(times["FP32 F.linear"][1:])
+# The GEMM shapes timed alone (tokens x in x out): MiniLM's FFN; on CUDA also a 7B Llama's attention
+# projection and FFN, where a GPU is busy enough for the kernel, not the launch, to set the time.
+GEMM_SHAPES = {"cpu": [(32 * 128, 384, 1536)],
+               "cuda": [(32 * 128, 384, 1536), (4096, 4096, 4096), (4096, 4096, 11008)]}
+
+
+def gemm(device: torch.device, rounds: int) -> list[dict]:
+    """The GEMM alone: F.linear in FP32 (and on CUDA in BF16 and FP16, what LLMs are served in)
+    against the integer kernel on codes that are already quantized (what the INT8 path cannot
+    beat, whatever it does around it)."""
     rows = []
-    for name, t in times.items():
-        med = statistics.median(t[1:])
-        rows.append({"table": "gemm", "config": f"{name} {m}x{k}x{n}", "median_ms": round(1e3 * med, 2),
-                     "speedup_vs_fp32": round(base / med, 3)})
-        print(rows[-1], flush=True)
+    for m, k, n in GEMM_SHAPES[device.type]:
+        torch.manual_seed(0)
+        x = torch.randn(m, k, device=device)
+        w = torch.randn(n, k, device=device)
+        codes = torch.randint(-7, 8, (n, k), dtype=torch.int8)
+        qx = torch.randint(0, 256, (m, k), dtype=torch.uint8)
+        runs = {"FP32 F.linear": lambda x=x, w=w: torch.nn.functional.linear(x, w)}
+        if device.type == "cuda":
+            for name, dtype in (("BF16", torch.bfloat16), ("FP16", torch.float16)):
+                xd, wd = x.to(dtype), w.to(dtype)
+                runs[f"{name} F.linear"] = lambda xd=xd, wd=wd: torch.nn.functional.linear(xd, wd)
+            codes_t, sx = codes.to(device).t(), (qx.to(torch.int16) - 128).to(torch.int8).to(device)
+            runs["torch._int_mm"] = lambda sx=sx, codes_t=codes_t: torch._int_mm(sx, codes_t)
+        else:
+            packed, ones = torch.ops.onednn.qlinear_prepack(codes, None), torch.ones(n)
+            runs["onednn qlinear"] = lambda qx=qx, packed=packed, ones=ones: int8._onednn_linear(
+                qx, 1.0, 128, packed, ones, None)
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(rounds + 1):  # the first round warms up
+            for name, fn in runs.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - start)
+        medians = {name: statistics.median(t[1:]) for name, t in times.items()}
+        for name, med in medians.items():
+            row = {"table": "gemm", "config": f"{name} {m}x{k}x{n}", "median_ms": round(1e3 * med, 3),
+                   "speedup_vs_fp32": round(medians["FP32 F.linear"] / med, 3)}
+            if "BF16 F.linear" in medians:
+                row["speedup_vs_bf16"] = round(medians["BF16 F.linear"] / med, 3)
+            rows.append(row)
+            print(row, flush=True)
     return rows
 
 
@@ -178,29 +192,34 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=10, help="timed forward passes per configuration")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--skip-size", action="store_true")
+    p.add_argument("--gemm-only", action="store_true",
+                   help="time the GEMMs alone (needs no model: benchmarks/gpu_check.sh on a machine without MiniLM)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    with hydra_configs():
-        loaded = load_model(BUILTIN_MODEL)
-    batch, calib = builtin_inputs(loaded)
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = [] if args.skip_size else sizes(loaded, calib, Path(tmp))
-        rows += latency(loaded, calib, batch, Path(tmp), device, args.rounds)
+    rows = []
+    if not args.gemm_only:
+        with hydra_configs():
+            loaded = load_model(BUILTIN_MODEL)
+        batch, calib = builtin_inputs(loaded)
+        with tempfile.TemporaryDirectory() as tmp:
+            rows += [] if args.skip_size else sizes(loaded, calib, Path(tmp))
+            rows += latency(loaded, calib, batch, Path(tmp), device, args.rounds)
     rows += gemm(device, 3 * args.rounds)
 
     table = []
-    if not args.skip_size:
+    if not (args.skip_size or args.gemm_only):
         table += ["| weights | word embeddings | model.safetensors MB | vs FP32 |", "|---|---|---|---|"]
         for r in rows:
             if r["table"] == "size":
                 emb = "FP32" if r["e_bits"] is None else f"E{r['e_bits']}"
                 table.append(f"| W{r['w_bits']} | {emb} | {r['bytes'] / 1e6:.2f} | {r['ratio']:.3f}x |")
         table += ["", f"FP32 model.safetensors: {rows[0]['fp32_bytes'] / 1e6:.2f} MB.", ""]
-    table += ["| model (batch 32 x 128) | median ms | speed-up vs FP32 | cosine to FP32 | INT8 vs float kernel (rel. L2) |",
-              "|---|---|---|---|---|"]
+    if not args.gemm_only:
+        table += ["| model (batch 32 x 128) | median ms | speed-up vs FP32 | cosine to FP32 | INT8 vs float kernel "
+                  "(rel. L2) |", "|---|---|---|---|---|"]
     for r in rows:
         if r["table"] != "latency":
             continue
@@ -209,15 +228,19 @@ def main() -> None:
             continue
         diff = "" if r["rel_diff_vs_float_kernel"] is None else f"{r['rel_diff_vs_float_kernel']:.3f}"
         table.append(f"| {r['config']} | {r['median_ms']} | {r['speedup_vs_fp32']:.2f}x | {r['cosine_to_fp32']:.4f} | {diff} |")
-    table += ["", "| GEMM alone | median ms | speed-up vs FP32 |", "|---|---|---|"]
+    vs_bf16 = device.type == "cuda"
+    table += ([""] if table else []) + ["| GEMM alone | median ms | speed-up vs FP32 |" + (" vs BF16 |" if vs_bf16 else ""),
+              "|---|---|---|" + ("---|" if vs_bf16 else "")]
     for r in rows:
         if r["table"] == "gemm":
-            table.append(f"| {r['config']} | {r['median_ms']} | {r['speedup_vs_fp32']:.2f}x |")
+            table.append(f"| {r['config']} | {r['median_ms']} | {r['speedup_vs_fp32']:.2f}x |"
+                         + (f" {r['speedup_vs_bf16']:.2f}x |" if vs_bf16 else ""))
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
     else:
         where = cpu_description()
-    header = (f"all-MiniLM-L6-v2 (real weights, 22.7M parameters), built-in text. Latency: {device} ({where}), "
+    model = "GEMMs alone (--gemm-only)" if args.gemm_only else "all-MiniLM-L6-v2 (real weights, 22.7M parameters), built-in text"
+    header = (f"{model}. Latency: {device} ({where}), "
               f"{torch.get_num_threads()} threads, median of {args.rounds} rounds, configurations interleaved; "
               f"torch {torch.__version__}.")
     out = args.out or str(RESULTS / ("artifact" if device.type == "cpu" else f"artifact_{device.type}"))

@@ -57,6 +57,9 @@ class ModelConfig:
     # The frozen teacher's weights and every forward pass; latent weights, quantizer step sizes and
     # optimizer state stay float32. null: bfloat16 on CUDA, float32 on CPU.
     dtype: Optional[str] = None
+    # MREM-P on several ranks: each rank reads only its own modules' tensors from the safetensors
+    # files (models/sharded.py). false: every rank loads the whole model and frees the rest.
+    sharded_load: bool = True
 
 
 @dataclass

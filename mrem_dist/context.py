@@ -23,7 +23,7 @@ import torch
 from mrem_dist.artifact import export_quantized
 from mrem_dist.artifact.compressed_tensors import export_compressed_tensors
 from mrem_dist.config import EXPORT_DIRS, RECONSTRUCTION_METHODS, MethodConfig, export_formats
-from mrem_dist.distributed import DistContext, resolve_device
+from mrem_dist.distributed import DistContext, all_gather_objects, resolve_device
 from mrem_dist.engine import ReconSettings, partition
 from mrem_dist.engine.checkpoint import Checkpointer, fingerprint
 from mrem_dist.engine.parallel import peak_memory_gb
@@ -31,6 +31,7 @@ from mrem_dist.inputs import PreparedData, prepare_data
 from mrem_dist.layout import ParallelLayout
 from mrem_dist.log import get_logger
 from mrem_dist.models import LoadedModel, load_model
+from mrem_dist.models.loading import load_skeleton
 from mrem_dist.models.gguf import source_note
 from mrem_dist.report import write_report
 from mrem_dist.validation import ValidationFailed, validate_result
@@ -75,16 +76,22 @@ class RunContext:
         model_cfg = getattr(cfg, "model", None)
         return cls(cfg, device, dist=dist, source=None if model_cfg is None else model_cfg.path)
 
-    def load(self, kind: Optional[str] = None, num_labels: Optional[int] = None, calibration: bool = True) -> LoadedModel:
+    def load(self, kind: Optional[str] = None, num_labels: Optional[int] = None, calibration: bool = True,
+             skeleton: bool = False) -> LoadedModel:
         """Load `cfg.model` (as `kind`, default `cfg.model.kind`) and prepare `cfg.data` for it; the
-        model and the batches go to the device."""
+        model and the batches go to the device. skeleton: the model with its parameters on the meta
+        device, for a rank to fill in with its own share (models/sharded.py)."""
         cfg = self.cfg
-        loaded = load_model(cfg.model.path, kind or cfg.model.kind, self.dtype, num_labels)
-        log.info("loaded %s (%s, %s) from %s", cfg.model.path, loaded.family.name, loaded.task.kind, loaded.path)
-        self.use(loaded, calibration)
+        if skeleton:
+            loaded = load_skeleton(cfg.model.path, kind or cfg.model.kind, self.dtype)
+        else:
+            loaded = load_model(cfg.model.path, kind or cfg.model.kind, self.dtype, num_labels)
+        log.info("%s %s (%s, %s) from %s", "built the skeleton of" if skeleton else "loaded", cfg.model.path,
+                 loaded.family.name, loaded.task.kind, loaded.path)
+        self.use(loaded, calibration, to_device=not skeleton)
         return loaded
 
-    def use(self, loaded: LoadedModel, calibration: bool = True) -> None:
+    def use(self, loaded: LoadedModel, calibration: bool = True, to_device: bool = True) -> None:
         """Take a model loaded elsewhere (an artifact) and prepare `cfg.data` for it."""
         method = getattr(self.cfg, "method", None)  # an evaluate run has none
         holdout = self.cfg.data.holdout_samples if calibration and method is not None and \
@@ -92,7 +99,8 @@ class RunContext:
         prepared = prepare_data(self.cfg.data, loaded, calibration, holdout)
         log.info("data %s: %d calibration / %d evaluation samples", self.cfg.data.name,
                  prepared.description["calibration_samples"], prepared.description["evaluation_samples"])
-        loaded.model = loaded.model.to(self.device)
+        if to_device:
+            loaded.model = loaded.model.to(self.device)
         self.loaded, self.data = loaded, prepared.to(self.device)
 
     # -- what the drivers share -------------------------------------------------------------
@@ -145,7 +153,10 @@ class RunContext:
         root = Path(cfg.checkpoint.dir) / f"{m.name}_{cfg.quant.name}_{key}"
         every = cfg.checkpoint.every if cfg.checkpoint.every is not None else max(1, min(200, m.steps // 4))
         keep = Checkpointer.keep_for(layout.stages, m.queue, every)
-        return Checkpointer(root, fingerprint(model, self.data.calib, settings), layout.stage, every, keep,
+        several = self.dist is not None and self.dist.world_size > 1
+        fp = fingerprint(model, self.data.calib, settings,
+                         gather=(lambda own: all_gather_objects(own, self.dist)) if several else None)
+        return Checkpointer(root, fp, layout.stage, every, keep,
                             cfg.checkpoint.resume)
 
     # -- the end of every quantizing run ----------------------------------------------------

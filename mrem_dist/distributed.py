@@ -229,3 +229,18 @@ def gather_to_main(obj: Any, ctx: DistContext, layout: "ParallelLayout") -> Opti
             raise peer_failed(src, "the coordinator receiving results from", e) from e
         out.append(box[0])
     return out
+
+
+def all_gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
+    """Every rank's `obj` (picklable, small), in rank order, on every rank."""
+    import torch.distributed as dist
+
+    if ctx.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    try:
+        dist.all_gather_object(out, obj)
+    except Exception as e:
+        raise RuntimeError(f"rank {ctx.rank}: the ranks could not exchange {type(obj).__name__} objects ({e}): a rank "
+                           "has probably failed or stopped answering (its own error is in its log)") from e
+    return out

@@ -71,6 +71,26 @@ def test_init_gptq_starts_reconstruction_from_gptq(tmp_path, tiny_llama_dir, wik
     assert gptq["metrics_before_reconstruction"]["kl"] < rtn["metrics_before_reconstruction"]["kl"]
 
 
+def _partition_bytes(model_dir: str, modules: int, ranks: int) -> list[int]:
+    """The bytes of the full-precision tensors each rank's modules hold (a tied tensor counts on
+    every rank that holds one of its names), from a whole load."""
+    from mrem_dist.engine import partition
+    from mrem_dist.engine.shard import holders, tensor_owner
+    from mrem_dist.layout import stage_modules
+    from mrem_dist.models import load_model
+    from mrem_dist.models.sharded import tensor_names
+
+    loaded = load_model(model_dir)
+    model, family = loaded.model, loaded.family
+    by_name = holders(model, tensor_owner(model, family, partition(model, family, modules, head=False)))
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    out = []
+    for held in stage_modules(modules, ranks):
+        ids = [i for i, names in tensor_names(model).items() if by_name[names[0]] & set(held)]
+        out.append(sum(tensors[i].numel() * tensors[i].element_size() for i in ids))
+    return out
+
+
 def _job(rank, model_dir, text, run_dir, out_dir, overrides):
     from mrem_dist.runner import execute
 
@@ -82,14 +102,21 @@ def _job(rank, model_dir, text, run_dir, out_dir, overrides):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("ranks", [2, 3])
-def test_mrem_p_on_a_decoder_over_ranks_is_bit_identical_to_one_process(tmp_path, tiny_llama_dir, wiki_like_txt, ranks):
-    overrides = [*W3, *_recon("mrem_p", "method.modules=3", "method.init=gptq", "method.queue=2")]
+@pytest.mark.parametrize("ranks,init", [(2, "gptq"), (3, "gptq"), (2, "rtn")])
+def test_mrem_p_on_a_decoder_over_ranks_is_bit_identical_to_one_process(tmp_path, tiny_llama_dir, wiki_like_txt, ranks,
+                                                                         init):
+    """init=gptq: every rank loads the whole model (GPTQ's pass needs it) and frees the rest; from
+    RTN each rank reads only its own modules' tensors (sharded loading): the full-precision bytes a
+    rank holds are those of its modules, the tied embedding on both end ranks."""
+    overrides = [*W3, *_recon("mrem_p", "method.modules=3", f"method.init={init}", "method.queue=2")]
     out = tmp_path / "out"
     out.mkdir()
     run_ranks(_job, ranks, tiny_llama_dir, wiki_like_txt, str(tmp_path / "ranks"), str(out), overrides)
     report = json.loads((out / "report.json").read_text())
     assert report["reconstruction"]["world_size"] == ranks and report["validation"]["passed"]
+    ranks_report = report["reconstruction"]["ranks"]
+    assert [r["load"] for r in ranks_report] == ["whole" if init == "gptq" else "sharded"] * ranks
+    assert [r["full_precision_bytes"] for r in ranks_report] == _partition_bytes(tiny_llama_dir, 3, ranks)
     single, qmodel = execute(_cfg(tmp_path / "single", f"model.path={tiny_llama_dir}", *_data(*wiki_like_txt), *overrides))
     parallel_state, state = torch.load(out / "state.pt"), qmodel.state_dict()
     assert parallel_state.keys() == state.keys()

@@ -1,7 +1,8 @@
 """MREM-P (method=mrem_p): every rank trains its module partition, rank 0 coordinates.
 
-On every rank: load the model and data (the same batches from the same seed everywhere), cut the
-partition and build the parallel layout, let go of every weight outside this rank's modules,
+On every rank: build the model's skeleton and load the data (the same batches from the same seed
+everywhere), cut the partition and build the parallel layout, read only this rank's modules' tensors
+from the checkpoint (model.sharded_load; else load the whole model and let go of the rest),
 quantize what is left, calibrate the static activation ranges through the stream, score the initial
 quantized model against full precision through the stream (the last stage keeps the metric state),
 train (engine.parallel), then the stage leader sends its modules' state, records and metric state
@@ -29,10 +30,12 @@ from mrem_dist.engine.checkpoint import Preempted, StopSignal
 from mrem_dist.engine.gptq import copy_gptq, gptq_model, gptq_options
 from mrem_dist.engine.parallel import RankPipeline
 from mrem_dist.engine.records import ModuleRecord, RankPayload
-from mrem_dist.engine.shard import owned_state, release_unowned, tensor_owner
+from mrem_dist.engine.shard import holders, owned_state, release_unowned, tensor_owner
 from mrem_dist.layout import ParallelLayout, stage_modules
 from mrem_dist.log import get_logger
 from mrem_dist.models import ModelFamily, load_model
+from mrem_dist.models.loading import can_load_sharded
+from mrem_dist.models.sharded import materialize, materialized_bytes
 from mrem_dist.quantize import needs_calibration, quantize_model
 from mrem_dist.scheme import QuantScheme
 from mrem_dist.scoring import layer_errors, score
@@ -66,18 +69,20 @@ def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, torch.n
     if cfg.method.modules:  # fail before loading anything (modules=0 needs the layer count)
         stage_modules(cfg.method.modules, dist.world_size)
     settings = ctx.recon_settings()
+    sharded = _sharded_load(cfg, dist.world_size)
     with timer("load"):
-        loaded = ctx.load()
-    model, family, task = loaded.model, loaded.family, loaded.task
-    model.requires_grad_(False)
-    calib, evalset = ctx.data.calib, ctx.data.evalset
-    with timer("quantize"):
-        specs = ctx.partition(model)
+        loaded = ctx.load(skeleton=sharded)
+        model, family, task = loaded.model, loaded.family, loaded.task
+        specs = ctx.partition(model)  # from the layer shapes: the same on a skeleton
         layout = ParallelLayout.build(dist.rank, dist.world_size, len(specs))
         held = set(layout.modules)
-    checkpoint = ctx.checkpointer(layout, model)
-
-    owner = tensor_owner(model, family, specs)
+        owner = tensor_owner(model, family, specs)
+        if sharded:
+            by_name = holders(model, owner)
+            read = materialize(model, loaded.path, lambda name: bool(by_name[name] & held), ctx.device)
+            log.info("rank %d read %.1f MB of its modules' tensors from %s", layout.rank, read / 1e6, loaded.path)
+    model.requires_grad_(False)
+    calib, evalset = ctx.data.calib, ctx.data.evalset
     gptq = None
     if cfg.method.init == "gptq":
         # GPTQ calibrates each layer on the GPTQ-quantized layers before it: every rank runs the
@@ -86,7 +91,11 @@ def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, torch.n
             gptq = quantize_model(copy.deepcopy(model), family, ctx.scheme, learnable=False)
             gptq_model(gptq, family, calib, gptq_options(cfg.method))
     with timer("quantize"):
-        release_unowned(model, owner, held)
+        release_unowned(model, owner, held)  # after a sharded load there is nothing left to free
+        fp_bytes = materialized_bytes(model)  # the full-precision tensors this rank holds from now on
+    # The fingerprint covers the full-precision tensors this stage holds: its inputs.
+    checkpoint = ctx.checkpointer(layout, model)
+    with timer("quantize"):
         layers = {i for s in specs if s.index in held for i in s.layers}
         qmodel = quantize_model(copy.deepcopy(model), family, ctx.scheme, learnable=True, layers=layers,
                                 embeddings=specs[0].index in held)
@@ -121,8 +130,10 @@ def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, torch.n
                      round(res.wait_seconds, 3), res.losses, res.lams, stats.resumed_from, layout.rank, kept)
         for res, spec, (before, after, kept) in zip(results, pipe.held, decisions)
     ]
-    payload = RankPayload(layout.rank, owned_state(qmodel, owner, held), modules, stats.as_dict(), layers_before,
-                          layers_after, init_metric if layout.is_last_stage else None, dict(timer.seconds))
+    held_fp = {"load": "sharded" if sharded else "whole", "full_precision_bytes": fp_bytes}
+    payload = RankPayload(layout.rank, owned_state(qmodel, owner, held), modules, {**stats.as_dict(), **held_fp},
+                          layers_before, layers_after, init_metric if layout.is_last_stage else None,
+                          dict(timer.seconds))
     # A lone rank freed nothing: its full-precision model serves the coordinator as it is. Otherwise
     # nothing of the shard is needed any more (the coordinator rebuilds the whole model): free it.
     whole_fp = model if layout.world_size == 1 else None
@@ -137,6 +148,23 @@ def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, torch.n
     if checkpoint is not None:  # the artifact and report are written: nothing left to resume
         checkpoint.remove()
     return result
+
+
+def _sharded_load(cfg: RunConfig, world_size: int) -> bool:
+    """Whether each rank reads only its own modules' tensors (model.sharded_load, on several ranks).
+    The cases where every rank still loads the whole model say why in the log."""
+    if world_size == 1 or not cfg.model.sharded_load:
+        return False
+    if cfg.method.init == "gptq":
+        log.info("method.init=gptq: every rank loads the whole model (GPTQ quantizes each layer on the outputs of "
+                 "the GPTQ-quantized layers before it, and every rank runs that pass), then frees the other modules")
+        return False
+    if not can_load_sharded(cfg.model.path):
+        log.warning("model.path=%s is not a local folder of safetensors weights: every rank loads the whole model and "
+                    "frees the other modules (save it with save_pretrained to load only each rank's share)",
+                    cfg.model.path)
+        return False
+    return True
 
 
 def _coordinate(ctx: RunContext, layout: ParallelLayout, specs: list[ModuleSpec], parts: list[RankPayload],

@@ -35,7 +35,7 @@ import signal
 import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -68,13 +68,23 @@ class Fingerprint:
         return [k for k in ("model", "data", "settings") if getattr(self, k) != getattr(other, k)]
 
 
-def fingerprint(model: nn.Module, batches: Sequence[Batch], settings: dict) -> Fingerprint:
+def fingerprint(model: nn.Module, batches: Sequence[Batch], settings: dict,
+                gather: Optional[Callable[[dict], list[dict]]] = None) -> Fingerprint:
     """Hashes of the full-precision weights (values, not file names), of the calibration batches
-    (token ids and masks, in order), and of `settings` (everything else that decides the result)."""
+    (token ids and masks, in order), and of `settings` (everything else that decides the result).
+
+    The weights' hash is over one hash per named tensor. A rank of a parallel run holds only its
+    partition (the other tensors are empty): `gather` (every rank's dict, on every rank) merges the
+    ranks' hashes, so every stage computes the same fingerprint of the whole model, whichever rank
+    count and loading it ran with."""
+    tensors = {name: hashlib.sha256(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+               for name, t in model.state_dict().items() if t.numel()}
+    if gather is not None:
+        for part in gather(tensors):
+            tensors.update(part)
     m = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        m.update(name.encode())
-        m.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for name, digest in sorted(tensors.items()):
+        m.update(f"{name}={digest};".encode())
     d = hashlib.sha256()
     for b in batches:
         for t in (b.input_ids, b.attention_mask, b.token_type_ids):

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from mrem_dist.models.families import ModelFamily
+from mrem_dist.models.sharded import tensor_names
 
 from .partition import ModuleSpec
 
@@ -38,21 +39,10 @@ def tensor_owner(model: nn.Module, family: ModelFamily, specs: list[ModuleSpec])
     return owner
 
 
-def _tensor_names(model: nn.Module) -> dict[int, list[str]]:
-    """Every name of every parameter and buffer, grouped by the tensor object (tied names share one)."""
-    names: dict[int, list[str]] = {}
-    for prefix, module in model.named_modules(remove_duplicate=False):
-        for store in (module._parameters, module._buffers):
-            for name, t in store.items():
-                if t is not None:
-                    names.setdefault(id(t), []).append(f"{prefix}.{name}" if prefix else name)
-    return names
-
-
 def holders(model: nn.Module, owner: Owner) -> dict[str, set[int]]:
     """For every name, the modules that hold its tensor (more than one for a tied tensor)."""
     out: dict[str, set[int]] = {}
-    for names in _tensor_names(model).values():
+    for names in tensor_names(model).values():
         held_by = {owner(n) for n in names}
         for n in names:
             out[n] = held_by

@@ -126,9 +126,18 @@ def auto_kind(config, kind: str) -> str:
     return "causal_lm" if is_causal_lm(config) else "classifier" if has_classification_head(config) else "encoder"
 
 
-def load_model(path: str, kind: str = "auto", dtype: str = "float32", num_labels: int | None = None) -> LoadedModel:
-    """`num_labels` (fine-tuning): load as a classifier with that many outputs, with a new,
-    randomly initialised head when the checkpoint has none (seed torch first)."""
+@dataclass(frozen=True)
+class _Checkpoint:
+    """What load_model and load_skeleton agree on before building anything."""
+
+    resolved: str
+    config: object
+    family: ModelFamily
+    task: Task
+    kwargs: dict  # construction arguments (model_kwargs, a new head's num_labels)
+
+
+def _checkpoint(path: str, kind: str, num_labels: int | None) -> _Checkpoint:
     resolved = resolve_model_path(path)
     config = load_config(resolved)
     family = family_for(config.model_type)
@@ -153,24 +162,57 @@ def load_model(path: str, kind: str = "auto", dtype: str = "float32", num_labels
             f"{config.architectures}); a task metric needs one. Use model.kind=encoder to measure fidelity "
             "to the full-precision model, or fine-tune the model on the task first (python -m mrem_dist.finetune)"
         )
-    torch_dtype = getattr(torch, dtype)
     task = task_for(kind, num_labels if num_labels is not None else int(config.num_labels))
     extra = {"num_labels": num_labels} if num_labels is not None and not has_head else {}
+    return _Checkpoint(resolved, config, family, task, {**model_kwargs(task, family), **extra})
+
+
+def load_model(path: str, kind: str = "auto", dtype: str = "float32", num_labels: int | None = None) -> LoadedModel:
+    """`num_labels` (fine-tuning): load as a classifier with that many outputs, with a new,
+    randomly initialised head when the checkpoint has none (seed torch first)."""
+    ck = _checkpoint(path, kind, num_labels)
     try:
-        model = task.auto_class().from_pretrained(resolved, dtype=torch_dtype, **model_kwargs(task, family), **extra)
+        model = ck.task.auto_class().from_pretrained(ck.resolved, dtype=getattr(torch, dtype), **ck.kwargs)
     except Exception as e:  # safetensors / torch raise their own types for a truncated weight file
         if "safetensors" not in type(e).__module__ and "Safetensor" not in type(e).__name__:
             raise
-        weights = sorted(Path(resolved).expanduser().glob("*.safetensors")) if Path(resolved).expanduser().is_dir() else []
-        raise OSError(f"the weights of model {path!r} ({', '.join(str(w) for w in weights) or resolved}) cannot be "
+        weights = sorted(Path(ck.resolved).expanduser().glob("*.safetensors")) if Path(ck.resolved).expanduser().is_dir() else []
+        raise OSError(f"the weights of model {path!r} ({', '.join(str(w) for w in weights) or ck.resolved}) cannot be "
                       f"read ({e}): the file is truncated or corrupt; save the model again") from e
     model.eval()
+    return LoadedModel(model, _tokenizer(path, ck.resolved), ck.family, ck.task, ck.resolved,
+                       sum(p.numel() for p in model.parameters()))
+
+
+def can_load_sharded(path: str) -> bool:
+    """Whether `path` resolves to a local folder with safetensors weights, which a rank can read
+    tensor by tensor (models/sharded.py); a hub id or a folder of .bin files cannot."""
+    from mrem_dist.models.sharded import safetensors_files
+
+    folder = Path(resolve_model_path(path)).expanduser()
+    return folder.is_dir() and bool(safetensors_files(folder))
+
+
+def load_skeleton(path: str, kind: str = "auto", dtype: str = "float32") -> LoadedModel:
+    """The model of `path` with every parameter on the meta device (no storage), tied as
+    from_pretrained ties it, for models/sharded.materialize to fill in. Buffers are computed."""
+    from accelerate import init_empty_weights
+
+    ck = _checkpoint(path, kind, None)
+    with init_empty_weights(include_buffers=False):
+        model = ck.task.auto_class().from_config(ck.config, dtype=getattr(torch, dtype), **ck.kwargs)
+    model.tie_weights()  # from_config ties at construction, which the meta context skips
+    model.eval()
+    return LoadedModel(model, _tokenizer(path, ck.resolved), ck.family, ck.task, ck.resolved,
+                       sum(p.numel() for p in model.parameters()))
+
+
+def _tokenizer(path: str, resolved: str):
     _check_tokenizer_files(path, resolved)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolved)
+        return AutoTokenizer.from_pretrained(resolved)
     except (OSError, ValueError) as e:
         raise OSError(
             f"model {path!r} has no usable tokenizer ({e}): save the tokenizer into the model folder "
             "(tokenizer.save_pretrained(dir))"
         ) from e
-    return LoadedModel(model, tokenizer, family, task, resolved, sum(p.numel() for p in model.parameters()))
