@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -40,17 +40,26 @@ log = get_logger(__name__)
 
 
 class Timer:
+    """Seconds per phase, and every span of a phase for a rank's timeline: (phase, start, end,
+    blocked), start and end in wall-clock seconds since the epoch (so the ranks of one machine, or
+    of clock-synchronized nodes, line up), blocked the seconds of it the rank waited on a peer
+    (`blocked`: a running total of those seconds, which a parallel driver points at its streams)."""
+
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.spans: list[tuple[str, float, float, float]] = []
+        self.blocked: Callable[[], float] = lambda: 0.0
 
     @contextmanager
     def __call__(self, name: str):
-        start = time.perf_counter()
+        start, wall, blocked = time.perf_counter(), time.time(), self.blocked()
         try:
             yield
         finally:
+            elapsed = time.perf_counter() - start
             # Accumulates: a stage may run in several pieces (evaluate before and after).
-            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + elapsed, 3)
+            self.spans.append((name, round(wall, 3), round(wall + elapsed, 3), round(self.blocked() - blocked, 3)))
 
 
 @dataclass
@@ -161,8 +170,12 @@ class RunContext:
 
     # -- the end of every quantizing run ----------------------------------------------------
     def report(self, fp_metrics: Optional[dict], q_metrics: dict, extra: dict) -> dict:
+        """`extra` may hold `rank_spans`: {rank: Timer.spans} of the other ranks of a parallel run,
+        which join this process's own in the report's `timeline`."""
         cfg, loaded = self.cfg, self.loaded
         self.timer.seconds["total"] = round(time.perf_counter() - self.started, 3)
+        extra = dict(extra)
+        spans = {**extra.pop("rank_spans", {}), self.dist.rank if self.dist is not None else 0: self.timer.spans}
         return {
             "method": cfg.method.name,
             "quant": dataclasses.asdict(self.scheme),
@@ -178,6 +191,7 @@ class RunContext:
             "metrics": {"full_precision": fp_metrics, "quantized": q_metrics},
             **extra,
             "timings_s": self.timer.seconds,
+            "timeline": timeline(spans),
             # This process (rank 0 of a parallel run; every rank's own figure is in reconstruction.ranks).
             "peak_memory_gb": dict(zip(("rss", "cuda"), (None if v is None else round(v, 3)
                                                          for v in peak_memory_gb(self.device)))),
@@ -209,32 +223,48 @@ class RunContext:
         when it is not sound. `failures`: problems the caller already found (the assembly check)."""
         cfg = self.cfg
         report = self.report(metrics[0], metrics[1], extra)
-        modules = report.get("reconstruction", {}).get("modules", [])
-        fp, q = report["metrics"]["full_precision"] or {}, report["metrics"]["quantized"]
-        # The error of the state each module kept (its initial one when training made it worse).
-        kept = [m["error_after"] if m["kept"] == "trained" else m["error_before"] for m in modules]
-        report["validation"] = validate_result(qmodel, fp, q, kept, cfg.max_drop)
-        if failures:
-            report["validation"]["failures"][:0] = failures
-            report["validation"]["passed"] = False
-        # The report first, so that no failure below loses it; then the exports, then the report again.
-        write_report(Path(cfg.run_dir), report)
+        reported = len(self.timer.spans)  # the spans after this one join the timeline below
+        with self.timer("validate"):
+            modules = report.get("reconstruction", {}).get("modules", [])
+            fp, q = report["metrics"]["full_precision"] or {}, report["metrics"]["quantized"]
+            # The error of the state each module kept (its initial one when training made it worse).
+            kept = [m["error_after"] if m["kept"] == "trained" else m["error_before"] for m in modules]
+            report["validation"] = validate_result(qmodel, fp, q, kept, cfg.max_drop)
+            if failures:
+                report["validation"]["failures"][:0] = failures
+                report["validation"]["passed"] = False
+            # The report first, so that no failure below loses it; then the exports, then the report again.
+            write_report(Path(cfg.run_dir), report)
         formats = export_formats(cfg.export)
         if report["validation"]["passed"] and formats:
             report["artifacts"] = {}
             for fmt in formats:
                 try:
-                    report["artifacts"][fmt] = self._export(qmodel, fmt)
+                    with self.timer("write"):
+                        report["artifacts"][fmt] = self._export(qmodel, fmt)
                 except BaseException as e:
                     report["artifacts"][fmt] = {"error": f"{type(e).__name__}: {e}"}
                     write_report(Path(cfg.run_dir), report, plot=False)
                     raise
+            rank = self.dist.rank if self.dist is not None else 0
+            report["timeline"]["spans"] += timeline({rank: self.timer.spans[reported:]}, report["timeline"]["epoch_s"])["spans"]
             write_report(Path(cfg.run_dir), report, plot=False)
         log_summary(report)
         if not report["validation"]["passed"]:
             failed = "; ".join(report["validation"]["failures"])
             raise ValidationFailed(f"the quantized model failed validation: {failed} (report: {cfg.run_dir}/report.json)")
         return report
+
+
+def timeline(spans: dict[int, list[tuple[str, float, float, float]]], epoch: Optional[float] = None) -> dict:
+    """The report's `timeline`: every phase span of every rank, in seconds from `epoch` (default:
+    the earliest start; `epoch_s` is it, in wall-clock seconds since the Unix epoch)."""
+    if epoch is None:
+        epoch = min((s[1] for rank_spans in spans.values() for s in rank_spans), default=0.0)
+    rows = [{"rank": rank, "phase": name, "start_s": round(start - epoch, 3), "end_s": round(end - epoch, 3),
+             "blocked_s": blocked}
+            for rank, rank_spans in sorted(spans.items()) for name, start, end, blocked in rank_spans]
+    return {"epoch_s": epoch, "spans": rows}
 
 
 def recon_settings(m: MethodConfig) -> ReconSettings:

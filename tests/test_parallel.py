@@ -65,6 +65,24 @@ def _assert_same_state(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
+def _check_timeline(report: dict, rec: dict) -> None:
+    """Every rank's phases, in order and without overlap, from the earliest start; the training
+    span's blocked seconds are the ones the rank's stats count; rank 0 goes on to gather, assemble,
+    evaluate, validate and write."""
+    spans = report["timeline"]["spans"]
+    for rank, stats in enumerate(rec["ranks"]):
+        mine = [s for s in spans if s["rank"] == rank]
+        phases = [s["phase"] for s in mine]
+        assert phases[:1] == ["load"] and {"evaluate", "probe", "reconstruct"} <= set(phases), phases
+        assert all(a["end_s"] <= b["start_s"] + 1e-3 for a, b in zip(mine, mine[1:]))
+        assert all(0 <= s["blocked_s"] <= s["end_s"] - s["start_s"] + 1e-3 for s in mine)
+        (train,) = [s for s in mine if s["phase"] == "reconstruct"]
+        assert train["blocked_s"] == pytest.approx(stats["recv_blocked_seconds"] + stats["send_blocked_seconds"],
+                                                   abs=2e-3)
+    assert min(s["start_s"] for s in spans) == 0.0
+    assert [s["phase"] for s in spans if s["rank"] == 0][-5:] == ["gather", "assemble", "evaluate", "validate", "write"]
+
+
 def test_two_ranks_train_at_once_and_equal_one_process(tmp_path, tiny_encoder_dir, sst_like_csv):
     # 3 modules on 2 ranks: rank 0 holds modules 0-1 (lockstep inside the rank), rank 1 module 2.
     overrides = ["method.modules=3", "method.t0=4"]
@@ -84,6 +102,7 @@ def test_two_ranks_train_at_once_and_equal_one_process(tmp_path, tiny_encoder_di
     assert sum(m["error_after"] for m in rec["modules"]) < sum(m["error_before"] for m in rec["modules"])
     # Only rank 0 wrote, into the one run directory.
     assert sorted(p.name for p in run_dir.iterdir()) == ["model", "reconstruction.png", "report.json", "summary.md"]
+    _check_timeline(report, rec)
 
     single, state = _single(tiny_encoder_dir, sst_like_csv, tmp_path / "single", overrides)
     _assert_same_state(torch.load(out / "state.pt"), state)

@@ -107,6 +107,7 @@ def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, torch.n
              "; ".join(s.describe() for s in specs if s.index in held), kept / 1e6, loaded.num_parameters / 1e6)
 
     pipe = RankPipeline(model, qmodel, family, specs, layout, ctx.device, cfg.method.queue)
+    timer.blocked = pipe.blocked_clock()
     with timer("calibrate"):
         if needs_calibration(qmodel):
             pipe.calibrate(calib)
@@ -114,6 +115,7 @@ def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, torch.n
     init_metric = task.metric(evalset)
     with timer("evaluate"):
         pipe.evaluate(evalset.batches, lambda b, out: task.reduce(b, out.hidden[-1], out.logits), init_metric)
+    with timer("probe"):
         _, layers_before = pipe.probe(probe_eval, 0.0, settings.loss)
     # Taken before a checkpoint is loaded: a resumed run returns to the same initial state.
     initial = pipe.initial_states()
@@ -122,7 +124,7 @@ def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, torch.n
     with timer("reconstruct"):  # the training steps and the never-worse check
         results, decisions, stats = pipe.train(calib, order, settings, ctx.data.holdout, initial, checkpoint, stop)
         del initial
-    with timer("evaluate"):
+    with timer("probe"):
         _, layers_after = pipe.probe(probe_eval, 0.0, settings.loss)
 
     modules = [
@@ -133,7 +135,7 @@ def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, torch.n
     held_fp = {"load": "sharded" if sharded else "whole", "full_precision_bytes": fp_bytes}
     payload = RankPayload(layout.rank, owned_state(qmodel, owner, held), modules, {**stats.as_dict(), **held_fp},
                           layers_before, layers_after, init_metric if layout.is_last_stage else None,
-                          dict(timer.seconds))
+                          dict(timer.seconds), list(timer.spans))
     # A lone rank freed nothing: its full-precision model serves the coordinator as it is. Otherwise
     # nothing of the shard is needed any more (the coordinator rebuilds the whole model): free it.
     whole_fp = model if layout.world_size == 1 else None
@@ -203,6 +205,7 @@ def _coordinate(ctx: RunContext, layout: ParallelLayout, specs: list[ModuleSpec]
             "assembly_relative_difference": mismatch,
         },
         "layer_error": {"before": before, "after": after},
+        "rank_spans": {p.rank: p.spans for p in parts if p.rank != layout.rank},
     }
     return ctx.finish(qmodel, metrics, extra, failures), qmodel
 

@@ -129,6 +129,12 @@ class RankPipeline:
     def is_last(self) -> bool:
         return self.layout.is_last_stage
 
+    def blocked_clock(self) -> Callable[[], float]:
+        """A running total of the seconds this rank has waited on its neighbours (receiving, and
+        sending into a full queue), for the driver's timeline. It holds the streams, not the pipeline."""
+        streams = [s for s in (self.receiver, self.sender) if s is not None]
+        return lambda: sum(s.blocked_seconds for s in streams)
+
     def _recv(self, batch_index: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
         if self.receiver is None:
             return None, None  # the first module embeds the token ids itself

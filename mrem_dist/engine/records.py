@@ -61,3 +61,4 @@ class RankPayload:
     layers_after: dict[int, tuple[float, float]]
     init_metric: object = None  # the task's metric state (models/tasks.py) on the last stage
     timings_s: dict = field(default_factory=dict)
+    spans: list = field(default_factory=list)  # Timer.spans: the rank's phases up to the gather

@@ -1,0 +1,145 @@
+"""Scaling with the ranks on the real decoder (SmolLM2-135M): memory per rank, whole-job speed-up,
+blocked time, and a timeline of who does what, when. Side by side in one run, every cell the real
+entry point in a subprocess (MREM-P under torchrun, as a user starts it), one CPU thread per rank.
+
+Cells, all with the same modules, steps, data and initialization (RTN: every rank then reads only
+its own modules' tensors, sharded loading; GPTQ would load the whole model on every rank):
+- MREM-S in one process (the baseline of the speed-up);
+- MREM-P in one process (every module in lockstep: the baseline of the memory per rank);
+- MREM-P on 2 and on 3 ranks (on a 2-core machine the 3-rank cell's times are not a speed-up
+  measurement, its memory is).
+
+Reported per cell: whole-job wall time and training time (MREM-S: the sum over its modules; MREM-P:
+the slowest rank), their speed-ups against MREM-S, the seconds each rank spent per phase (load,
+quantize, calibrate, evaluate, probe, reconstruct, gather, assemble, validate, write) and blocked, the
+full-precision bytes each rank held, and each rank's peak RSS as a fraction of the one-process
+MREM-P run's. The 2-rank cell's timeline is drawn (results/scaling_timeline.png).
+
+    python benchmarks/scaling.py                 # SmolLM2, 6 modules, 20 steps (about 30 minutes on 2 cores)
+    python benchmarks/scaling.py --quick         # a smoke run on a tiny random decoder (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from common import RESULTS, launch, write_results
+
+PHASES = ("load", "quantize", "calibrate", "evaluate", "probe", "reconstruct", "gather", "assemble", "validate", "write")
+
+
+def cell(name: str, method: str, ranks: int, args, data: list[str], run_dir: Path) -> dict:
+    overrides = [*data, f"quant={args.quant}", f"method={method}", "method.init=rtn", f"method.modules={args.modules}",
+                 f"method.steps={args.steps}", "checkpoint.dir=null", "device=cpu"]
+    report, wall = launch(overrides, run_dir, ranks, threads=1)
+    rec = report["reconstruction"]
+    ranks_info = rec.get("ranks") or [{"rank": 0, "peak_rss_gb": report["peak_memory_gb"]["rss"],
+                                       "blocked_fraction": 0.0, "train_seconds": sum(m["seconds"] for m in rec["modules"])}]
+    phases: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    blocked: dict[int, float] = defaultdict(float)
+    for s in report["timeline"]["spans"]:
+        phases[s["rank"]][s["phase"]] += s["end_s"] - s["start_s"]
+        blocked[s["rank"]] += s["blocked_s"]
+    return {
+        "cell": name, "method": method, "ranks": ranks, "wall_s": round(wall, 1),
+        "train_s": round(max(r["train_seconds"] for r in ranks_info), 1),
+        "peak_rss_gb": [r["peak_rss_gb"] for r in ranks_info],
+        # Rank 0's whole-process peak, the coordinator's assembly and export included.
+        "coordinator_peak_rss_gb": report["peak_memory_gb"]["rss"],
+        "load": [r.get("load", "whole") for r in ranks_info],
+        "full_precision_bytes": [r.get("full_precision_bytes") for r in ranks_info],
+        "blocked_fraction": [r["blocked_fraction"] for r in ranks_info],
+        "phase_s": {str(r): {p: round(v, 2) for p, v in ps.items()} for r, ps in sorted(phases.items())},
+        "blocked_s": {str(r): round(v, 2) for r, v in sorted(blocked.items())},
+        "perplexity": report["metrics"]["quantized"]["perplexity"],
+        "timeline": report["timeline"]["spans"],
+    }
+
+
+def draw_timeline(row: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = dict(zip(PHASES, plt.get_cmap("tab10").colors))
+    fig, ax = plt.subplots(figsize=(10, 2.2 + 0.6 * row["ranks"]))
+    for s in row["timeline"]:
+        y = row["ranks"] - 1 - s["rank"]
+        ax.broken_barh([(s["start_s"], s["end_s"] - s["start_s"])], (y + 0.1, 0.8), color=colors.get(s["phase"], "grey"))
+        if s["blocked_s"] > 0:  # the seconds of the span spent waiting on a peer, hatched at its end
+            ax.broken_barh([(s["end_s"] - s["blocked_s"], s["blocked_s"])], (y + 0.1, 0.8), facecolor="none",
+                           hatch="///", edgecolor="black", linewidth=0)
+    ax.set_yticks([row["ranks"] - 1 - r + 0.5 for r in range(row["ranks"])], [f"rank {r}" for r in range(row["ranks"])])
+    ax.set_xlabel("seconds from the job's start (hatched: blocked on a peer, drawn at the end of its phase)")
+    seen = {s["phase"] for s in row["timeline"]}
+    fig.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=colors[p]) for p in PHASES if p in seen],
+               labels=[p for p in PHASES if p in seen], ncol=len(seen), fontsize=8, loc="lower center")
+    ax.set_title(f"{row['cell']}: what each rank does, when")
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a tiny random decoder, 2 steps: checks the script")
+    p.add_argument("--modules", type=int, default=6, help="module partitions (divisible by 1, 2 and 3)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--quant", default="w3a16_g64")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    out = Path(args.out or RESULTS / ("quick/scaling" if args.quick else "scaling"))
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.quick:
+            from gpu_check_inputs import build
+
+            build(Path(tmp) / "in")
+            args.steps, args.quant, args.modules = 2, "w4a16_g64", 3  # its decoder has 4 layers
+            data = [f"model.path={Path(tmp) / 'in' / 'decoder'}", "data=local", f"data.train_file={Path(tmp) / 'in/calib.txt'}",
+                    f"data.validation_file={Path(tmp) / 'in/eval.txt'}", "data.seq_len=64", "data.calib_samples=8",
+                    "data.holdout_samples=4", "data.eval_samples=4", "data.batch_size=4"]
+        else:
+            data = ["model=smollm2", "data=wiki", "data.calib_samples=32", "data.seq_len=256", "data.eval_samples=16",
+                    "data.batch_size=2"]
+        cells = [("MREM-S, 1 process", "mrem_s", 1), ("MREM-P, 1 process", "mrem_p", 1),
+                 ("MREM-P, 2 ranks", "mrem_p", 2), ("MREM-P, 3 ranks", "mrem_p", 3)]
+        rows = []
+        for name, method, ranks in cells:
+            rows.append(cell(name, method, ranks, args, data, Path(tmp) / f"run{len(rows)}"))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "timeline"}), flush=True)
+    base, one = rows[0], rows[1]
+    table = ["| cell | wall s | training s | speed-up vs MREM-S (wall / training) | peak RSS GB per rank "
+             "| vs one process | FP MB held per rank | blocked per rank |", "|" + "---|" * 8]
+    for r in rows:
+        fp_mb = ", ".join("?" if b is None else f"{b / 1e6:.0f}" for b in r["full_precision_bytes"])
+        vs_one = ", ".join(f"{g / one['peak_rss_gb'][0]:.2f}x" for g in r["peak_rss_gb"])
+        table.append(
+            f"| {r['cell']} | {r['wall_s']} | {r['train_s']} | {base['wall_s'] / r['wall_s']:.2f}x / "
+            f"{base['train_s'] / r['train_s']:.2f}x | {', '.join(f'{g:.2f}' for g in r['peak_rss_gb'])} "
+            f"| {vs_one} | {fp_mb} "
+            f"| {', '.join(f'{100 * f:.1f}%' for f in r['blocked_fraction'])} |")
+    table += ["", "Seconds per phase, per rank (blocked: of those, the seconds spent waiting on a peer):", "",
+              "| cell | rank | " + " | ".join(PHASES) + " | blocked |", "|" + "---|" * (len(PHASES) + 3)]
+    for r in rows:
+        for rank, ps in r["phase_s"].items():
+            table.append(f"| {r['cell']} | {rank} | " + " | ".join(f"{ps[p]:.1f}" if p in ps else "" for p in PHASES)
+                         + f" | {r['blocked_s'][rank]:.1f} |")
+    two = next(r for r in rows if r["ranks"] == 2)
+    picture = out.with_name(out.name + "_timeline.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    draw_timeline(two, picture)
+    table += ["", f"![timeline]({picture.name})"]
+    header = (f"{'tiny random decoder (--quick)' if args.quick else 'SmolLM2-135M-Instruct, wiki text, 32 x 256 calibration'}, "
+              f"{args.quant}, {args.modules} modules, {args.steps} steps, RTN start, one thread per rank; "
+              f"{os.cpu_count()} CPU cores (a cell with more ranks than cores measures memory, not speed).")
+    write_results(out, "scaling.py", header, rows, table)
+
+
+if __name__ == "__main__":
+    main()
