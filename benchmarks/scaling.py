@@ -7,7 +7,9 @@ its own modules' tensors, sharded loading; GPTQ would load the whole model on ev
 - MREM-S in one process (the baseline of the speed-up);
 - MREM-P in one process (every module in lockstep: the baseline of the memory per rank);
 - MREM-P on 2 and on 3 ranks (on a 2-core machine the 3-rank cell's times are not a speed-up
-  measurement, its memory is).
+  measurement, its memory is);
+- MREM-P on 2 ranks as 1 stage x 2 data-parallel replicas (method.replicas=2): every module on both
+  ranks, each training on half of every batch (its throughput against the one-process MREM-P run).
 
 Reported per cell: whole-job wall time and training time (MREM-S: the sum over its modules; MREM-P:
 the slowest rank), their speed-ups against MREM-S, the seconds each rank spent per phase (load,
@@ -33,9 +35,9 @@ from common import RESULTS, launch, write_results
 PHASES = ("load", "quantize", "calibrate", "evaluate", "probe", "reconstruct", "gather", "assemble", "validate", "write")
 
 
-def cell(name: str, method: str, ranks: int, args, data: list[str], run_dir: Path) -> dict:
+def cell(name: str, method: str, ranks: int, args, data: list[str], run_dir: Path, extra: list[str]) -> dict:
     overrides = [*data, f"quant={args.quant}", f"method={method}", "method.init=rtn", f"method.modules={args.modules}",
-                 f"method.steps={args.steps}", "checkpoint.dir=null", "device=cpu"]
+                 f"method.steps={args.steps}", "checkpoint.dir=null", "device=cpu", *extra]
     report, wall = launch(overrides, run_dir, ranks, threads=1)
     rec = report["reconstruction"]
     ranks_info = rec.get("ranks") or [{"rank": 0, "peak_rss_gb": report["peak_memory_gb"]["rss"],
@@ -46,7 +48,7 @@ def cell(name: str, method: str, ranks: int, args, data: list[str], run_dir: Pat
         phases[s["rank"]][s["phase"]] += s["end_s"] - s["start_s"]
         blocked[s["rank"]] += s["blocked_s"]
     return {
-        "cell": name, "method": method, "ranks": ranks, "wall_s": round(wall, 1),
+        "cell": name, "method": method, "ranks": ranks, "replicas": rec.get("replicas", 1), "wall_s": round(wall, 1),
         "train_s": round(max(r["train_seconds"] for r in ranks_info), 1),
         "peak_rss_gb": [r["peak_rss_gb"] for r in ranks_info],
         # Rank 0's whole-process peak, the coordinator's assembly and export included.
@@ -107,11 +109,12 @@ def main() -> None:
         else:
             data = ["model=smollm2", "data=wiki", "data.calib_samples=32", "data.seq_len=256", "data.eval_samples=16",
                     "data.batch_size=2"]
-        cells = [("MREM-S, 1 process", "mrem_s", 1), ("MREM-P, 1 process", "mrem_p", 1),
-                 ("MREM-P, 2 ranks", "mrem_p", 2), ("MREM-P, 3 ranks", "mrem_p", 3)]
+        cells = [("MREM-S, 1 process", "mrem_s", 1, []), ("MREM-P, 1 process", "mrem_p", 1, []),
+                 ("MREM-P, 2 ranks", "mrem_p", 2, []), ("MREM-P, 3 ranks", "mrem_p", 3, []),
+                 ("MREM-P, 2 replicas of 1 stage", "mrem_p", 2, ["method.replicas=2"])]
         rows = []
-        for name, method, ranks in cells:
-            rows.append(cell(name, method, ranks, args, data, Path(tmp) / f"run{len(rows)}"))
+        for name, method, ranks, extra in cells:
+            rows.append(cell(name, method, ranks, args, data, Path(tmp) / f"run{len(rows)}", extra))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "timeline"}), flush=True)
     base, one = rows[0], rows[1]
     table = ["| cell | wall s | training s | speed-up vs MREM-S (wall / training) | peak RSS GB per rank "
@@ -124,13 +127,17 @@ def main() -> None:
             f"{base['train_s'] / r['train_s']:.2f}x | {', '.join(f'{g:.2f}' for g in r['peak_rss_gb'])} "
             f"| {vs_one} | {fp_mb} "
             f"| {', '.join(f'{100 * f:.1f}%' for f in r['blocked_fraction'])} |")
+    for r in rows:
+        if r["replicas"] > 1:  # the same modules and steps as the one-process MREM-P run, half a batch each
+            table += ["", f"{r['cell']} against MREM-P in one process (the same work): training throughput "
+                      f"{one['train_s'] / r['train_s']:.2f}x, whole job {one['wall_s'] / r['wall_s']:.2f}x."]
     table += ["", "Seconds per phase, per rank (blocked: of those, the seconds spent waiting on a peer):", "",
               "| cell | rank | " + " | ".join(PHASES) + " | blocked |", "|" + "---|" * (len(PHASES) + 3)]
     for r in rows:
         for rank, ps in r["phase_s"].items():
             table.append(f"| {r['cell']} | {rank} | " + " | ".join(f"{ps[p]:.1f}" if p in ps else "" for p in PHASES)
                          + f" | {r['blocked_s'][rank]:.1f} |")
-    two = next(r for r in rows if r["ranks"] == 2)
+    two = next(r for r in rows if r["ranks"] == 2 and r["replicas"] == 1)
     picture = out.with_name(out.name + "_timeline.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     draw_timeline(two, picture)

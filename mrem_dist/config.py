@@ -107,6 +107,10 @@ class MethodConfig:
     gptq_act_order: bool = True
     # Number of module partitions; 0 = one transformer layer per module (REM, LKD).
     modules: int = 4
+    # MREM-P: data-parallel replicas of every stage (world size = stages x replicas). They split
+    # each training batch's rows and all-reduce their gradients once per step. 0 = derived: 1, or
+    # world size / modules when there are more ranks than modules.
+    replicas: int = 0
     # How the layers are cut: cost (estimated compute, the default) or params (memory).
     balance: str = "cost"
     # Training steps per module. 40 takes the default run (MREM-P on the built-in model) from cosine
@@ -500,6 +504,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     _validate_init(m, q)
     if m.name in RECONSTRUCTION_METHODS:
         _check(m.modules >= 0, f"method.modules={m.modules} must be >= 0 (0 = one layer per module)")
+        _check(m.replicas >= 0, f"method.replicas={m.replicas} must be >= 0 (0 = derived from the ranks and modules)")
+        _check(m.replicas <= 1 or m.name == "mrem_p", f"method.replicas={m.replicas}: data-parallel replicas are "
+               f"MREM-P's (method=mrem_p under torchrun); method={m.name} runs in one process")
         _check(m.steps > 0, f"method.steps={m.steps} must be positive (the paper uses 2000 steps per module)")
         _check(m.t0 >= 0, f"method.t0={m.t0} must be >= 0 (0 = 1.5x method.steps)")
         _check(0 <= m.finish_steps <= m.steps, f"method.finish_steps={m.finish_steps} must be in [0, method.steps="

@@ -165,8 +165,7 @@ class RunContext:
         several = self.dist is not None and self.dist.world_size > 1
         fp = fingerprint(model, self.data.calib, settings,
                          gather=(lambda own: all_gather_objects(own, self.dist)) if several else None)
-        return Checkpointer(root, fp, layout.stage, every, keep,
-                            cfg.checkpoint.resume)
+        return Checkpointer(root, fp, layout.stage, every, keep, cfg.checkpoint.resume, writer=layout.is_leader)
 
     # -- the end of every quantizing run ----------------------------------------------------
     def report(self, fp_metrics: Optional[dict], q_metrics: dict, extra: dict) -> dict:

@@ -203,9 +203,20 @@ def peer_failed(peer: int, what: str, e: BaseException) -> PeerError:
     )
 
 
+def stage_group(layout: "ParallelLayout"):
+    """The process group of this rank's stage: its replicas, for their gradient all-reduce. None
+    with one replica per stage. Every rank creates every stage's group, in stage order, as
+    torch.distributed requires of new_group."""
+    import torch.distributed as dist
+
+    if layout.replicas == 1:
+        return None
+    groups = [dist.new_group(list(layout.ranks_of_stage(s))) for s in range(layout.stages)]
+    return groups[layout.stage]
+
+
 def gather_to_main(obj: Any, ctx: DistContext, layout: "ParallelLayout") -> Optional[list[Any]]:
-    """Every stage leader's `obj` on the coordinator (rank 0), in stage order; None on the other
-    ranks (a replica that is not its stage's leader sends nothing).
+    """Every rank's `obj` on the coordinator (rank 0), in rank order; None on the other ranks.
 
     Point-to-point, rank by rank, rather than a collective gather, so that a rank that died or
     timed out is named in the error."""
@@ -214,14 +225,13 @@ def gather_to_main(obj: Any, ctx: DistContext, layout: "ParallelLayout") -> Opti
     if ctx.world_size == 1:
         return [obj]
     if not layout.is_coordinator:
-        if layout.is_leader:
-            try:
-                dist.send_object_list([obj], dst=0, device=ctx.device if ctx.backend == "nccl" else None)
-            except Exception as e:
-                raise peer_failed(0, "sending results to coordinator", e) from e
+        try:
+            dist.send_object_list([obj], dst=0, device=ctx.device if ctx.backend == "nccl" else None)
+        except Exception as e:
+            raise peer_failed(0, "sending results to coordinator", e) from e
         return None
     out = [obj]
-    for src in layout.leaders[1:]:
+    for src in range(1, ctx.world_size):
         box = [None]
         try:
             dist.recv_object_list(box, src=src, device=ctx.device if ctx.backend == "nccl" else None)

@@ -7,8 +7,11 @@ into roles; no other code computes a peer from a rank number.
     the stream: replica k of stage s receives from replica k of stage s - 1 and sends to stage s + 1
 
 Module partitions are spread over the stages as evenly as possible, earlier stages taking the extra
-ones (5 modules on 2 stages: [0-2], [3-4]). One replica per stage for now (data-parallel replicas
-come with the scaling work): then stage == rank and the leader of every stage is the rank itself.
+ones (5 modules on 2 stages: [0-2], [3-4]). With one replica per stage (the default while there are
+no more ranks than modules) stage == rank and the leader of every stage is the rank itself; with
+more ranks than modules the replicas are derived (8 ranks, 4 modules: 4 stages x 2 replicas), or
+set (method.replicas). The replicas of a stage split each training batch's rows and all-reduce
+their gradients (engine/parallel.py).
 """
 
 from __future__ import annotations
@@ -47,10 +50,23 @@ class ParallelLayout:
 
     @classmethod
     def build(cls, rank: int, world_size: int, num_modules: int, replicas: int = 1) -> "ParallelLayout":
-        if replicas != 1:
-            raise ValueError(f"replicas={replicas}: data-parallel replicas of a stage are not supported yet; use 1")
+        """replicas=0: derived, 1 while world_size <= num_modules, else world_size / num_modules."""
+        if replicas < 0:
+            raise ValueError(f"method.replicas={replicas} must be >= 0 (0: derived from the ranks and modules)")
+        if replicas == 0:
+            if world_size > num_modules and world_size % num_modules:
+                raise ValueError(
+                    f"{world_size} ranks do not split into stages x replicas of {num_modules} module partitions: "
+                    f"use a multiple of {num_modules} ranks, method.modules={world_size}, or set method.replicas")
+            replicas = 1 if world_size <= num_modules else world_size // num_modules
         if world_size % replicas:
-            raise ValueError(f"world size {world_size} is not stages x replicas with replicas={replicas}")
+            raise ValueError(f"{world_size} ranks are not stages x replicas with method.replicas={replicas}: "
+                             f"use a world size that is a multiple of {replicas}")
+        if replicas > 1 and world_size // replicas > num_modules:
+            raise ValueError(f"{world_size // replicas} stages ({world_size} ranks / method.replicas={replicas}) but only "
+                             f"{num_modules} module partitions: every stage needs at least one. Use more replicas "
+                             f"(method.replicas={world_size // num_modules if world_size % num_modules == 0 else 0}) "
+                             f"or more modules (method.modules={world_size // replicas})")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside a world of {world_size}")
         return cls(rank, world_size, stage_modules(num_modules, world_size // replicas), replicas)
@@ -117,11 +133,13 @@ class ParallelLayout:
         """The rank this one sends the stream to (None on the last stage)."""
         return None if self.is_last_stage else self.ranks_of_stage(self.stage + 1)[self.replica]
 
-    @property
-    def stage_group(self):
-        """The process group of this stage's replicas, for their gradient all-reduce: None while
-        every stage has one replica (there is nothing to reduce)."""
-        return None
+    def rows(self, n: int) -> slice:
+        """This replica's share of a batch of n rows (contiguous; the whole batch with one replica)."""
+        return slice(n * self.replica // self.replicas, n * (self.replica + 1) // self.replicas)
+
+    def batches(self, n: int) -> list[int]:
+        """This replica's share of n batches of a pass without training (every replicas-th one)."""
+        return list(range(self.replica, n, self.replicas))
 
     def describe(self) -> str:
         return (f"rank {self.rank} of {self.world_size}: stage {self.stage} of {self.stages}, replica {self.replica} "

@@ -128,7 +128,7 @@ def test_tied_embeddings_survive_release_and_assembly_and_are_stored_once(kind, 
         assert shard.lm_head.weight.numel() == VOCAB * 32  # both end modules keep the tied table
         q = quantize_model(shard, family, W4G16, layers=set(specs[rank].layers), embeddings=rank == 0)
         parts.append(RankPayload(rank, owned_state(q, owner, {rank}), [], {}, {}, {}))
-    whole = assemble(model, family, W4G16, specs, parts)
+    whole = assemble(copy.deepcopy(model), family, W4G16, specs, parts)
     assert whole.lm_head.weight is family.word_embeddings(whole).weight
     batch = _batch()
     single = quantize_model(copy.deepcopy(model), family, W4G16)

@@ -77,12 +77,12 @@ def test_a_tied_tensor_is_held_by_both_end_modules_and_assembles():
         q = quantize_model(copy.deepcopy(shard), BERT, scheme, layers=set(specs[rank].layers), embeddings=rank == 0)
         parts.append(RankPayload(rank, owned_state(q, owner, {rank}), [], {}, {}, {}))
     assert "classifier.weight" in parts[0].state and "bert.embeddings.position_embeddings.weight" in parts[1].state
-    whole = assemble(model, BERT, scheme, specs, parts)
+    whole = assemble(copy.deepcopy(model), BERT, scheme, specs, parts)
     torch.testing.assert_close(whole.classifier.weight, model.classifier.weight)
     # The same tensor sent twice with different values is refused, naming both ranks.
     parts[1].state["classifier.weight"] = parts[1].state["classifier.weight"] + 1.0
     with pytest.raises(RuntimeError, match="classifier.weight was sent by both rank 0 and rank 1"):
-        assemble(model, BERT, scheme, specs, parts)
+        assemble(copy.deepcopy(model), BERT, scheme, specs, parts)
 
 
 def test_the_classification_head_is_charged_per_sequence():

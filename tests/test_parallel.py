@@ -121,6 +121,44 @@ def test_two_ranks_train_at_once_and_equal_one_process(tmp_path, tiny_encoder_di
     assert report["artifacts"]["mrem"]["ratio_to_fp32"] < 0.5
 
 
+@pytest.mark.parametrize("world, overrides", [
+    (2, ["method.modules=3", "method.replicas=2"]),  # 1 stage x 2 replicas
+    (4, ["method.modules=2"]),  # more ranks than modules: 2 stages x 2 replicas, derived
+])
+def test_data_parallel_replicas_equal_one_process_on_the_full_batch(tmp_path, tiny_encoder_dir, sst_like_csv, world,
+                                                                   overrides):
+    """The replicas of a stage train on halves of every batch and all-reduce their gradients: one
+    process on the whole batch, to float tolerance. What differs is the order of two sums: the
+    step's gradient is the token-weighted sum of the halves' gradients, and the metrics add up the
+    batches each replica scored."""
+    overrides = [*overrides, "method.t0=4"]
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    out.mkdir()
+    run_ranks(_job, world, tiny_encoder_dir, sst_like_csv, str(run_dir), str(out), overrides, -1)
+    report = json.loads((out / "report.json").read_text())
+    rec = report["reconstruction"]
+    stages = world // 2
+    assert (rec["world_size"], rec["stages"], rec["replicas"]) == (world, stages, 2)
+    assert [(r["rank"], r["stage"], r["replica"]) for r in rec["ranks"]] == [(r, r // 2, r % 2) for r in range(world)]
+    assert len(rec["modules"]) == (3 if stages == 1 else 2)  # each module once, from its stage's leader
+    assert report["validation"]["passed"] and rec["assembly_relative_difference"] < 1e-3
+
+    single, state = _single(tiny_encoder_dir, sst_like_csv, tmp_path / "single", [o for o in overrides if "replicas" not in o])
+    assert single["reconstruction"]["replicas"] == 1
+    replicated = torch.load(out / "state.pt")
+    assert replicated.keys() == state.keys()
+    for k in state:
+        torch.testing.assert_close(replicated[k], state[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert [m["kept"] for m in rec["modules"]] == [m["kept"] for m in single["reconstruction"]["modules"]]
+    for got, want in zip(rec["modules"], single["reconstruction"]["modules"]):  # the full batch's losses
+        assert got["losses"] == pytest.approx(want["losses"], rel=1e-3, abs=1e-9)
+    for name, value in single["metrics"]["quantized"].items():
+        # rank_agreement is a Spearman correlation of the pairwise similarities, which are near-ties
+        # on this tiny model: a 1e-9 change in the outputs swaps two ranks and moves it by ~1e-4.
+        tolerance = dict(abs=1e-3) if name == "rank_agreement" else dict(rel=1e-4, abs=1e-6)
+        assert report["metrics"]["quantized"][name] == pytest.approx(value, **tolerance), name
+
+
 def test_lam_one_on_three_ranks_equals_sequential_lkd(tmp_path, tiny_encoder_dir, sst_like_csv):
     """The design's parity check: with lam = 1 throughout, N ranks give, module by module, the
     weights of one process training each module on full-precision inputs."""
@@ -213,3 +251,28 @@ def test_a_killed_rank_resumes_to_the_uninterrupted_result(tmp_path, tiny_encode
     _assert_same_state(torch.load(resumed / "state.pt"), state)
     assert [m["losses"] for m in report["reconstruction"]["modules"]] == [
         m["losses"] for m in single["reconstruction"]["modules"]]
+
+
+def test_replicas_resume_from_their_leaders_checkpoints(tmp_path, tiny_encoder_dir, sst_like_csv):
+    """1 stage x 2 replicas with checkpoints every 2 steps: the replica that is not the leader dies
+    at step 5 of 8; only the leader wrote checkpoints, and the rerun resumes both replicas from its
+    step 4 to exactly the weights of a replicated run that was never interrupted."""
+    ckpt = tmp_path / "ckpt"
+    overrides = ["method.modules=2", "method.replicas=2", "timeout_s=30", f"checkpoint.dir={ckpt}", "checkpoint.every=2"]
+    first, resumed, straight = tmp_path / "first", tmp_path / "resumed", tmp_path / "straight"
+    for d in (first, resumed, straight):
+        d.mkdir()
+    codes = run_ranks_unsupervised(_job, 2, 120, tiny_encoder_dir, sst_like_csv, str(tmp_path / "run1"), str(first),
+                                   overrides, 1, True)
+    assert codes[1] == 9 and codes[0] not in (0, None), codes
+    (run_key,) = [p for p in ckpt.iterdir()]
+    assert [p.name for p in run_key.iterdir() if p.is_dir()] == ["stage0"]  # the one stage, its leader's files
+    assert max(int(p.stem[4:]) for p in (run_key / "stage0").glob("step*.ckpt")) == 4
+
+    run_ranks(_job, 2, tiny_encoder_dir, sst_like_csv, str(tmp_path / "run2"), str(resumed), overrides, -1)
+    report = json.loads((resumed / "report.json").read_text())
+    assert [r["resumed_from"] for r in report["reconstruction"]["ranks"]] == [4, 4]
+    assert not ckpt.exists()
+    run_ranks(_job, 2, tiny_encoder_dir, sst_like_csv, str(tmp_path / "run3"), str(straight),
+              [*overrides[:3], "checkpoint.dir=null"], -1)
+    _assert_same_state(torch.load(resumed / "state.pt"), torch.load(straight / "state.pt"))

@@ -176,6 +176,32 @@ def test_validation_failure_writes_the_report_and_raises(tmp_path, tiny_encoder_
     assert validation["passed"] is False and validation["max_drop"] == 0.0 and validation["relative_drop"] > 0
 
 
+def test_an_assembly_that_mixes_up_a_module_fails_validation_and_writes_no_artifact(tmp_path, tiny_encoder_dir,
+                                                                                       sst_like_csv, monkeypatch):
+    # The coordinator builds the model from the ranks' states alone: a state changed on the way
+    # (here layer 2's value projection, as if another rank's tensor had been taken) must be caught
+    # by comparing what the assembled model computes with what the ranks measured.
+    from mrem_dist.drivers import parallel
+    from mrem_dist.validation import ValidationFailed
+
+    sent = parallel.owned_state
+
+    def mixed_up(model, owner, held):
+        state = sent(model, owner, held)
+        key = next(k for k in state if k.endswith("layer.2.attention.self.value.weight"))
+        state[key] = state[key].flip(0)
+        return state
+
+    monkeypatch.setattr(parallel, "owned_state", mixed_up)
+    cfg = _cfg(tmp_path, f"model.path={tiny_encoder_dir}", "quant=w4a8", "method=mrem_p", "method.steps=2",
+               *_small_data(*sst_like_csv))
+    with pytest.raises(ValidationFailed, match="does not compute the layer outputs the ranks measured"):
+        run(cfg)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["reconstruction"]["assembly_relative_difference"] > 1e-3
+    assert not (tmp_path / "model").exists()
+
+
 def test_a_parallel_run_of_a_sequential_method_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="method=mrem_s runs in one process but this was launched as 2 ranks"):

@@ -50,6 +50,17 @@ class Batch:
             labels=move(self.labels),
         )
 
+    def rows(self, index: slice) -> Batch:
+        """The batch of rows `index` (a data-parallel replica's share); the batch itself for all rows."""
+        if index == slice(0, self.input_ids.shape[0]):
+            return self
+
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[index]
+
+        return replace(self, input_ids=self.input_ids[index], attention_mask=self.attention_mask[index],
+                       token_type_ids=cut(self.token_type_ids), labels=cut(self.labels))
+
     def as_model_kwargs(self) -> dict[str, torch.Tensor]:
         # Labels are left out so a model with a task head returns logits rather than a loss.
         kwargs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}

@@ -5,10 +5,13 @@ everywhere), cut the partition and build the parallel layout, read only this ran
 from the checkpoint (model.sharded_load; else load the whole model and let go of the rest),
 quantize what is left, calibrate the static activation ranges through the stream, score the initial
 quantized model against full precision through the stream (the last stage keeps the metric state),
-train (engine.parallel), then the stage leader sends its modules' state, records and metric state
-to rank 0. Rank 0, the coordinator, reloads the full-precision model, assembles the whole quantized
-model from what every stage sent (a missing tensor is an error), scores and validates it end to end,
-and writes the report and the artifact. Only rank 0 writes.
+train (engine.parallel), probe and score the final model against full precision through the stream
+again, then the stage leader sends its modules' state, records and metric states to rank 0. Rank 0,
+the coordinator, builds the model's structure from its config (no weights: no rank ever reloads the
+full-precision model), assembles the whole quantized model from what every stage sent (a missing
+tensor is an error), checks that it computes what the ranks measured (every layer's output and the
+scored output on the probe batches), validates it and writes the report and the artifact. Only rank
+0 writes.
 
 A single process (no launcher) runs the same code with world size 1: its one rank trains every
 module in lockstep.
@@ -31,19 +34,19 @@ from mrem_dist.engine.gptq import copy_gptq, gptq_model, gptq_options
 from mrem_dist.engine.parallel import RankPipeline
 from mrem_dist.engine.records import ModuleRecord, RankPayload
 from mrem_dist.engine.shard import holders, owned_state, release_unowned, tensor_owner
-from mrem_dist.layout import ParallelLayout, stage_modules
+from mrem_dist.layout import ParallelLayout
 from mrem_dist.log import get_logger
-from mrem_dist.models import ModelFamily, load_model
-from mrem_dist.models.loading import can_load_sharded
-from mrem_dist.models.sharded import materialize, materialized_bytes
+from mrem_dist.models import ModelFamily
+from mrem_dist.models.loading import can_load_sharded, load_skeleton
+from mrem_dist.models.sharded import materialize, materialized_bytes, replace_tensors
 from mrem_dist.quantize import needs_calibration, quantize_model
 from mrem_dist.scheme import QuantScheme
-from mrem_dist.scoring import layer_errors, score
+from mrem_dist.scoring import output_norms
 
 log = get_logger(__name__)
 
-# Relative difference allowed between the per-layer error the ranks measured through the stream
-# and the one the coordinator measures on the assembled model (same arithmetic, other order).
+# Relative difference allowed between the output sums the ranks measured through the stream and
+# the ones the coordinator measures on the assembled model (same arithmetic, other order).
 ASSEMBLY_TOLERANCE = 1e-3
 
 
@@ -67,14 +70,14 @@ def run_parallel(cfg: RunConfig) -> Optional[tuple[dict, torch.nn.Module]]:
 def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, torch.nn.Module]]:
     cfg, timer, dist = ctx.cfg, ctx.timer, ctx.dist
     if cfg.method.modules:  # fail before loading anything (modules=0 needs the layer count)
-        stage_modules(cfg.method.modules, dist.world_size)
+        ParallelLayout.build(dist.rank, dist.world_size, cfg.method.modules, cfg.method.replicas)
     settings = ctx.recon_settings()
     sharded = _sharded_load(cfg, dist.world_size)
     with timer("load"):
         loaded = ctx.load(skeleton=sharded)
         model, family, task = loaded.model, loaded.family, loaded.task
         specs = ctx.partition(model)  # from the layer shapes: the same on a skeleton
-        layout = ParallelLayout.build(dist.rank, dist.world_size, len(specs))
+        layout = ParallelLayout.build(dist.rank, dist.world_size, len(specs), cfg.method.replicas)
         held = set(layout.modules)
         owner = tensor_owner(model, family, specs)
         if sharded:
@@ -83,6 +86,11 @@ def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, torch.n
             log.info("rank %d read %.1f MB of its modules' tensors from %s", layout.rank, read / 1e6, loaded.path)
     model.requires_grad_(False)
     calib, evalset = ctx.data.calib, ctx.data.evalset
+    fewest = min(b.input_ids.shape[0] for b in calib)
+    if fewest < layout.replicas:
+        raise ValueError(f"{layout.replicas} replicas per stage split every calibration batch's rows, but a batch has "
+                         f"{fewest}: set data.batch_size to at least {layout.replicas} (and data.calib_samples to a "
+                         "multiple of it), or use fewer replicas (method.replicas)")
     gptq = None
     if cfg.method.init == "gptq":
         # GPTQ calibrates each layer on the GPTQ-quantized layers before it: every rank runs the
@@ -112,11 +120,15 @@ def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, torch.n
         if needs_calibration(qmodel):
             pipe.calibrate(calib)
     probe_eval = evalset.batches[:4]
+
+    def scored(batch, out):
+        return task.reduce(batch, out.hidden[-1], out.logits)
+
     init_metric = task.metric(evalset)
     with timer("evaluate"):
-        pipe.evaluate(evalset.batches, lambda b, out: task.reduce(b, out.hidden[-1], out.logits), init_metric)
+        pipe.evaluate(evalset.batches, scored, init_metric)
     with timer("probe"):
-        _, layers_before = pipe.probe(probe_eval, 0.0, settings.loss)
+        _, layers_before, _ = pipe.probe(probe_eval, 0.0, settings.loss)
     # Taken before a checkpoint is loaded: a resumed run returns to the same initial state.
     initial = pipe.initial_states()
     order = list(epoch_order(len(calib), settings.steps, cfg.seed))
@@ -125,7 +137,10 @@ def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, torch.n
         results, decisions, stats = pipe.train(calib, order, settings, ctx.data.holdout, initial, checkpoint, stop)
         del initial
     with timer("probe"):
-        _, layers_after = pipe.probe(probe_eval, 0.0, settings.loss)
+        _, layers_after, output_sq = pipe.probe(probe_eval, 0.0, settings.loss, head=scored)
+    final_metric = task.metric(evalset)
+    with timer("evaluate"):  # the final model against full precision, stage by stage
+        pipe.evaluate(evalset.batches, scored, final_metric)
 
     modules = [
         ModuleRecord(res.index, [spec.start, spec.stop], settings.steps, before, after, round(res.seconds, 3),
@@ -133,12 +148,13 @@ def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, torch.n
         for res, spec, (before, after, kept) in zip(results, pipe.held, decisions)
     ]
     held_fp = {"load": "sharded" if sharded else "whole", "full_precision_bytes": fp_bytes}
-    payload = RankPayload(layout.rank, owned_state(qmodel, owner, held), modules, {**stats.as_dict(), **held_fp},
-                          layers_before, layers_after, init_metric if layout.is_last_stage else None,
-                          dict(timer.seconds), list(timer.spans))
-    # A lone rank freed nothing: its full-precision model serves the coordinator as it is. Otherwise
-    # nothing of the shard is needed any more (the coordinator rebuilds the whole model): free it.
-    whole_fp = model if layout.world_size == 1 else None
+    last, leader = layout.is_last_stage, layout.is_leader
+    # A replica's modules are its leader's, value for value: only the leader sends them.
+    payload = RankPayload(layout.rank, owned_state(qmodel, owner, held) if leader else {}, modules if leader else [],
+                          {**stats.as_dict(), **held_fp, "stage": layout.stage, "replica": layout.replica},
+                          layers_before, layers_after, init_metric if last else None, final_metric if last else None,
+                          output_sq, dict(timer.seconds), list(timer.spans))
+    # Nothing of the shard is needed any more (the coordinator builds the model from the payloads).
     del pipe, qmodel, model
     loaded.model = None
     with timer("gather"):
@@ -146,7 +162,7 @@ def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, torch.n
     if parts is None:
         log.info("rank %d: sent modules %s to the coordinator", layout.rank, sorted(held))
         return None
-    result = _coordinate(ctx, layout, specs, parts, whole_fp)
+    result = _coordinate(ctx, layout, specs, parts)
     if checkpoint is not None:  # the artifact and report are written: nothing left to resume
         checkpoint.remove()
     return result
@@ -169,35 +185,38 @@ def _sharded_load(cfg: RunConfig, world_size: int) -> bool:
     return True
 
 
-def _coordinate(ctx: RunContext, layout: ParallelLayout, specs: list[ModuleSpec], parts: list[RankPayload],
-                whole_fp: Optional[torch.nn.Module]) -> tuple[dict, torch.nn.Module]:
+def _coordinate(ctx: RunContext, layout: ParallelLayout, specs: list[ModuleSpec],
+                parts: list[RankPayload]) -> tuple[dict, torch.nn.Module]:
     cfg, timer, loaded, evalset = ctx.cfg, ctx.timer, ctx.loaded, ctx.data.evalset
     family = loaded.family
     with timer("assemble"):
-        fp_model = whole_fp
-        if fp_model is None:
-            # The ranks let go of the full-precision weights outside their partitions: load them again.
-            fp_model = load_model(cfg.model.path, cfg.model.kind, ctx.dtype).model.to(ctx.device)
-            fp_model.requires_grad_(False)
-        qmodel = assemble(fp_model, family, ctx.scheme, specs, parts)
-    with timer("evaluate"):
-        metrics = score(fp_model, qmodel, family, loaded.task, evalset).compute()
-        _, init_metrics = next(p.init_metric for p in parts if p.init_metric is not None).compute()
-        after = layer_errors(fp_model, qmodel, family, evalset.batches[:4])
-    before, after_ranks = _merge_layers(parts, "layers_before"), _merge_layers(parts, "layers_after")
+        structure = load_skeleton(cfg.model.path, cfg.model.kind, ctx.dtype).model
+        qmodel = assemble(structure, family, ctx.scheme, specs, parts).to(ctx.device)
+        for p in parts:
+            p.state = {}  # the assembled model holds these tensors now
+    with timer("evaluate"):  # the assembly check, on the batches the ranks probed
+        norms, out_sq = output_norms(qmodel, family, loaded.task, evalset.batches[:4])
+    # The last stage's replicas scored disjoint batches: their sums and metric states add up.
+    lasts = [p for p in parts if p.final_metric is not None]
+    measured = [*_merge_layers(parts, "layers_after", 2), sum(p.output_sq for p in lasts)]
     failures = []
-    mismatch = max((abs(a - b) / max(abs(b), 1e-12) for a, b in zip(after, after_ranks)), default=0.0)
-    if len(after) != len(after_ranks) or mismatch > ASSEMBLY_TOLERANCE:
+    mismatch = max((abs(a - b) / max(abs(b), 1e-12) for a, b in zip([*norms, out_sq], measured)), default=0.0)
+    if len(norms) + 1 != len(measured) or mismatch > ASSEMBLY_TOLERANCE:
         failures.append(
-            f"the assembled model does not reproduce the per-layer error the ranks measured (relative difference "
+            f"the assembled model does not compute the layer outputs the ranks measured (relative difference "
             f"{mismatch:.2e} > {ASSEMBLY_TOLERANCE}): a module's state was lost or mixed up in transfer"
         )
+    metrics = _merge_metrics([p.final_metric for p in lasts]).compute()
+    _, init_metrics = _merge_metrics([p.init_metric for p in lasts]).compute()
+    before, after = _merge_layers(parts, "layers_before"), _merge_layers(parts, "layers_after")
     extra = {
         "metrics_before_reconstruction": init_metrics,
         "reconstruction": {
             "partition": [s.describe() for s in specs],
             "cache": "stream",
             "world_size": layout.world_size,
+            "stages": layout.stages,
+            "replicas": layout.replicas,
             "backend": ctx.dist.backend,
             "queue": cfg.method.queue,
             "modules": sorted((m.as_dict() for p in parts for m in p.modules), key=lambda m: m["index"]),
@@ -210,11 +229,12 @@ def _coordinate(ctx: RunContext, layout: ParallelLayout, specs: list[ModuleSpec]
     return ctx.finish(qmodel, metrics, extra, failures), qmodel
 
 
-def assemble(fp_model: torch.nn.Module, family: ModelFamily, scheme: QuantScheme, specs: list[ModuleSpec],
+def assemble(structure: torch.nn.Module, family: ModelFamily, scheme: QuantScheme, specs: list[ModuleSpec],
              parts: list[RankPayload]) -> torch.nn.Module:
-    """The whole quantized model: the quantized structure of `fp_model`, loaded with the state
-    every stage leader sent. Every tensor must come from a rank that holds it; a tensor held by two
-    (tied weights) must arrive with the same value from both."""
+    """The whole quantized model, built in place in `structure` (consumed: a skeleton from
+    load_skeleton, or any model of the architecture; its values do not matter) from the state every
+    stage leader sent. Every tensor must come from a rank that holds it; a tensor held by two (tied
+    weights) must arrive with the same value from both."""
     merged: dict[str, torch.Tensor] = {}
     source: dict[str, int] = {}
     for part in parts:
@@ -223,14 +243,25 @@ def assemble(fp_model: torch.nn.Module, family: ModelFamily, scheme: QuantScheme
                 raise RuntimeError(f"assembly: {key} was sent by both rank {source[key]} and rank {part.rank}, "
                                    "with different values")
             merged[key], source[key] = value, part.rank
+    # The structure's tensors take the values sent (shared, not copied; ties kept), so that the
+    # quantizers below start from real weights; one the ranks did not send (a weight whose shape
+    # outlier splitting changed, or a missing one, reported below) gets zeros of its shape.
+    family.normalize_projections(structure)
+
+    def value(names: list[str], t: torch.Tensor, is_param: bool) -> Optional[torch.Tensor]:
+        sent = next((merged[n] for n in names if n in merged), None)
+        if sent is not None and sent.shape == t.shape:
+            return sent
+        return torch.zeros(t.shape, dtype=t.dtype) if t.is_meta else None
+
+    replace_tensors(structure, value)
     # Only the structure matters here (every scale is overwritten by the ranks' state), so the
     # initial clip is min-max: the MSE search would be minutes of wasted work on a large model.
-    structure = dataclasses.replace(scheme, w_clip="minmax")
-    qmodel = quantize_model(copy.deepcopy(fp_model), family, structure, learnable=True)
+    qmodel = quantize_model(structure, family, dataclasses.replace(scheme, w_clip="minmax"), learnable=True)
     expected = set(qmodel.state_dict())
     missing, unexpected = sorted(expected - set(merged)), sorted(set(merged) - expected)
     if missing or unexpected:
-        owner = tensor_owner(fp_model, family, specs)
+        owner = tensor_owner(qmodel, family, specs)
         detail = (f"missing {len(missing)} (e.g. {missing[0]}, owned by module {owner(missing[0])})" if missing else "") + (
             f" unexpected {len(unexpected)} (e.g. {unexpected[0]})" if unexpected else "")
         raise RuntimeError(f"assembly of the quantized model failed: {detail.strip()}; every rank must run the same "
@@ -241,8 +272,20 @@ def assemble(fp_model: torch.nn.Module, family: ModelFamily, scheme: QuantScheme
     return qmodel
 
 
-def _merge_layers(parts: list[RankPayload], key: str) -> list[float]:
-    sums: dict[int, tuple[float, float]] = {}
-    for p in parts:
-        sums.update(getattr(p, key))
+def _merge_metrics(states: list):
+    """The replicas' metric states as one (models/tasks.py: merge adds the later ones into the first)."""
+    for other in states[1:]:
+        states[0].merge(other)
+    return states[0]
+
+
+def _merge_layers(parts: list[RankPayload], key: str, column: Optional[int] = None) -> list[float]:
+    """Every layer's relative error ||h_q - h||^2 / ||h||^2 from the ranks' probe sums `key`, or
+    one `column` of the sums (2: ||h_q||^2)."""
+    sums: dict[int, tuple[float, ...]] = {}
+    for p in parts:  # the replicas of a stage probed disjoint batches: their sums add up
+        for layer, values in getattr(p, key).items():
+            sums[layer] = tuple(a + b for a, b in zip(sums[layer], values)) if layer in sums else values
+    if column is not None:
+        return [sums[i][column] for i in sorted(sums)]
     return [sums[i][0] / max(sums[i][1], 1e-30) for i in sorted(sums)]

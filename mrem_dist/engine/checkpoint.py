@@ -147,14 +147,16 @@ class CheckpointLock:
 
 class Checkpointer:
     """One stage's checkpoints (written by its leader). `every`: steps between checkpoints (0: only
-    on a stop signal). `keep`: how many of its latest checkpoints it keeps (see the module docstring)."""
+    on a stop signal). `keep`: how many of its latest checkpoints it keeps (see the module docstring).
+    writer=False: a data-parallel replica that is not its stage's leader, which reads the leader's
+    checkpoints to resume from the same step and writes, locks and discards nothing."""
 
     def __init__(self, root: str | os.PathLike, fp: Fingerprint, stage: int, every: int, keep: int = 2,
-                 resume: str = "auto") -> None:
+                 resume: str = "auto", writer: bool = True) -> None:
         if resume not in RESUME_MODES:
             raise ValueError(f"checkpoint.resume={resume!r} is not one of {', '.join(RESUME_MODES)}")
         self.root, self.fp, self.stage, self.every, self.keep = Path(root), fp, stage, every, max(keep, 2)
-        self.resume = resume
+        self.resume, self.writer = resume, writer
         self.dir = self.root / f"stage{stage}"
         self.lock = CheckpointLock(self.dir)
 
@@ -167,8 +169,11 @@ class Checkpointer:
     def prepare(self) -> None:
         """Lock this stage's folder, then check (resume=auto) or discard (resume=never) what it
         holds. Every stage checks for itself."""
-        self.lock.acquire()
+        if self.writer:
+            self.lock.acquire()
         meta = self.root / FINGERPRINT
+        if self.resume == "never" and not self.writer:
+            return
         if self.resume == "never":
             for old in self.dir.glob(f"*{SUFFIX}"):
                 old.unlink()
@@ -242,6 +247,8 @@ class Checkpointer:
         return self._header(path).get("extra")
 
     def save(self, step: int, trainers: list, tag: str = "", extra: Optional[dict] = None) -> None:
+        if not self.writer:
+            return
         self.lock.acquire()
         meta = self.root / FINGERPRINT
         if not meta.is_file():  # every rank writes the same content: whoever comes first

@@ -29,8 +29,19 @@ measured on held-out batches in its trained and its initial state, both fed by t
 modules, it keeps the better one, and the kept state's outputs feed the next module.
 
 The same relay carries the passes without training: calibration of the static activation ranges,
-the evaluation of the initial quantized model against full precision (the last stage updates the
-task's streaming metric state) and the per-layer error probes.
+the evaluation of the initial and the final quantized model against full precision (the last stage
+updates the task's streaming metric state) and the per-layer error probes.
+
+Data-parallel replicas (layout.replicas > 1): the replicas of a stage hold the same modules and
+split the work. A training step's batch is cut into row shares (layout.rows), replica k trains on
+share k (its stream: replica k of the stages before and after) and the stage's replicas all-reduce
+their gradients once per step, each weighted by its share of the batch's real tokens, so they step
+identically with the full batch's gradient of the token-mean reconstruction loss (a KD term on a
+classifier head, a per-example mean, is weighted by tokens too). The evaluation and the probes
+split the batches (layout.batches: every replicas-th one; the coordinator merges the sums and
+metric states). Calibration and the never-worse check run every batch on every replica, so their
+results are identical without a reduction (calibration is one forward pass; the held-out batches
+are a few). The stage leader writes the checkpoints; the other replicas resume from them.
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from mrem_dist.data import Batch
+from mrem_dist.distributed import stage_group
 from mrem_dist.layout import ParallelLayout
 from mrem_dist.log import get_logger
 from mrem_dist.models.families import ModelFamily
@@ -67,6 +79,8 @@ Visit = Callable[[int, Batch, Optional[StageOutput], StageOutput], None]
 Inputs = tuple[Optional[Tensor], Optional[Tensor]]
 # The never-worse check of one module: (error initial, error trained, "initial" or "trained" kept).
 Decision = tuple[float, float, str]
+# A probe's per-layer sums: layer -> (||h_q - h||^2, ||h||^2, ||h_q||^2) over the real tokens.
+Probed = dict[int, tuple[float, float, float]]
 
 
 @dataclass
@@ -124,6 +138,8 @@ class RankPipeline:
         self.receiver = StreamReceiver(layout.prev_rank, device, dtype) if layout.prev_rank is not None else None
         # Message counter, advanced identically on both ends of a link: a desync is caught.
         self.seq = 0
+        self.group = stage_group(layout)  # the stage's replicas (None: one replica)
+        self._weight = 1.0  # this replica's share of the current training batch's real tokens
 
     @property
     def is_last(self) -> bool:
@@ -134,6 +150,39 @@ class RankPipeline:
         sending into a full queue), for the driver's timeline. It holds the streams, not the pipeline."""
         streams = [s for s in (self.receiver, self.sender) if s is not None]
         return lambda: sum(s.blocked_seconds for s in streams)
+
+    # -- data-parallel replicas ---------------------------------------------------------------
+    def _share(self, batch: Batch) -> Batch:
+        """This replica's rows of a training batch (the batch itself with one replica), and the
+        weight of its gradient in the step's all-reduce."""
+        rows = batch.rows(self.layout.rows(batch.input_ids.shape[0]))
+        if self.group is not None:
+            self._weight = float(rows.attention_mask.sum()) / max(float(batch.attention_mask.sum()), 1.0)
+        return rows
+
+    def _sync(self, params: list[Tensor], loss: Tensor) -> float:
+        """The stage's all-reduce (ModuleTrainer's sync): the replicas' gradients and losses, each
+        weighted by its share of the batch's tokens, summed in one buffer, so every replica gets the
+        same full-batch gradient and records the full batch's loss."""
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = torch.cat([*(g.reshape(-1) for g in grads), loss.reshape(1).to(grads[0].dtype)]) * self._weight
+        dist.all_reduce(flat, group=self.group)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+        return float(flat[-1])
+
+    def _agree(self, stopping: bool) -> bool:
+        """Whether any replica of the first stage got a stop signal (each may see it at another step)."""
+        if self.group is None or self.receiver is not None:
+            return stopping
+        flag = torch.tensor([int(stopping)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+    def _trainer(self, student: Stage, teacher: Stage, settings: ReconSettings) -> ModuleTrainer:
+        return ModuleTrainer(student, teacher, settings, progress=False, sync=None if self.group is None else self._sync)
 
     def _recv(self, batch_index: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
         if self.receiver is None:
@@ -185,13 +234,19 @@ class RankPipeline:
             if self.is_last and k == last:
                 state.update(reduce(batch, t_out), reduce(batch, s_out), batch)
 
-        self.relay(batches, list(range(len(batches))), teacher=True, lam=0.0, visit=visit)
+        self.relay(batches, self.layout.batches(len(batches)), teacher=True, lam=0.0, visit=visit)
 
-    def probe(self, batches: list[Batch], lam: float, loss: str) -> tuple[dict[int, float], dict[int, tuple[float, float]]]:
+    def probe(self, batches: list[Batch], lam: float, loss: str,
+              head: Optional[Callable[[Batch, StageOutput], Tensor]] = None) -> tuple[dict[int, float], Probed, Optional[float]]:
         """Module errors (mean reconstruction loss, input mix `lam`) of this rank's modules and,
-        when lam == 0 (the quantized chain), the per-layer sums of ||h_q - h||^2 and ||h||^2."""
+        when lam == 0 (the quantized chain), per layer the sums over real tokens of ||h_q - h||^2,
+        ||h||^2 and ||h_q||^2; on the last stage, with `head` (the task's scored output), the sum
+        of squares of the quantized model's output (else None). The last two are what the
+        coordinator's assembled model must reproduce (scoring.output_norms)."""
         errors = {s.index: 0.0 for s in self.held}
-        layers: dict[int, tuple[float, float]] = {}
+        layers: Probed = {}
+        out_sq = [] if head is not None and self.is_last and lam == 0.0 else None
+        last = len(self.students) - 1
 
         def visit(k, batch, t_out, s_out):
             spec = self.held[k]
@@ -199,11 +254,14 @@ class RankPipeline:
             if lam == 0.0:
                 m = batch.attention_mask.unsqueeze(-1).float()
                 for layer, h_q, h in zip(spec.layers, s_out.hidden, t_out.hidden):
-                    num, den = layers.get(layer, (0.0, 0.0))
-                    layers[layer] = (num + (((h_q - h) ** 2) * m).sum().item(), den + ((h**2) * m).sum().item())
+                    num, den, qq = layers.get(layer, (0.0, 0.0, 0.0))
+                    layers[layer] = (num + (((h_q - h) ** 2) * m).sum().item(), den + ((h**2) * m).sum().item(),
+                                     qq + ((h_q**2) * m).sum().item())
+            if out_sq is not None and k == last:
+                out_sq.append((head(batch, s_out).float() ** 2).sum().item())
 
-        self.relay(batches, list(range(len(batches))), teacher=True, lam=lam, visit=visit)
-        return errors, layers
+        self.relay(batches, self.layout.batches(len(batches)), teacher=True, lam=lam, visit=visit)
+        return errors, layers, None if out_sq is None else sum(out_sq)
 
     def initial_states(self) -> list[dict[str, Tensor]]:
         """This rank's quantized modules as they are now (before training), to return to."""
@@ -233,15 +291,16 @@ class RankPipeline:
 
         With a checkpointer: resume from the latest step every rank has a checkpoint of, and
         checkpoint every `checkpoint.every` steps and at the end of the parallel phase. With a stop
-        signal: rank 0 stops at the step boundary after the signal and tells the next rank in that
-        step's message, which stops after the same step, and so on down the pipeline: every rank
+        signal: rank 0 (with replicas: the first stage's, as soon as one of them has it) stops at the
+        step boundary after the signal and tells the next rank in that step's message, which stops
+        after the same step, and so on down the pipeline: every rank
         checkpoints the same step and raises Preempted. The finish phase is not interrupted (it is
         short; a rank lost in it resumes from the end of the parallel phase)."""
         if len(order) != settings.steps:
             raise ValueError(f"the batch order has {len(order)} entries for {settings.steps} steps")
         # One progress display for the rank (a bar on a terminal, else a line every 10%): its
         # modules step together, each figure is one module's loss.
-        trainers = [ModuleTrainer(stu, tch, settings, progress=False) for stu, tch in zip(self.students, self.teachers)]
+        trainers = [self._trainer(stu, tch, settings) for stu, tch in zip(self.students, self.teachers)]
         first = self._resume(checkpoint, trainers) if checkpoint is not None else 0
         names = [s.index for s in self.held]
         finish_from = settings.steps - settings.finish_steps  # the parallel phase ends here
@@ -256,15 +315,16 @@ class RankPipeline:
         try:
             for t in range(first, finish_from):
                 i = order[t]
+                batch = self._share(batches[i])
                 fp, q = self._recv(i)
                 for trainer in trainers:
-                    target, out = trainer.train_step(t, batches[i], fp, q)
+                    target, out = trainer.train_step(t, batch, fp, q)
                     fp, q = target.hidden[-1], (out.hidden[-1].detach() if use_q else None)
                 losses = [tr.losses[-1] for tr in trainers]
                 progress.update(t, sum(losses) / len(losses), lam=trainers[-1].lams[-1],
                                 **({f"m{n}": x for n, x in zip(names, losses)} if len(names) > 1 else {}))
-                stopping = (self.receiver.stop_requested if self.receiver is not None
-                            else stop is not None and stop.received is not None)
+                stopping = self._agree(self.receiver.stop_requested if self.receiver is not None
+                                       else stop is not None and stop.received is not None)
                 self._send(i, fp, q, stop=stopping)
                 # The end of a parallel phase followed by a finish phase is always checkpointed: a
                 # rank lost in the finish phase resumes there (no checkpoint is taken in it).
@@ -334,7 +394,7 @@ class RankPipeline:
                         self.seq = base + j
                         received = self._recv(i)
                         train_in.setdefault(i, received)
-                    trainer.train_step(first + j, batches[i], *train_in[i])
+                    trainer.train_step(first + j, self._share(batches[i]), *train_in[i])
                     progress.update(k * len(window) + j, trainer.losses[-1], lam=trainer.lams[-1])
                 if k == 0:
                     for h in range(len(holdout)):  # then message base + len(window) + h: held-out batch h
@@ -342,7 +402,7 @@ class RankPipeline:
                         held_in.append(self._recv(h))
                 decision, held_in = self._keep_better(k, holdout, held_in, initial[k], lam, settings)
                 decisions.append(decision)
-                train_in = {i: self._final_outputs(k, batches[i], x) for i, x in train_in.items()}
+                train_in = {i: self._final_outputs(k, self._share(batches[i]), x) for i, x in train_in.items()}
         finally:
             if progress is not None:
                 progress.close()

@@ -206,6 +206,11 @@ class Progress:
             self.bar.close()
 
 
+# The replicas' all-reduce: (trainable parameters with their gradients, this replica's loss) ->
+# the loss of the whole batch; it leaves the whole batch's gradient in the parameters.
+Sync = Callable[[list[Tensor], Tensor], float]
+
+
 class ModuleTrainer:
     """The training state of one module: optimizer, lr schedule, loss history, progress.
 
@@ -214,9 +219,12 @@ class ModuleTrainer:
     the same step (lockstep), passing one module's outputs as the next one's inputs.
     """
 
-    def __init__(self, student: Stage, teacher: Stage, settings: ReconSettings, progress: bool = True) -> None:
+    def __init__(self, student: Stage, teacher: Stage, settings: ReconSettings, progress: bool = True,
+                 sync: Optional[Sync] = None) -> None:
         """progress=False: the caller shows the progress (a rank training several modules shows one
-        display for all of them)."""
+        display for all of them). `sync(parameters, loss)`: runs on the gradients between the
+        backward pass and the update and returns the loss to record (the data-parallel replicas'
+        all-reduce: the full batch's gradient and loss)."""
         if settings.loss not in LOSSES:
             raise ValueError(f"loss={settings.loss!r} is not one of {', '.join(LOSSES)}")
         self.student, self.teacher, self.settings = student, teacher, settings
@@ -224,6 +232,7 @@ class ModuleTrainer:
         if not self.groups:
             raise ValueError("nothing to train in this module: enable method.train_weights or method.train_scales")
         self.optimizer = torch.optim.AdamW(self.groups, betas=(0.9, 0.999))
+        self._updater = _Updater(self.optimizer, sync)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.scales = [p for g in self.groups if g["name"] == "scales" for p in g["params"]]
         freeze_stage(teacher)
@@ -240,7 +249,7 @@ class ModuleTrainer:
         # Cosine decay: large early moves to escape the rounding init, small late ones to settle.
         for g, lr in zip(self.optimizer.param_groups, self.base_lrs):
             g["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * t / s.steps))
-        target, out, loss = step(self.student, self.teacher, self.optimizer, batch, fp_in, q_in, lam, s)
+        target, out, loss = step(self.student, self.teacher, self._updater, batch, fp_in, q_in, lam, s)
         with torch.no_grad():
             for scale in self.scales:  # a learned step size must stay positive
                 scale.clamp_(min=SCALE_EPS)
@@ -272,6 +281,20 @@ class ModuleTrainer:
                 p.requires_grad_(False)
         seconds = time.perf_counter() - self.start
         return ModuleResult(self.student.spec.index, self.losses, self.lams, seconds, wait_seconds)
+
+
+class _Updater:
+    """An optimizer's update, after `sync` where the stage has data-parallel replicas."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, sync: Optional[Sync]) -> None:
+        self.optimizer, self.sync = optimizer, sync
+
+    def update(self, loss: Tensor) -> float:
+        """The step after the backward pass; returns the loss to record."""
+        value = loss.item() if self.sync is None else self.sync(
+            [p for g in self.optimizer.param_groups for p in g["params"]], loss)
+        self.optimizer.step()
+        return value
 
 
 def reconstruct_module(
@@ -311,7 +334,7 @@ def reconstruct_module(
 def step(
     student: Stage,
     teacher: Stage,
-    optimizer: torch.optim.Optimizer,
+    updater: _Updater,
     batch: Batch,
     fp_in: Optional[Tensor],
     q_in: Optional[Tensor],
@@ -329,10 +352,9 @@ def step(
             f"{student.spec.describe()}: the reconstruction loss became {loss.item()} (lam={lam:.2f}): "
             "lower method.lr_weight_rel (or method.lr_weight) / method.lr_scale, or check the calibration data for NaN/inf"
         )
-    optimizer.zero_grad(set_to_none=True)
+    updater.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    optimizer.step()
-    return target, out, loss.item()
+    return target, out, updater.update(loss.detach())
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 
 # What a module keeps after training: its trained state, or its initial one when the trained state is
@@ -49,16 +50,18 @@ class ModuleRecord:
 @dataclass
 class RankPayload:
     """What a stage leader of MREM-P sends the coordinator: the trained modules' state and records,
-    the per-layer error sums its probes measured, and the streaming metric state of the initial
-    quantized model (the last stage's; None elsewhere). Metric states and module states, never
-    model outputs."""
+    the per-layer sums its probes measured, and the streaming metric states of the initial and of
+    the final quantized model (the last stage's; None elsewhere). Metric states, sums and module
+    states, never model outputs."""
 
     rank: int
     state: dict  # qualified name -> tensor (CPU) of every tensor this rank's modules hold
     modules: list[ModuleRecord]
     stats: dict  # RankStats.as_dict()
-    layers_before: dict[int, tuple[float, float]]  # layer -> (sum ||h_q - h||^2, sum ||h||^2)
-    layers_after: dict[int, tuple[float, float]]
+    layers_before: dict[int, tuple]  # layer -> sums of (||h_q - h||^2, ||h||^2, ||h_q||^2): RankPipeline.probe
+    layers_after: dict[int, tuple]
     init_metric: object = None  # the task's metric state (models/tasks.py) on the last stage
+    final_metric: object = None  # the same, of the final model
+    output_sq: Optional[float] = None  # the last stage: sum of squares of the final model's scored output
     timings_s: dict = field(default_factory=dict)
     spans: list = field(default_factory=list)  # Timer.spans: the rank's phases up to the gather

@@ -76,39 +76,51 @@ class CheckpointTensors:
         return self._where[key].get_tensor(key)
 
 
-def materialize(model: nn.Module, folder: str, keep: Callable[[str], bool], device: torch.device) -> int:
-    """Give `model` (a skeleton from loading.load_skeleton) the checkpoint's values of every tensor
-    that `keep` holds under one of its names, on `device`; every other tensor becomes empty. A kept
-    parameter the files do not hold is an error (a persistent buffer keeps its computed value when
-    the files lack it, as from_pretrained leaves it). Returns the bytes materialized."""
+def replace_tensors(model: nn.Module, value: Callable[[list[str], Tensor, bool], Optional[Tensor]]) -> int:
+    """Give every parameter and buffer of `model` the tensor value(its names, it, is_param), once
+    per tensor object, so a tied tensor stays one tensor under all its names (None: leave it as it
+    is). Returns the bytes of the new tensors."""
     names = tensor_names(model)
     # The original tensors stay referenced to the end, so no new tensor can take the id of one.
     originals = [t for m in model.modules() for t in (*m._parameters.values(), *m._buffers.values())]
     replaced: dict[int, Tensor] = {}
     loaded = 0
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for store, is_param in ((module._parameters, True), (module._buffers, False)):
+            for name, t in list(store.items()):
+                if t is None or id(t) not in names:  # None, or already replaced (a shared module)
+                    continue
+                if id(t) not in replaced:
+                    new = value(names[id(t)], t, is_param)
+                    if new is None:
+                        continue
+                    loaded += new.numel() * new.element_size()
+                    replaced[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if is_param else new
+                store[name] = replaced[id(t)]
+    del originals
+    return loaded
+
+
+def materialize(model: nn.Module, folder: str, keep: Callable[[str], bool], device: torch.device) -> int:
+    """Give `model` (a skeleton from loading.load_skeleton) the checkpoint's values of every tensor
+    that `keep` holds under one of its names, on `device`; every other tensor becomes empty. A kept
+    parameter the files do not hold is an error (a persistent buffer keeps its computed value when
+    the files lack it, as from_pretrained leaves it). Returns the bytes materialized."""
     missing = []
     with CheckpointTensors(Path(folder).expanduser(), getattr(model, "base_model_prefix", "")) as files:
-        for prefix, module in model.named_modules(remove_duplicate=False):
-            for store, is_param in ((module._parameters, True), (module._buffers, False)):
-                for name, t in list(store.items()):
-                    if t is None or id(t) not in names:  # None, or already replaced (a shared module)
-                        continue
-                    if id(t) not in replaced:
-                        held = any(keep(n) for n in names[id(t)])
-                        key = next((k for k in map(files.key, names[id(t)]) if k is not None), None) if held else None
-                        if held and key is None and is_param:
-                            missing.append(names[id(t)][0])
-                            continue
-                        if held and key is not None:
-                            value = files.read(key).to(device=device, dtype=t.dtype)
-                        elif held:  # a buffer the files do not hold: its computed value
-                            value = t.to(device)
-                        else:
-                            value = torch.empty(0, dtype=t.dtype, device=device)
-                        loaded += value.numel() * value.element_size()
-                        replaced[id(t)] = nn.Parameter(value, requires_grad=t.requires_grad) if is_param else value
-                    store[name] = replaced[id(t)]
-    del originals
+
+        def value(names: list[str], t: Tensor, is_param: bool) -> Optional[Tensor]:
+            if not any(keep(n) for n in names):
+                return torch.empty(0, dtype=t.dtype, device=device)
+            key = next((k for k in map(files.key, names) if k is not None), None)
+            if key is not None:
+                return files.read(key).to(device=device, dtype=t.dtype)
+            if is_param:
+                missing.append(names[0])
+                return None
+            return t.to(device)  # a buffer the files do not hold: its computed value
+
+        loaded = replace_tensors(model, value)
     if missing:
         raise KeyError(
             f"{len(missing)} tensors of the model are not in the safetensors files of {folder} (e.g. {missing[0]}): "
