@@ -118,14 +118,15 @@ def main() -> None:
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "timeline"}), flush=True)
     base, one = rows[0], rows[1]
     table = ["| cell | wall s | training s | speed-up vs MREM-S (wall / training) | peak RSS GB per rank "
-             "| vs one process | FP MB held per rank | blocked per rank |", "|" + "---|" * 8]
+             "| vs one process | rank 0 with assembly and export | FP MB held per rank | blocked per rank |",
+             "|" + "---|" * 9]
     for r in rows:
         fp_mb = ", ".join("?" if b is None else f"{b / 1e6:.0f}" for b in r["full_precision_bytes"])
         vs_one = ", ".join(f"{g / one['peak_rss_gb'][0]:.2f}x" for g in r["peak_rss_gb"])
         table.append(
             f"| {r['cell']} | {r['wall_s']} | {r['train_s']} | {base['wall_s'] / r['wall_s']:.2f}x / "
             f"{base['train_s'] / r['train_s']:.2f}x | {', '.join(f'{g:.2f}' for g in r['peak_rss_gb'])} "
-            f"| {vs_one} | {fp_mb} "
+            f"| {vs_one} | {r['coordinator_peak_rss_gb'] / one['coordinator_peak_rss_gb']:.2f}x | {fp_mb} "
             f"| {', '.join(f'{100 * f:.1f}%' for f in r['blocked_fraction'])} |")
     for r in rows:
         if r["replicas"] > 1:  # the same modules and steps as the one-process MREM-P run, half a batch each
