@@ -49,7 +49,11 @@ def output_norms(q_model: nn.Module, family: ModelFamily, task: Task, batches: l
             h = family.run_layer(layer, h, context)
             norms.append(((h**2) * m).sum().item())
         sums = norms if not sums else [a + b for a, b in zip(sums, norms)]
-        out_sq += (task.output(family, q_model, batch).float() ** 2).sum().item()
+        # The scored output from the last layer's h, as the last stage computes it (engine/stage.py),
+        # not a second forward pass.
+        norm = family.final_norm(q_model)
+        logits = family.head(q_model, h if norm is None else norm(h))
+        out_sq += (task.reduce(batch, h, logits).float() ** 2).sum().item()
     return sums, out_sq
 
 

@@ -172,9 +172,9 @@ class Checkpointer:
         if self.writer:
             self.lock.acquire()
         meta = self.root / FINGERPRINT
-        if self.resume == "never" and not self.writer:
-            return
         if self.resume == "never":
+            if not self.writer:  # the leader discards them (resume takes the lowest step of all ranks)
+                return
             for old in self.dir.glob(f"*{SUFFIX}"):
                 old.unlink()
             if self.stage == 0:
