@@ -36,7 +36,7 @@ def output_norms(q_model: nn.Module, family: ModelFamily, task: Task, batches: l
     """What `q_model` computes, run end to end on `batches`: every layer's sum over the real
     tokens of ||h||^2, and the sum of squares of the task's scored output. The parallel
     coordinator compares them with the sums the ranks measured through the stream
-    (RankPipeline.probe): a module's state lost or mixed up in the assembly changes them."""
+    (engine.parallel.Probes): a module's state lost or mixed up in the assembly changes them."""
     config = family.config(q_model)
     sums: list[float] = []
     out_sq = 0.0

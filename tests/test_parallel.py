@@ -73,7 +73,7 @@ def _check_timeline(report: dict, rec: dict) -> None:
     for rank, stats in enumerate(rec["ranks"]):
         mine = [s for s in spans if s["rank"] == rank]
         phases = [s["phase"] for s in mine]
-        assert phases[:1] == ["load"] and {"evaluate", "probe", "reconstruct"} <= set(phases), phases
+        assert phases[:1] == ["load"] and "reconstruct" in phases and phases.count("evaluate") >= 2, phases
         assert all(a["end_s"] <= b["start_s"] + 1e-3 for a, b in zip(mine, mine[1:]))
         assert all(0 <= s["blocked_s"] <= s["end_s"] - s["start_s"] + 1e-3 for s in mine)
         (train,) = [s for s in mine if s["phase"] == "reconstruct"]

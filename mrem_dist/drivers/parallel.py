@@ -5,12 +5,12 @@ everywhere), cut the partition and build the parallel layout, read only this ran
 from the checkpoint (model.sharded_load; else load the whole model and let go of the rest),
 quantize what is left, calibrate the static activation ranges through the stream, score the initial
 quantized model against full precision through the stream (the last stage keeps the metric state),
-train (engine.parallel), probe and score the final model against full precision through the stream
-again, then the stage leader sends its modules' state, records and metric states to rank 0. Rank 0,
+train (engine.parallel), score the final model against full precision through the stream again
+(both passes also probe the layer errors, the last one takes the assembly check's sums), then the stage leader sends its modules' state, records and metric states to rank 0. Rank 0,
 the coordinator, builds the model's structure from its config (no weights: no rank ever reloads the
 full-precision model), assembles the whole quantized model from what every stage sent (a missing
 tensor is an error), checks that it computes what the ranks measured (every layer's output and the
-scored output on the probe batches), validates it and writes the report and the artifact. Only rank
+scored output on the check batch), validates it and writes the report and the artifact. Only rank
 0 writes.
 
 A single process (no launcher) runs the same code with world size 1: its one rank trains every
@@ -48,6 +48,10 @@ log = get_logger(__name__)
 # Relative difference allowed between the output sums the ranks measured through the stream and
 # the ones the coordinator measures on the assembled model (same arithmetic, other order).
 ASSEMBLY_TOLERANCE = 1e-3
+# The evaluation batches the layer errors are probed on (before and after training), and the ones
+# the assembly check reruns on the coordinator, the whole model in one process: one batch finds a
+# lost or mixed-up module as surely as more, and it is serial time on rank 0.
+PROBE_BATCHES, CHECK_BATCHES = 4, 1
 
 
 def run_parallel(cfg: RunConfig) -> Optional[tuple[dict, torch.nn.Module]]:
@@ -119,16 +123,13 @@ def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, torch.n
     with timer("calibrate"):
         if needs_calibration(qmodel):
             pipe.calibrate(calib)
-    probe_eval = evalset.batches[:4]
 
     def scored(batch, out):
         return task.reduce(batch, out.hidden[-1], out.logits)
 
     init_metric = task.metric(evalset)
-    with timer("evaluate"):
-        pipe.evaluate(evalset.batches, scored, init_metric)
-    with timer("probe"):
-        _, layers_before, _ = pipe.probe(probe_eval, 0.0, settings.loss)
+    with timer("evaluate"):  # and the layer errors' probe before training, in the same pass
+        before = pipe.evaluate(evalset.batches, scored, init_metric, probe=PROBE_BATCHES)
     # Taken before a checkpoint is loaded: a resumed run returns to the same initial state.
     initial = pipe.initial_states()
     order = list(epoch_order(len(calib), settings.steps, cfg.seed))
@@ -136,11 +137,9 @@ def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, torch.n
     with timer("reconstruct"):  # the training steps and the never-worse check
         results, decisions, stats = pipe.train(calib, order, settings, ctx.data.holdout, initial, checkpoint, stop)
         del initial
-    with timer("probe"):
-        _, layers_after, output_sq = pipe.probe(probe_eval, 0.0, settings.loss, head=scored)
     final_metric = task.metric(evalset)
-    with timer("evaluate"):  # the final model against full precision, stage by stage
-        pipe.evaluate(evalset.batches, scored, final_metric)
+    with timer("evaluate"):  # the final model against full precision, stage by stage; probes and the check's sums
+        after = pipe.evaluate(evalset.batches, scored, final_metric, probe=PROBE_BATCHES, check=CHECK_BATCHES)
 
     modules = [
         ModuleRecord(res.index, [spec.start, spec.stop], settings.steps, before, after, round(res.seconds, 3),
@@ -152,8 +151,8 @@ def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, torch.n
     # A replica's modules are its leader's, value for value: only the leader sends them.
     payload = RankPayload(layout.rank, owned_state(qmodel, owner, held) if leader else {}, modules if leader else [],
                           {**stats.as_dict(), **held_fp, "stage": layout.stage, "replica": layout.replica},
-                          layers_before, layers_after, init_metric if last else None, final_metric if last else None,
-                          output_sq, dict(timer.seconds), list(timer.spans))
+                          before.layers, after.layers, init_metric if last else None, final_metric if last else None,
+                          after.check, after.output_sq, dict(timer.seconds), list(timer.spans))
     # Nothing of the shard is needed any more (the coordinator builds the model from the payloads).
     del pipe, qmodel, model
     loaded.model = None
@@ -194,11 +193,11 @@ def _coordinate(ctx: RunContext, layout: ParallelLayout, specs: list[ModuleSpec]
         qmodel = assemble(structure, family, ctx.scheme, specs, parts).to(ctx.device)
         for p in parts:
             p.state = {}  # the assembled model holds these tensors now
-    with timer("evaluate"):  # the assembly check, on the batches the ranks probed
-        norms, out_sq = output_norms(qmodel, family, loaded.task, evalset.batches[:4])
+    with timer("evaluate"):  # the assembly check, on the batches the ranks measured it on
+        norms, out_sq = output_norms(qmodel, family, loaded.task, evalset.batches[:CHECK_BATCHES])
     # The last stage's replicas scored disjoint batches: their sums and metric states add up.
     lasts = [p for p in parts if p.final_metric is not None]
-    measured = [*_merge_layers(parts, "layers_after", 2), sum(p.output_sq for p in lasts)]
+    measured = [*_merge_check(parts), sum(p.output_sq for p in lasts)]
     failures = []
     mismatch = max((abs(a - b) / max(abs(b), 1e-12) for a, b in zip([*norms, out_sq], measured)), default=0.0)
     if len(norms) + 1 != len(measured) or mismatch > ASSEMBLY_TOLERANCE:
@@ -279,13 +278,19 @@ def _merge_metrics(states: list):
     return states[0]
 
 
-def _merge_layers(parts: list[RankPayload], key: str, column: Optional[int] = None) -> list[float]:
-    """Every layer's relative error ||h_q - h||^2 / ||h||^2 from the ranks' probe sums `key`, or
-    one `column` of the sums (2: ||h_q||^2)."""
+def _merge_layers(parts: list[RankPayload], key: str) -> list[float]:
+    """Every layer's relative error ||h_q - h||^2 / ||h||^2 from the ranks' probe sums `key`."""
     sums: dict[int, tuple[float, ...]] = {}
     for p in parts:  # the replicas of a stage probed disjoint batches: their sums add up
         for layer, values in getattr(p, key).items():
             sums[layer] = tuple(a + b for a, b in zip(sums[layer], values)) if layer in sums else values
-    if column is not None:
-        return [sums[i][column] for i in sorted(sums)]
     return [sums[i][0] / max(sums[i][1], 1e-30) for i in sorted(sums)]
+
+
+def _merge_check(parts: list[RankPayload]) -> list[float]:
+    """Every layer's ||h_q||^2 on the check batches, from the ranks that ran them."""
+    sums: dict[int, float] = {}
+    for p in parts:
+        for layer, value in p.check.items():
+            sums[layer] = sums.get(layer, 0.0) + value
+    return [sums[i] for i in sorted(sums)]

@@ -30,15 +30,16 @@ modules, it keeps the better one, and the kept state's outputs feed the next mod
 
 The same relay carries the passes without training: calibration of the static activation ranges,
 the evaluation of the initial and the final quantized model against full precision (the last stage
-updates the task's streaming metric state) and the per-layer error probes.
+updates the task's streaming metric state), which also takes, on its first batches, the per-layer
+error probes and the sums the coordinator's assembly check compares (Probes).
 
 Data-parallel replicas (layout.replicas > 1): the replicas of a stage hold the same modules and
 split the work. A training step's batch is cut into row shares (layout.rows), replica k trains on
 share k (its stream: replica k of the stages before and after) and the stage's replicas all-reduce
 their gradients once per step, each weighted by its share of the batch's real tokens, so they step
 identically with the full batch's gradient of the token-mean reconstruction loss (a KD term on a
-classifier head, a per-example mean, is weighted by tokens too). The evaluation and the probes
-split the batches (layout.batches: every replicas-th one; the coordinator merges the sums and
+classifier head, a per-example mean, is weighted by tokens too). The evaluation (and its probes)
+splits the batches (layout.batches: every replicas-th one; the coordinator merges the sums and
 metric states). Calibration and the never-worse check run every batch on every replica, so their
 results are identical without a reduction (calibration is one forward pass; the held-out batches
 are a few). The stage leader writes the checkpoints; the other replicas resume from them.
@@ -73,14 +74,26 @@ from .stream import StreamReceiver, StreamSender
 
 log = get_logger(__name__)
 
-# visit(module position on this rank, batch, teacher output or None, student output)
-Visit = Callable[[int, Batch, Optional[StageOutput], StageOutput], None]
+# visit(batch index, module position on this rank, batch, teacher output or None, student output)
+Visit = Callable[[int, int, Batch, Optional[StageOutput], StageOutput], None]
 # A module's inputs on one batch: (full precision, quantized upstream); None for the first module.
 Inputs = tuple[Optional[Tensor], Optional[Tensor]]
 # The never-worse check of one module: (error initial, error trained, "initial" or "trained" kept).
 Decision = tuple[float, float, str]
 # A probe's per-layer sums: layer -> (||h_q - h||^2, ||h||^2, ||h_q||^2) over the real tokens.
 Probed = dict[int, tuple[float, float, float]]
+
+
+@dataclass
+class Probes:
+    """What an evaluation pass measures on the way, over the real tokens of this rank's layers:
+    the layer errors' sums on the probe batches, and on the check batches what the coordinator's
+    assembled model must reproduce (scoring.output_norms): every layer's ||h_q||^2 and, on the
+    last stage, the sum of squares of the scored output (None on the other stages)."""
+
+    layers: Probed
+    check: dict[int, float]
+    output_sq: Optional[float]
 
 
 @dataclass
@@ -211,7 +224,7 @@ class RankPipeline:
                 t_out = tch(fp, batch) if teacher else None
                 s_out = stu(mix_inputs(lam, fp, q) if teacher else q, batch)
                 if visit is not None:
-                    visit(k, batch, t_out, s_out)
+                    visit(i, k, batch, t_out, s_out)
                 fp = t_out.hidden[-1] if teacher else None
                 q = s_out.hidden[-1]
             self._send(i, fp, q)
@@ -225,43 +238,35 @@ class RankPipeline:
                 stack.enter_context(calibrating(stu))
             self.relay(batches, list(range(len(batches))), teacher=False)
 
-    def evaluate(self, batches: list[Batch], reduce: Callable[[Batch, StageOutput], Tensor], state) -> None:
+    def evaluate(self, batches: list[Batch], reduce: Callable[[Batch, StageOutput], Tensor], state, probe: int = 0,
+                 check: int = 0) -> Probes:
         """Run the full-precision and the quantized chain on the evaluation batches; the last stage
-        updates the streaming metric `state` with both models' outputs (`reduce`d) batch by batch."""
+        updates the streaming metric `state` with both models' outputs (`reduce`d) batch by batch.
+        The same pass (no relay of its own) takes the Probes of the first `probe` and the first
+        `check` batches."""
         last = len(self.students) - 1
+        sums = Probes({}, {}, 0.0 if self.is_last else None)
 
-        def visit(k, batch, t_out, s_out):
-            if self.is_last and k == last:
-                state.update(reduce(batch, t_out), reduce(batch, s_out), batch)
+        def visit(i, k, batch, t_out, s_out):
+            scored = reduce(batch, s_out) if self.is_last and k == last else None
+            if scored is not None:
+                state.update(reduce(batch, t_out), scored, batch)
+                if i < check:
+                    sums.output_sq += (scored.float() ** 2).sum().item()
+            if i >= max(probe, check):
+                return
+            m = batch.attention_mask.unsqueeze(-1).float()
+            for layer, h_q, h in zip(self.held[k].layers, s_out.hidden, t_out.hidden):
+                qq = ((h_q**2) * m).sum().item()
+                if i < probe:
+                    num, den, sq = sums.layers.get(layer, (0.0, 0.0, 0.0))
+                    sums.layers[layer] = (num + (((h_q - h) ** 2) * m).sum().item(), den + ((h**2) * m).sum().item(),
+                                          sq + qq)
+                if i < check:
+                    sums.check[layer] = sums.check.get(layer, 0.0) + qq
 
         self.relay(batches, self.layout.batches(len(batches)), teacher=True, lam=0.0, visit=visit)
-
-    def probe(self, batches: list[Batch], lam: float, loss: str,
-              head: Optional[Callable[[Batch, StageOutput], Tensor]] = None) -> tuple[dict[int, float], Probed, Optional[float]]:
-        """Module errors (mean reconstruction loss, input mix `lam`) of this rank's modules and,
-        when lam == 0 (the quantized chain), per layer the sums over real tokens of ||h_q - h||^2,
-        ||h||^2 and ||h_q||^2; on the last stage, with `head` (the task's scored output), the sum
-        of squares of the quantized model's output (else None). The last two are what the
-        coordinator's assembled model must reproduce (scoring.output_norms)."""
-        errors = {s.index: 0.0 for s in self.held}
-        layers: Probed = {}
-        out_sq = [] if head is not None and self.is_last and lam == 0.0 else None
-        last = len(self.students) - 1
-
-        def visit(k, batch, t_out, s_out):
-            spec = self.held[k]
-            errors[spec.index] += reconstruction_loss(s_out, t_out, batch.attention_mask, loss, 0.0).item() / len(batches)
-            if lam == 0.0:
-                m = batch.attention_mask.unsqueeze(-1).float()
-                for layer, h_q, h in zip(spec.layers, s_out.hidden, t_out.hidden):
-                    num, den, qq = layers.get(layer, (0.0, 0.0, 0.0))
-                    layers[layer] = (num + (((h_q - h) ** 2) * m).sum().item(), den + ((h**2) * m).sum().item(),
-                                     qq + ((h_q**2) * m).sum().item())
-            if out_sq is not None and k == last:
-                out_sq.append((head(batch, s_out).float() ** 2).sum().item())
-
-        self.relay(batches, self.layout.batches(len(batches)), teacher=True, lam=lam, visit=visit)
-        return errors, layers, None if out_sq is None else sum(out_sq)
+        return sums
 
     def initial_states(self) -> list[dict[str, Tensor]]:
         """This rank's quantized modules as they are now (before training), to return to."""

@@ -58,10 +58,11 @@ class RankPayload:
     state: dict  # qualified name -> tensor (CPU) of every tensor this rank's modules hold
     modules: list[ModuleRecord]
     stats: dict  # RankStats.as_dict()
-    layers_before: dict[int, tuple]  # layer -> sums of (||h_q - h||^2, ||h||^2, ||h_q||^2): RankPipeline.probe
+    layers_before: dict[int, tuple]  # layer -> sums of (||h_q - h||^2, ||h||^2, ||h_q||^2): engine.parallel.Probes
     layers_after: dict[int, tuple]
     init_metric: object = None  # the task's metric state (models/tasks.py) on the last stage
     final_metric: object = None  # the same, of the final model
-    output_sq: Optional[float] = None  # the last stage: sum of squares of the final model's scored output
+    check: dict = field(default_factory=dict)  # the assembly check's batches: layer -> ||h_q||^2 of the final model
+    output_sq: Optional[float] = None  # the same batches, the last stage: sum of squares of the scored output
     timings_s: dict = field(default_factory=dict)
     spans: list = field(default_factory=list)  # Timer.spans: the rank's phases up to the gather
