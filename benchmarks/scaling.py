@@ -43,9 +43,11 @@ def cell(name: str, method: str, ranks: int, args, data: list[str], run_dir: Pat
     ranks_info = rec.get("ranks") or [{"rank": 0, "peak_rss_gb": report["peak_memory_gb"]["rss"],
                                        "blocked_fraction": 0.0, "train_seconds": sum(m["seconds"] for m in rec["modules"])}]
     phases: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    peaks: dict[int, dict[str, float]] = defaultdict(dict)  # the process's peak RSS at the phase's first end
     blocked: dict[int, float] = defaultdict(float)
     for s in report["timeline"]["spans"]:
         phases[s["rank"]][s["phase"]] += s["end_s"] - s["start_s"]
+        peaks[s["rank"]].setdefault(s["phase"], s["peak_rss_gb"])
         blocked[s["rank"]] += s["blocked_s"]
     return {
         "cell": name, "method": method, "ranks": ranks, "replicas": rec.get("replicas", 1), "wall_s": round(wall, 1),
@@ -58,6 +60,7 @@ def cell(name: str, method: str, ranks: int, args, data: list[str], run_dir: Pat
         "blocked_fraction": [r["blocked_fraction"] for r in ranks_info],
         "phase_s": {str(r): {p: round(v, 2) for p, v in ps.items()} for r, ps in sorted(phases.items())},
         "blocked_s": {str(r): round(v, 2) for r, v in sorted(blocked.items())},
+        "peak_rss_at_phase_end_gb": {str(r): ps for r, ps in sorted(peaks.items())},
         "perplexity": report["metrics"]["quantized"]["perplexity"],
         "timeline": report["timeline"]["spans"],
     }
@@ -138,6 +141,12 @@ def main() -> None:
         for rank, ps in r["phase_s"].items():
             table.append(f"| {r['cell']} | {rank} | " + " | ".join(f"{ps[p]:.1f}" if p in ps else "" for p in PHASES)
                          + f" | {r['blocked_s'][rank]:.1f} |")
+    table += ["", "Peak RSS in GB at the end of each phase (its first span: evaluate before training), per rank "
+              "(the peak only grows: the phase where it rises is the one that needed the memory):", "",
+              "| cell | rank | " + " | ".join(PHASES) + " |", "|" + "---|" * (len(PHASES) + 2)]
+    for r in rows:
+        for rank, ps in r["peak_rss_at_phase_end_gb"].items():
+            table.append(f"| {r['cell']} | {rank} | " + " | ".join(f"{ps[p]:.2f}" if p in ps else "" for p in PHASES) + " |")
     two = next(r for r in rows if r["ranks"] == 2 and r["replicas"] == 1)
     picture = out.with_name(out.name + "_timeline.png")
     out.parent.mkdir(parents=True, exist_ok=True)

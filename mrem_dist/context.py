@@ -41,13 +41,15 @@ log = get_logger(__name__)
 
 class Timer:
     """Seconds per phase, and every span of a phase for a rank's timeline: (phase, start, end,
-    blocked), start and end in wall-clock seconds since the epoch (so the ranks of one machine, or
-    of clock-synchronized nodes, line up), blocked the seconds of it the rank waited on a peer
-    (`blocked`: a running total of those seconds, which a parallel driver points at its streams)."""
+    blocked, peak RSS), start and end in wall-clock seconds since the epoch (so the ranks of one
+    machine, or of clock-synchronized nodes, line up), blocked the seconds of it the rank waited on
+    a peer (`blocked`: a running total of those seconds, which a parallel driver points at its
+    streams), peak RSS the process's peak resident memory in GB at the span's end (it only grows:
+    the span that raises it is the one that needed the memory)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
-        self.spans: list[tuple[str, float, float, float]] = []
+        self.spans: list[tuple[str, float, float, float, float]] = []
         self.blocked: Callable[[], float] = lambda: 0.0
 
     @contextmanager
@@ -59,7 +61,8 @@ class Timer:
             elapsed = time.perf_counter() - start
             # Accumulates: a stage may run in several pieces (evaluate before and after).
             self.seconds[name] = round(self.seconds.get(name, 0.0) + elapsed, 3)
-            self.spans.append((name, round(wall, 3), round(wall + elapsed, 3), round(self.blocked() - blocked, 3)))
+            self.spans.append((name, round(wall, 3), round(wall + elapsed, 3), round(self.blocked() - blocked, 3),
+                               round(peak_memory_gb(torch.device("cpu"))[0], 3)))
 
 
 @dataclass
@@ -255,14 +258,14 @@ class RunContext:
         return report
 
 
-def timeline(spans: dict[int, list[tuple[str, float, float, float]]], epoch: Optional[float] = None) -> dict:
+def timeline(spans: dict[int, list[tuple[str, float, float, float, float]]], epoch: Optional[float] = None) -> dict:
     """The report's `timeline`: every phase span of every rank, in seconds from `epoch` (default:
     the earliest start; `epoch_s` is it, in wall-clock seconds since the Unix epoch)."""
     if epoch is None:
         epoch = min((s[1] for rank_spans in spans.values() for s in rank_spans), default=0.0)
     rows = [{"rank": rank, "phase": name, "start_s": round(start - epoch, 3), "end_s": round(end - epoch, 3),
-             "blocked_s": blocked}
-            for rank, rank_spans in sorted(spans.items()) for name, start, end, blocked in rank_spans]
+             "blocked_s": blocked, "peak_rss_gb": rss}
+            for rank, rank_spans in sorted(spans.items()) for name, start, end, blocked, rss in rank_spans]
     return {"epoch_s": epoch, "spans": rows}
 
 

@@ -76,6 +76,7 @@ def _check_timeline(report: dict, rec: dict) -> None:
         assert phases[:1] == ["load"] and "reconstruct" in phases and phases.count("evaluate") >= 2, phases
         assert all(a["end_s"] <= b["start_s"] + 1e-3 for a, b in zip(mine, mine[1:]))
         assert all(0 <= s["blocked_s"] <= s["end_s"] - s["start_s"] + 1e-3 for s in mine)
+        assert all(0 < a["peak_rss_gb"] <= b["peak_rss_gb"] for a, b in zip(mine, mine[1:]))  # a peak only grows
         (train,) = [s for s in mine if s["phase"] == "reconstruct"]
         assert train["blocked_s"] == pytest.approx(stats["recv_blocked_seconds"] + stats["send_blocked_seconds"],
                                                    abs=2e-3)
