@@ -47,6 +47,7 @@ from mrem_dist.quant import QuantEmbedding, QuantLinear
 from mrem_dist.scheme import QuantScheme
 
 from .schema import ArtifactError, sha256_file
+from .tensorfile import save_tensors
 
 FORMAT = "compressed-tensors"
 TENSORS = "model.safetensors"
@@ -184,8 +185,6 @@ def export_compressed_tensors(model: nn.Module, tokenizer: Any, scheme: QuantSch
     the unquantized tensors and the scales to it (config.json's dtype too); None keeps the model's
     own dtype, so that the folder computes exactly what mrem-dist evaluated. Returns what the report
     records."""
-    from safetensors.torch import save_file
-
     from .export import untied_state
 
     problems = unsupported(scheme, family)
@@ -224,7 +223,7 @@ def export_compressed_tensors(model: nn.Module, tokenizer: Any, scheme: QuantSch
     config.quantization_config = quantization_config(group, _ignored_linears(model, config, quantized), fmt)
     path = Path(path)
     with atomic_dir(path, "directory for the compressed-tensors export") as tmp:
-        save_file(tensors, str(tmp / TENSORS), metadata={"format": "pt"})
+        save_tensors(tensors, tmp / TENSORS, metadata={"format": "pt"})
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         provenance = {"format": FORMAT, "kind": kind, "source": source, "quant": dataclasses.asdict(scheme),

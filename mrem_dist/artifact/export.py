@@ -42,6 +42,7 @@ from mrem_dist.scheme import QuantScheme
 from .pack import pack_codes, unpack_codes
 from .schema import (FORMAT, VERSION, ArtifactError, ArtifactMeta, ModuleEntry, read_meta, sha256_file, write_manifest,
                      write_meta)
+from .tensorfile import save_tensors
 
 TENSORS = "model.safetensors"
 
@@ -83,8 +84,6 @@ def export_quantized(
     its task's kind (Task.kind). Returns the metadata written to quantization.json (with the file
     sizes). `source`: the full-precision model it was quantized from (recorded so that
     `mrem_dist.evaluate` can compare against it)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     state, tied = untied_state(model)
     modules = {}
@@ -99,7 +98,7 @@ def export_quantized(
             wq.granularity, int(wq.scale.shape[0]), list(module.weight.shape),
             str(module.weight.dtype).removeprefix("torch."), 0 if outliers is None else int(outliers.numel()))
     with atomic_dir(path, "directory for the artifact") as tmp:
-        save_file(state, str(tmp / TENSORS), metadata={"format": FORMAT, "version": str(VERSION)})
+        save_tensors(state, tmp / TENSORS, metadata={"format": FORMAT, "version": str(VERSION)})
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         meta = ArtifactMeta(kind, model.config.model_type, scheme, modules, source, {TENSORS: sha256_file(tmp / TENSORS)},
