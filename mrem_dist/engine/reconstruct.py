@@ -294,6 +294,9 @@ class _Updater:
         value = loss.item() if self.sync is None else self.sync(
             [p for g in self.optimizer.param_groups for p in g["params"]], loss)
         self.optimizer.step()
+        # The gradients are rebuilt by the next backward pass: free them now, so that a rank training
+        # several modules in lockstep holds one module's gradients at a time, not all of them.
+        self.optimizer.zero_grad(set_to_none=True)
         return value
 
 
