@@ -105,9 +105,9 @@ def _job(rank, model_dir, text, run_dir, out_dir, overrides):
 @pytest.mark.parametrize("ranks,init", [(2, "gptq"), (3, "gptq"), (2, "rtn")])
 def test_mrem_p_on_a_decoder_over_ranks_is_bit_identical_to_one_process(tmp_path, tiny_llama_dir, wiki_like_txt, ranks,
                                                                          init):
-    """init=gptq: every rank loads the whole model (GPTQ's pass needs it) and frees the rest; from
-    RTN each rank reads only its own modules' tensors (sharded loading): the full-precision bytes a
-    rank holds are those of its modules, the tied embedding on both end ranks."""
+    """Each rank reads only its own modules' tensors (sharded loading), with init=gptq too (GPTQ runs
+    down the pipeline, each rank its own layers on the previous stage's GPTQ outputs): the
+    full-precision bytes a rank holds are those of its modules, the tied embedding on both end ranks."""
     overrides = [*W3, *_recon("mrem_p", "method.modules=3", f"method.init={init}", "method.queue=2")]
     out = tmp_path / "out"
     out.mkdir()
@@ -115,7 +115,7 @@ def test_mrem_p_on_a_decoder_over_ranks_is_bit_identical_to_one_process(tmp_path
     report = json.loads((out / "report.json").read_text())
     assert report["reconstruction"]["world_size"] == ranks and report["validation"]["passed"]
     ranks_report = report["reconstruction"]["ranks"]
-    assert [r["load"] for r in ranks_report] == ["whole" if init == "gptq" else "sharded"] * ranks
+    assert [r["load"] for r in ranks_report] == ["sharded"] * ranks
     assert [r["full_precision_bytes"] for r in ranks_report] == _partition_bytes(tiny_llama_dir, 3, ranks)
     single, qmodel = execute(_cfg(tmp_path / "single", f"model.path={tiny_llama_dir}", *_data(*wiki_like_txt), *overrides))
     parallel_state, state = torch.load(out / "state.pt"), qmodel.state_dict()

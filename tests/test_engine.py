@@ -436,3 +436,60 @@ def test_finish_phase_trains_the_last_steps_on_the_finished_upstream():
     for p, f in zip(plain[1:], finish[1:]):
         assert f.losses[:5] == p.losses[:5] and f.losses[5:] != p.losses[5:]
         assert f.lams == p.lams[:5] + [0.0] * 3  # the finish steps: the finished quantized upstream alone
+
+
+
+@pytest.mark.parametrize("revert", [None, 0, 1, 2], ids=["all-trained", "module-0", "module-1", "module-2"])
+def test_the_pipelined_never_worse_check_decides_as_module_by_module(monkeypatch, revert):
+    """Without a finish phase the check runs ahead on the assumption that every module keeps its
+    trained state (RankPipeline._check_ahead); a module that keeps its initial state (planted:
+    the check's n-th call is module n's) makes the modules after it redo theirs. The decisions,
+    errors, kept states and the outputs passed on equal the module-by-module check (_keep_better
+    down the chain, what _settle does), bit for bit."""
+    from mrem_dist.engine import parallel
+    from mrem_dist.engine.parallel import RankPipeline
+    from mrem_dist.engine.reconstruct import check_lam, snapshot
+    from mrem_dist.layout import ParallelLayout
+
+    calls = []
+
+    def planted(before, after, never_worse):  # module n's check is the n-th call of a pass
+        calls.append(1)
+        return len(calls) - 1 != revert
+
+    monkeypatch.setattr(parallel, "keep_trained", planted)
+    ahead = RankPipeline._check_ahead
+    seen = {}
+
+    def both(self, holdout, initial, settings):
+        trained = [snapshot(s) for s in self.students]
+        calls.clear()
+        inputs = [(None, None)] * len(holdout)
+        decisions = []
+        for k in range(len(self.students)):
+            d, inputs = self._keep_better(k, holdout, inputs, initial[k], check_lam(settings), settings)
+            decisions.append(d)
+        seen["chain"] = decisions, [snapshot(s) for s in self.students], [q for _, q in inputs]
+        for s, state in zip(self.students, trained):
+            s.load_state_dict(state)
+        calls.clear()
+        sent = []
+        self._send = lambda i, fp, q, stop=False: sent.append(q)
+        decisions = ahead(self, holdout, initial, settings)
+        seen["ahead"] = decisions, [snapshot(s) for s in self.students], sent[len(holdout):]
+        return decisions
+
+    monkeypatch.setattr(RankPipeline, "_check_ahead", both)
+    method = MethodConfig(name="mrem_p", modules=3, steps=4, lr_weight=3e-4)
+    model, q, family, batches = _setup()
+    specs = partition(model, family, method.modules)
+    settings = recon_settings(method)
+    pipe = RankPipeline(model, q, family, specs, ParallelLayout.single(len(specs)), torch.device("cpu"))
+    initial = pipe.initial_states()
+    pipe.train(batches, list(epoch_order(len(batches), settings.steps, 0)), settings, _batches(2, seed=1), initial)
+    (d_chain, s_chain, out_chain), (d_ahead, s_ahead, out_ahead) = seen["chain"], seen["ahead"]
+    assert d_ahead == d_chain
+    assert [kept for *_, kept in d_chain] == ["initial" if k == revert else "trained" for k in range(3)]
+    for a, b in zip(s_ahead, s_chain):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(out_ahead) == len(out_chain) == 2 and all(torch.equal(a, b) for a, b in zip(out_ahead, out_chain))

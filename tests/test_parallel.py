@@ -22,11 +22,14 @@ COMMON = ["quant=w2a8", "clip=mse", "method=mrem_p", "method.steps=8", "method.l
 
 
 def _job(rank: int, model_dir: str, data: tuple, run_dir: str, out_dir: str, overrides: list, fail_rank: int,
-         kill: bool = False) -> None:
+         kill: bool = False, revert: int = -1) -> None:
     import os
 
     from mrem_dist.engine import reconstruct as R
     from mrem_dist.runner import execute
+
+    if revert >= 0:  # the never-worse check's call `revert` of this process keeps the initial state
+        _plant_revert(revert)
 
     if rank == fail_rank:  # fault injection: this rank raises (or, kill=True, dies at once) mid-training
         original = R.ModuleTrainer.train_step
@@ -50,6 +53,18 @@ def _job(rank: int, model_dir: str, data: tuple, run_dir: str, out_dir: str, ove
         report, qmodel = result
         torch.save(qmodel.state_dict(), out / "state.pt")
         (out / "report.json").write_text(json.dumps(report))
+
+
+def _plant_revert(call: int) -> None:
+    from mrem_dist.engine import parallel
+
+    calls = []
+
+    def planted(before, after, never_worse):
+        calls.append(1)
+        return len(calls) - 1 != call
+
+    parallel.keep_trained = planted
 
 
 def _single(model_dir, data, run_dir, overrides):
@@ -120,6 +135,27 @@ def test_two_ranks_train_at_once_and_equal_one_process(tmp_path, tiny_encoder_di
     with torch.no_grad():
         torch.testing.assert_close(run_batch(art.model, art.family, b), run_batch(reference, art.family, b))
     assert report["artifacts"]["mrem"]["ratio_to_fp32"] < 0.5
+
+
+def test_a_module_kept_initial_upstream_makes_the_next_rank_redo_its_check(tmp_path, tiny_encoder_dir, sst_like_csv,
+                                                                           monkeypatch):
+    # 3 modules on 2 ranks, module 1 (rank 0's last) planted to keep its initial state: rank 1 ran
+    # its check ahead on module 1's trained outputs, finds that the real ones differ and redoes it.
+    overrides = ["method.modules=3", "method.t0=4"]
+    out = tmp_path / "out"
+    out.mkdir()
+    run_ranks(_job, 2, tiny_encoder_dir, sst_like_csv, str(tmp_path / "run"), str(out), overrides, -1, False, 1)
+    report = json.loads((out / "report.json").read_text())
+    assert [m["kept"] for m in report["reconstruction"]["modules"]] == ["trained", "initial", "trained"]
+    from mrem_dist.engine import parallel
+
+    monkeypatch.setattr(parallel, "keep_trained", parallel.keep_trained)  # restored after the test
+    _plant_revert(1)  # one process: module 1's check is its call 1 too
+    single, state = _single(tiny_encoder_dir, sst_like_csv, tmp_path / "single", overrides)
+    _assert_same_state(torch.load(out / "state.pt"), state)
+    decided = [[(m["error_before"], m["error_after"], m["kept"]) for m in r["reconstruction"]["modules"]]
+               for r in (single, report)]
+    assert decided[0] == decided[1]
 
 
 @pytest.mark.parametrize("world, overrides", [

@@ -3,7 +3,7 @@
 On every rank: build the model's skeleton and load the data (the same batches from the same seed
 everywhere), cut the partition and build the parallel layout, read only this rank's modules' tensors
 from the checkpoint (model.sharded_load; else load the whole model and let go of the rest),
-quantize what is left, calibrate the static activation ranges through the stream, score the initial
+quantize what is left (with method.init=gptq: GPTQ down the pipeline, each rank its own layers), calibrate the static activation ranges through the stream, score the initial
 quantized model against full precision through the stream (the last stage keeps the metric state),
 train (engine.parallel), score the final model against full precision through the stream again
 (both passes also probe the layer errors, the last one takes the assembly check's sums), then the stage leader sends its modules' state, records and metric states to rank 0. Rank 0,
@@ -30,7 +30,7 @@ from mrem_dist.context import RunContext
 from mrem_dist.distributed import gather_to_main, init_distributed, teardown_distributed
 from mrem_dist.engine import ModuleSpec, epoch_order
 from mrem_dist.engine.checkpoint import Preempted, StopSignal
-from mrem_dist.engine.gptq import copy_gptq, gptq_model, gptq_options
+from mrem_dist.engine.gptq import gptq_options
 from mrem_dist.engine.parallel import RankPipeline
 from mrem_dist.engine.records import ModuleRecord, RankPayload
 from mrem_dist.engine.shard import holders, owned_state, release_unowned, tensor_owner
@@ -95,13 +95,6 @@ def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, torch.n
         raise ValueError(f"{layout.replicas} replicas per stage split every calibration batch's rows, but a batch has "
                          f"{fewest}: set data.batch_size to at least {layout.replicas} (and data.calib_samples to a "
                          "multiple of it), or use fewer replicas (method.replicas)")
-    gptq = None
-    if cfg.method.init == "gptq":
-        # GPTQ calibrates each layer on the GPTQ-quantized layers before it: every rank runs the
-        # same deterministic pass over the whole model it loaded, then keeps its own partition.
-        with timer("gptq"):
-            gptq = quantize_model(copy.deepcopy(model), family, ctx.scheme, learnable=False)
-            gptq_model(gptq, family, calib, gptq_options(cfg.method))
     with timer("quantize"):
         release_unowned(model, owner, held)  # after a sharded load there is nothing left to free
         fp_bytes = materialized_bytes(model)  # the full-precision tensors this rank holds from now on
@@ -111,15 +104,15 @@ def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, torch.n
         layers = {i for s in specs if s.index in held for i in s.layers}
         qmodel = quantize_model(copy.deepcopy(model), family, ctx.scheme, learnable=True, layers=layers,
                                 embeddings=specs[0].index in held)
-        if gptq is not None:
-            copy_gptq(gptq, qmodel)
-            del gptq
     kept = sum(p.numel() for p in model.parameters())
     log.info("%s holds %s: %.1fM of %.1fM full-precision parameters", layout.describe(),
              "; ".join(s.describe() for s in specs if s.index in held), kept / 1e6, loaded.num_parameters / 1e6)
 
     pipe = RankPipeline(model, qmodel, family, specs, layout, ctx.device, cfg.method.queue)
     timer.blocked = pipe.blocked_clock()
+    if cfg.method.init == "gptq":
+        with timer("gptq"):  # down the pipeline, each rank its own layers
+            pipe.gptq(qmodel, family, calib, gptq_options(cfg.method))
     with timer("calibrate"):
         if needs_calibration(qmodel):
             pipe.calibrate(calib)
@@ -171,10 +164,6 @@ def _sharded_load(cfg: RunConfig, world_size: int) -> bool:
     """Whether each rank reads only its own modules' tensors (model.sharded_load, on several ranks).
     The cases where every rank still loads the whole model say why in the log."""
     if world_size == 1 or not cfg.model.sharded_load:
-        return False
-    if cfg.method.init == "gptq":
-        log.info("method.init=gptq: every rank loads the whole model (GPTQ quantizes each layer on the outputs of "
-                 "the GPTQ-quantized layers before it, and every rank runs that pass), then frees the other modules")
         return False
     if not can_load_sharded(cfg.model.path):
         log.warning("model.path=%s is not a local folder of safetensors weights: every rank loads the whole model and "

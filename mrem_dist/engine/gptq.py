@@ -15,9 +15,10 @@ forward reproduces GPTQ's weights exactly, and a reconstruction method trains on
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from mrem_dist.data import Batch
 from mrem_dist.log import get_logger
@@ -61,14 +62,28 @@ def gptq_bits(module: QuantLinear) -> tuple[int, bool, int]:
 def gptq_model(qmodel: nn.Module, family: ModelFamily, batches: list[Batch], options: GptqOptions) -> dict[str, float]:
     """Run GPTQ on every quantized Linear of `qmodel`'s layers, in place; returns each Linear's
     Hessian-weighted error (the calibration output error it minimises), by qualified name."""
+    return gptq_layers(qmodel, family, batches, options)[0]
+
+
+@torch.no_grad()
+def gptq_layers(qmodel: nn.Module, family: ModelFamily, batches: list[Batch], options: GptqOptions,
+                layers: Optional[list[int]] = None,
+                hidden: Optional[list[Tensor]] = None) -> tuple[dict[str, float], list[Tensor]]:
+    """GPTQ of the consecutive `layers` (indices; default all) of `qmodel`, in place, fed with
+    `hidden`: the first one's input on every batch (default: the embeddings' output). An MREM-P
+    rank runs its own layers on what the previous stage's GPTQ-quantized layers computed
+    (RankPipeline.gptq). Returns each Linear's error and the last layer's output on every batch."""
     config = family.config(qmodel)
     prefix = family.layer_prefix(qmodel)
-    hidden = [family.embed(family.embeddings(qmodel), b) for b in batches]
+    if hidden is None:
+        hidden = [family.embed(family.embeddings(qmodel), b) for b in batches]
     contexts = [family.layer_context(config, h, b) for h, b in zip(hidden, batches)]
     errors: dict[str, float] = {}
-    layers = family.layers(qmodel)
+    all_layers = family.layers(qmodel)
+    indices = list(range(len(all_layers))) if layers is None else list(layers)
     start = time.perf_counter()
-    for index, layer in enumerate(layers):
+    for done, index in enumerate(indices, 1):
+        layer = all_layers[index]
         targets = _targets(layer)
         hessians = {n: HessianAccumulator(f"{prefix}.{index}.{n}", m.in_features) for n, m in targets}
         hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: hessians[n].add(args[0])) for n, m in targets]
@@ -85,9 +100,9 @@ def gptq_model(qmodel: nn.Module, family: ModelFamily, batches: list[Batch], opt
             apply_result(module, result)
             errors[f"{prefix}.{index}.{name}"] = result.error
         hidden = [family.run_layer(layer, h, c) for h, c in zip(hidden, contexts)]
-        log.info("gptq: layer %d/%d (%d Linears) done, %.1f s", index + 1, len(layers), len(targets),
+        log.info("gptq: layer %d (%d/%d, %d Linears) done, %.1f s", index + 1, done, len(indices), len(targets),
                  time.perf_counter() - start)
-    return errors
+    return errors, hidden
 
 
 @torch.no_grad()
