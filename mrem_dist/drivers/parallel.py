@@ -3,15 +3,16 @@
 On every rank: build the model's skeleton and load the data (the same batches from the same seed
 everywhere), cut the partition and build the parallel layout, read only this rank's modules' tensors
 from the checkpoint (model.sharded_load; else load the whole model and let go of the rest),
-quantize what is left (with method.init=gptq: GPTQ down the pipeline, each rank its own layers), calibrate the static activation ranges through the stream, score the initial
-quantized model against full precision through the stream (the last stage keeps the metric state),
-train (engine.parallel), score the final model against full precision through the stream again
-(both passes also probe the layer errors, the last one takes the assembly check's sums), then the stage leader sends its modules' state, records and metric states to rank 0. Rank 0,
-the coordinator, builds the model's structure from its config (no weights: no rank ever reloads the
-full-precision model), assembles the whole quantized model from what every stage sent (a missing
-tensor is an error), checks that it computes what the ranks measured (every layer's output and the
-scored output on the check batch), validates it and writes the report and the artifact. Only rank
-0 writes.
+quantize what is left (method.init=gptq: GPTQ down the pipeline, each rank its own layers),
+calibrate the static activation ranges through the stream, score the initial quantized model
+against full precision through the stream (the last stage keeps the metric state), train
+(engine.parallel), score the final model against full precision through the stream again (both
+passes also probe the layer errors, the last one takes the assembly check's sums), then the stage
+leader sends its modules' state, records and metric states to rank 0. Rank 0, the coordinator,
+builds the model's structure from its config (no weights: no rank ever reloads the full-precision
+model), assembles the whole quantized model from what every stage sent (a missing tensor is an
+error), checks that it computes what the ranks measured (every layer's output and the scored output
+on the check batch), validates it and writes the report and the artifact. Only rank 0 writes.
 
 A single process (no launcher) runs the same code with world size 1: its one rank trains every
 module in lockstep.

@@ -26,7 +26,9 @@ with lam=zero is MREM-S.
 
 After the training steps, down the pipeline (`_settle`), every module gets the never-worse check:
 measured on held-out batches in its trained and its initial state, both fed by the kept upstream
-modules, it keeps the better one, and the kept state's outputs feed the next module.
+modules, it keeps the better one, and the kept state's outputs feed the next module. Without a
+finish phase it runs ahead of the decisions (`_check_ahead`): on the assumption that every upstream
+module keeps its trained state, redone where that was wrong.
 
 The same relay carries the passes without training: calibration of the static activation ranges,
 the evaluation of the initial and the final quantized model against full precision (the last stage
