@@ -137,10 +137,10 @@ def test_two_ranks_train_at_once_and_equal_one_process(tmp_path, tiny_encoder_di
     assert report["artifacts"]["mrem"]["ratio_to_fp32"] < 0.5
 
 
-def test_a_module_kept_initial_upstream_makes_the_next_rank_redo_its_check(tmp_path, tiny_encoder_dir, sst_like_csv,
-                                                                           monkeypatch):
-    # 3 modules on 2 ranks, module 1 (rank 0's last) planted to keep its initial state: rank 1 ran
-    # its check ahead on module 1's trained outputs, finds that the real ones differ and redoes it.
+def test_a_module_kept_at_its_start_feeds_the_next_rank_its_initial_outputs(tmp_path, tiny_encoder_dir, sst_like_csv,
+                                                                             monkeypatch):
+    # 3 modules on 2 ranks, module 1 (rank 0's last) planted to keep its initial state: rank 1
+    # checks module 2 on the initial module 1's outputs, as one process does.
     overrides = ["method.modules=3", "method.t0=4"]
     out = tmp_path / "out"
     out.mkdir()

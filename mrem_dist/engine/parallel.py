@@ -26,9 +26,7 @@ with lam=zero is MREM-S.
 
 After the training steps, down the pipeline (`_settle`), every module gets the never-worse check:
 measured on held-out batches in its trained and its initial state, both fed by the kept upstream
-modules, it keeps the better one, and the kept state's outputs feed the next module. Without a
-finish phase it runs ahead of the decisions (`_check_ahead`): on the assumption that every upstream
-module keeps its trained state, redone where that was wrong.
+modules, it keeps the better one, and the kept state's outputs feed the next module.
 
 The same relay carries the passes without training: calibration of the static activation ranges,
 the evaluation of the initial and the final quantized model against full precision (the last stage
@@ -411,8 +409,6 @@ class RankPipeline:
         activations of the batches it visits (at most the calibration set, as MREM-S caches)."""
         if not holdout:
             raise ValueError("no held-out calibration batches to measure the modules on: set data.holdout_samples >= 1")
-        if not window:
-            return self._check_ahead(holdout, initial, settings)
         lam, base = check_lam(settings), self.seq
         progress = self._progress("finishing ", len(window) * len(trainers), settings) if window else None
         train_in: dict[int, Inputs] = {}  # batch index -> the module's inputs (a batch seen twice: the same)
@@ -442,77 +438,6 @@ class RankPipeline:
             self._send(i, *train_in[i])
         for h, (fp, q) in enumerate(held_in):
             self._send(h, fp, q)
-        self.flush()
-        return decisions
-
-    @torch.no_grad()
-    def _check_ahead(self, holdout: list[Batch], initial: list[dict[str, Tensor]], settings: ReconSettings) -> list[Decision]:
-        """_settle's never-worse check without a finish phase, pipelined across the ranks instead
-        of one rank after another, with the same decisions and outputs bit for bit.
-
-        Training nearly always helps, so a rank checks its modules on the assumption that every
-        module before it keeps its trained state: batch by batch, as the previous rank's outputs on
-        that assumption arrive (messages base..base+H-1), each module runs its teacher, its trained
-        and its initial state (the errors summed in batch order, as _keep_better sums them) and its
-        trained outputs feed the next module and, from the last one, the next rank. Then the real
-        outputs follow (messages base+H..): a rank receives the previous rank's kept outputs; if
-        they are the ones it assumed and none of its own modules keeps its initial state, its
-        decisions stand and it sends its trained outputs again; otherwise it redoes the check
-        from the first module whose inputs were wrong (_keep_better, module by module, as
-        _settle does) and sends those outputs. Either way every message is sent, so both ends of a
-        link count the same."""
-        lam, base, n = check_lam(settings), self.seq, len(holdout)
-        trained = [snapshot(stu) for stu in self.students]
-        assumed: list[Inputs] = []  # what the previous rank's trained outputs gave this rank
-        module_in: list[list[Inputs]] = [[] for _ in self.students]  # every module's assumed inputs
-        errors = [[0.0, 0.0] for _ in self.students]  # (initial, trained), summed over the batches
-        sent: list[Tensor] = []  # the last module's trained outputs
-        for h, b in enumerate(holdout):
-            self.seq = base + h
-            fp, q = self._recv(h)
-            assumed.append((fp, q))
-            for k, (tch, stu) in enumerate(zip(self.teachers, self.students)):
-                module_in[k].append((fp, q))
-                target, x = tch(fp, b, logits=False), mix_inputs(lam, fp, q)
-                stu.load_state_dict(initial[k])
-                errors[k][0] += reconstruction_loss(stu(x, b, logits=False), target, b.attention_mask, settings.loss,
-                                                    0.0).item()
-                stu.load_state_dict(trained[k])
-                out = stu(x, b, logits=False)
-                errors[k][1] += reconstruction_loss(out, target, b.attention_mask, settings.loss, 0.0).item()
-                fp, q = target.hidden[-1], out.hidden[-1]
-            sent.append(q)
-            self._send(h, fp, q)
-        self.flush()
-        # The real inputs: the previous rank's kept outputs (its teacher stream is the same either way).
-        real: list[Inputs] = []
-        for h in range(n):
-            self.seq = base + n + h
-            real.append((assumed[h][0], self._recv(h)[1]))
-        valid = self.receiver is None or all(torch.equal(r[1], a[1]) for r, a in zip(real, assumed))
-        decisions: list[Decision] = []
-        inputs, redo_from = (None, len(self.students)) if valid else (real, 0)
-        for k in range(len(self.students) if valid else 0):
-            before, after = errors[k][0] / n, errors[k][1] / n
-            kept = "trained" if keep_trained(before, after, settings.never_worse) else "initial"
-            log_kept(self.held[k], before, after, kept)
-            decisions.append((before, after, kept))
-            if kept == "initial":  # the modules after it assumed its trained outputs: redo them
-                stu = self.students[k]
-                stu.load_state_dict(initial[k])
-                inputs = [(self.teachers[k](fp, b, logits=False).hidden[-1],
-                           stu(mix_inputs(lam, fp, q), b, logits=False).hidden[-1])
-                          for b, (fp, q) in zip(holdout, module_in[k])]
-                redo_from = k + 1
-                break
-        for k in range(redo_from, len(self.students)):
-            decision, inputs = self._keep_better(k, holdout, inputs, initial[k], lam, settings)
-            decisions.append(decision)
-        # The assumed outputs were right unless something was redone: then the trained ones again.
-        final = sent if inputs is None else [q for _, q in inputs]
-        self.seq = base + n
-        for h, q in enumerate(final):
-            self._send(h, None, q)
         self.flush()
         return decisions
 
