@@ -456,14 +456,14 @@ class RankPipeline:
         outputs on the held-out batches."""
         tch, stu = self.teachers[k], self.students[k]
         trained = snapshot(stu)
-        # The teacher's outputs do not depend on the student's state: one pass for both states.
-        targets = [tch(fp, b, logits=False) for (fp, _), b in zip(inputs, holdout)]
         runs = {}  # state -> (error, the next module's inputs); only module outputs are kept
         for name, state in (("initial", initial), ("trained", trained)):
             stu.load_state_dict(state)
             total, outs = 0.0, []
-            for (fp, q), b, t in zip(inputs, holdout, targets):
-                o = stu(mix_inputs(lam, fp, q), b, logits=False)
+            for (fp, q), b in zip(inputs, holdout):
+                # The teacher runs again for each state: keeping its every-layer outputs over the
+                # held-out batches would hold layers-per-module times the boundary activations.
+                t, o = tch(fp, b, logits=False), stu(mix_inputs(lam, fp, q), b, logits=False)
                 total += reconstruction_loss(o, t, b.attention_mask, settings.loss, 0.0).item()
                 outs.append((t.hidden[-1], o.hidden[-1]))
             runs[name] = (total / len(holdout), outs)
