@@ -436,5 +436,3 @@ def test_finish_phase_trains_the_last_steps_on_the_finished_upstream():
     for p, f in zip(plain[1:], finish[1:]):
         assert f.losses[:5] == p.losses[:5] and f.losses[5:] != p.losses[5:]
         assert f.lams == p.lams[:5] + [0.0] * 3  # the finish steps: the finished quantized upstream alone
-
-

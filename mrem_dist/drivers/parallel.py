@@ -268,19 +268,22 @@ def _merge_metrics(states: list):
     return states[0]
 
 
+def _summed(parts: list[RankPayload], key: str) -> dict[int, tuple[float, ...]]:
+    """The ranks' per-layer sums `key` (layer -> a float or a tuple of floats), added up: the
+    replicas of a stage measured disjoint batches."""
+    sums: dict[int, tuple[float, ...]] = {}
+    for p in parts:
+        for layer, values in getattr(p, key).items():
+            values = values if isinstance(values, tuple) else (values,)
+            sums[layer] = tuple(a + b for a, b in zip(sums[layer], values)) if layer in sums else values
+    return dict(sorted(sums.items()))
+
+
 def _merge_layers(parts: list[RankPayload], key: str) -> list[float]:
     """Every layer's relative error ||h_q - h||^2 / ||h||^2 from the ranks' probe sums `key`."""
-    sums: dict[int, tuple[float, ...]] = {}
-    for p in parts:  # the replicas of a stage probed disjoint batches: their sums add up
-        for layer, values in getattr(p, key).items():
-            sums[layer] = tuple(a + b for a, b in zip(sums[layer], values)) if layer in sums else values
-    return [sums[i][0] / max(sums[i][1], 1e-30) for i in sorted(sums)]
+    return [num / max(den, 1e-30) for num, den, _ in _summed(parts, key).values()]
 
 
 def _merge_check(parts: list[RankPayload]) -> list[float]:
     """Every layer's ||h_q||^2 on the check batches, from the ranks that ran them."""
-    sums: dict[int, float] = {}
-    for p in parts:
-        for layer, value in p.check.items():
-            sums[layer] = sums.get(layer, 0.0) + value
-    return [sums[i] for i in sorted(sums)]
+    return [qq for (qq,) in _summed(parts, "check").values()]

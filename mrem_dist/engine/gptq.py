@@ -103,20 +103,3 @@ def gptq_layers(qmodel: nn.Module, family: ModelFamily, batches: list[Batch], op
         log.info("gptq: layer %d (%d/%d, %d Linears) done, %.1f s", index + 1, done, len(indices), len(targets),
                  time.perf_counter() - start)
     return errors, hidden
-
-
-@torch.no_grad()
-def copy_gptq(source: nn.Module, target: nn.Module) -> int:
-    """Copy the GPTQ weights and grids of `source`'s QuantLinears into the same-named QuantLinears
-    that `target` holds (an MREM-P rank holds only its partition); returns how many were copied."""
-    mine = dict(target.named_modules())
-    count = 0
-    for name, module in source.named_modules():
-        other = mine.get(name)
-        if isinstance(module, QuantLinear) and isinstance(other, QuantLinear) and other.weight.numel():
-            other.weight.copy_(module.weight)
-            other.weight_quantizer.scale.copy_(module.weight_quantizer.scale)
-            if module.weight_quantizer.zero_point is not None:
-                other.weight_quantizer.zero_point.copy_(module.weight_quantizer.zero_point)
-            count += 1
-    return count

@@ -355,8 +355,7 @@ def step(
             f"{student.spec.describe()}: the reconstruction loss became {loss.item()} (lam={lam:.2f}): "
             "lower method.lr_weight_rel (or method.lr_weight) / method.lr_scale, or check the calibration data for NaN/inf"
         )
-    updater.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss.backward()  # into fresh gradients: the updater frees them after every step
     return target, out, updater.update(loss.detach())
 
 
