@@ -13,7 +13,7 @@ its own modules' tensors, sharded loading; GPTQ would load the whole model on ev
 
 Reported per cell: whole-job wall time and training time (MREM-S: the sum over its modules; MREM-P:
 the slowest rank), their speed-ups against MREM-S, the seconds each rank spent per phase (load,
-quantize, calibrate, evaluate (with the layer probes), reconstruct, gather, assemble, validate, write) and blocked, the
+quantize, calibrate, evaluate (with the layer probes), reconstruct, pack, gather, assemble, validate, write) and blocked, the
 full-precision bytes each rank held, and each rank's peak RSS as a fraction of the one-process
 MREM-P run's. The 2-rank cell's timeline is drawn (results/scaling_timeline.png).
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from common import RESULTS, launch, write_results
 
-PHASES = ("load", "quantize", "calibrate", "evaluate", "reconstruct", "gather", "assemble", "validate", "write")
+PHASES = ("load", "quantize", "calibrate", "evaluate", "reconstruct", "pack", "gather", "assemble", "validate", "write")
 
 
 def cell(name: str, method: str, ranks: int, args, data: list[str], run_dir: Path, extra: list[str]) -> dict:

@@ -16,12 +16,11 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 
-from mrem_dist.artifact import export_quantized
-from mrem_dist.artifact.compressed_tensors import export_compressed_tensors
+from mrem_dist.artifact.formats import ExportInfo
 from mrem_dist.config import EXPORT_DIRS, RECONSTRUCTION_METHODS, MethodConfig, export_formats
 from mrem_dist.distributed import DistContext, all_gather_objects, resolve_device
 from mrem_dist.engine import ReconSettings, partition
@@ -34,7 +33,7 @@ from mrem_dist.models import LoadedModel, load_model
 from mrem_dist.models.loading import load_skeleton
 from mrem_dist.models.gguf import source_note
 from mrem_dist.report import write_report
-from mrem_dist.validation import ValidationFailed, validate_result
+from mrem_dist.validation import Structure, ValidationFailed, validate_result
 
 log = get_logger(__name__)
 
@@ -201,29 +200,48 @@ class RunContext:
             "config": dataclasses.asdict(cfg),
         }
 
-    def _export(self, qmodel: torch.nn.Module, fmt: str) -> dict:
+    def export_info(self) -> ExportInfo:
+        loaded = self.loaded
+        return ExportInfo(loaded.tokenizer, self.scheme, loaded.task.kind, loaded.family.name, self.source,
+                          self.cfg.export.dtype)
+
+    def _export(self, final: "FinalModel", fmt: str) -> dict:
         """Write the model as `fmt` to <run_dir>/<EXPORT_DIRS[fmt]>; returns its entry of the
         report's `artifacts` section."""
-        loaded, out = self.loaded, Path(self.cfg.run_dir) / EXPORT_DIRS[fmt]
-        kind = loaded.task.kind
-        if fmt == "mrem":
-            size = export_quantized(qmodel, loaded.tokenizer, self.scheme, kind, out, source=self.source)["bytes"]["model.safetensors"]
-        else:
-            size = export_compressed_tensors(qmodel, loaded.tokenizer, self.scheme, kind, loaded.family.name, out,
-                                             source=self.source, dtype=self.cfg.export.dtype)["bytes"]
-        n = loaded.num_parameters
+        out = Path(self.cfg.run_dir) / EXPORT_DIRS[fmt]
+        size = final.write(fmt, out)
+        n = self.loaded.num_parameters
         entry = {"path": str(out), "bytes": size, "fp32_parameter_bytes": 4 * n, "ratio_to_fp32": round(size / (4 * n), 4),
                  "ratio_to_fp16": round(size / (2 * n), 4)}
         log.info("wrote the quantized model as %s to %s (%.1f MB, %.3fx of FP16)", fmt, out, size / 1e6,
                  entry["ratio_to_fp16"])
         return entry
 
-    def finish(self, qmodel: torch.nn.Module, metrics: tuple[Optional[dict], dict], extra: dict,
+    def _write_all(self, final: "FinalModel", formats: tuple[str, ...], report: dict, reported: int) -> None:
+        """Every export format of the run, into the report's `artifacts` (an error is recorded there
+        before it is raised); the write spans join the timeline."""
+        report["artifacts"] = {}
+        for fmt in formats:
+            try:
+                with self.timer("write"):
+                    report["artifacts"][fmt] = self._export(final, fmt)
+            except BaseException as e:
+                report["artifacts"][fmt] = {"error": f"{type(e).__name__}: {e}"}
+                write_report(Path(self.cfg.run_dir), report, plot=False)
+                raise
+        rank = self.dist.rank if self.dist is not None else 0
+        report["timeline"]["spans"] += timeline({rank: self.timer.spans[reported:]}, report["timeline"]["epoch_s"])["spans"]
+        write_report(Path(self.cfg.run_dir), report, plot=False)
+
+    def finish(self, final: "torch.nn.Module | FinalModel", metrics: tuple[Optional[dict], dict], extra: dict,
                failures: Optional[list[str]] = None) -> dict:
         """Report, validate the final model, and if it is sound export it (`<run_dir>/model`, with
         cfg.export); the report is written either way. Raises ValidationFailed (leaving no artifact)
-        when it is not sound. `failures`: problems the caller already found (the assembly check)."""
+        when it is not sound. `final`: the whole model, or (MREM-P) the stages' shards streamed to
+        this process. `failures`: problems the caller already found (the assembly's)."""
         cfg = self.cfg
+        if isinstance(final, torch.nn.Module):
+            final = WholeModel(final, self.export_info())
         report = self.report(metrics[0], metrics[1], extra)
         reported = len(self.timer.spans)  # the spans after this one join the timeline below
         with self.timer("validate"):
@@ -231,31 +249,56 @@ class RunContext:
             fp, q = report["metrics"]["full_precision"] or {}, report["metrics"]["quantized"]
             # The error of the state each module kept (its initial one when training made it worse).
             kept = [m["error_after"] if m["kept"] == "trained" else m["error_before"] for m in modules]
-            report["validation"] = validate_result(qmodel, fp, q, kept, cfg.max_drop)
+            report["validation"] = validate_result(final.structure(), fp, q, kept, cfg.max_drop)
             if failures:
                 report["validation"]["failures"][:0] = failures
                 report["validation"]["passed"] = False
             # The report first, so that no failure below loses it; then the exports, then the report again.
             write_report(Path(cfg.run_dir), report)
         formats = export_formats(cfg.export)
-        if report["validation"]["passed"] and formats:
-            report["artifacts"] = {}
-            for fmt in formats:
-                try:
-                    with self.timer("write"):
-                        report["artifacts"][fmt] = self._export(qmodel, fmt)
-                except BaseException as e:
-                    report["artifacts"][fmt] = {"error": f"{type(e).__name__}: {e}"}
-                    write_report(Path(cfg.run_dir), report, plot=False)
-                    raise
-            rank = self.dist.rank if self.dist is not None else 0
-            report["timeline"]["spans"] += timeline({rank: self.timer.spans[reported:]}, report["timeline"]["epoch_s"])["spans"]
-            write_report(Path(cfg.run_dir), report, plot=False)
+        try:
+            if report["validation"]["passed"] and formats:
+                self._write_all(final, formats, report, reported)
+        finally:
+            final.done()
         log_summary(report)
         if not report["validation"]["passed"]:
             failed = "; ".join(report["validation"]["failures"])
             raise ValidationFailed(f"the quantized model failed validation: {failed} (report: {cfg.run_dir}/report.json)")
         return report
+
+
+class FinalModel(Protocol):
+    """The final quantized model as `RunContext.finish` validates and writes it: a whole model in
+    this process (WholeModel), or the stage leaders' shards an MREM-P coordinator streams into the
+    files (drivers.parallel.StreamedModel)."""
+
+    def structure(self) -> Structure:
+        """check_model's findings (validation.py)."""
+
+    def write(self, fmt: str, path: Path) -> int:
+        """Write the model as `fmt` to the folder `path`; returns the tensor file's bytes."""
+
+    def done(self) -> None:
+        """Nothing more will be written (called once, at the end, whatever happened)."""
+
+
+@dataclass
+class WholeModel:
+    """A final model that is whole in this process."""
+
+    model: torch.nn.Module
+    info: ExportInfo
+
+    def structure(self) -> Structure:
+        return Structure.of(self.model)
+
+    def write(self, fmt: str, path: Path) -> int:
+        shard = self.info.shard(fmt, self.model)
+        return self.info.write(fmt, path, shard.manifest(), shard.tensors.items(), self.model)
+
+    def done(self) -> None:
+        pass
 
 
 def timeline(spans: dict[int, list[tuple[str, float, float, float, float]]], epoch: Optional[float] = None) -> dict:

@@ -220,25 +220,64 @@ def gather_to_main(obj: Any, ctx: DistContext, layout: "ParallelLayout") -> Opti
 
     Point-to-point, rank by rank, rather than a collective gather, so that a rank that died or
     timed out is named in the error."""
-    import torch.distributed as dist
-
     if ctx.world_size == 1:
         return [obj]
     if not layout.is_coordinator:
-        try:
-            dist.send_object_list([obj], dst=0, device=ctx.device if ctx.backend == "nccl" else None)
-        except Exception as e:
-            raise peer_failed(0, "sending results to coordinator", e) from e
+        send_object(obj, 0, ctx, "sending results to coordinator")
         return None
-    out = [obj]
-    for src in range(1, ctx.world_size):
-        box = [None]
+    return [obj] + [recv_object(src, ctx, "the coordinator receiving results from") for src in range(1, ctx.world_size)]
+
+
+def send_object(obj: Any, dst: int, ctx: DistContext, what: str) -> None:
+    """Send a picklable `obj` to rank `dst`; a failure names the peer and `what` was being done."""
+    import torch.distributed as dist
+
+    try:
+        dist.send_object_list([obj], dst=dst, device=ctx.device if ctx.backend == "nccl" else None)
+    except Exception as e:
+        raise peer_failed(dst, what, e) from e
+
+
+def recv_object(src: int, ctx: DistContext, what: str) -> Any:
+    """The object rank `src` sends with send_object."""
+    import torch.distributed as dist
+
+    box = [None]
+    try:
+        dist.recv_object_list(box, src=src, device=ctx.device if ctx.backend == "nccl" else None)
+    except Exception as e:
+        raise peer_failed(src, what, e) from e
+    return box[0]
+
+
+def send_bytes(t: "torch.Tensor", dst: int, ctx: DistContext) -> None:
+    """Send a tensor's bytes (any dtype, as its raw bytes: every dtype travels on every backend) to
+    `dst`, which knows its dtype and shape (recv_bytes)."""
+    import torch
+    import torch.distributed as dist
+
+    data = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    if not data.numel():
+        return
+    try:
+        dist.send(data.to(ctx.device) if ctx.backend == "nccl" else data.cpu(), dst=dst)
+    except Exception as e:
+        raise peer_failed(dst, "sending the artifact's tensors to", e) from e
+
+
+def recv_bytes(dtype: "torch.dtype", shape: tuple[int, ...], src: int, ctx: DistContext) -> "torch.Tensor":
+    """The tensor of `dtype` and `shape` whose bytes rank `src` sends with send_bytes, on the CPU."""
+    import torch
+    import torch.distributed as dist
+
+    n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    buf = torch.empty(n, dtype=torch.uint8, device=ctx.device if ctx.backend == "nccl" else "cpu")
+    if n:
         try:
-            dist.recv_object_list(box, src=src, device=ctx.device if ctx.backend == "nccl" else None)
+            dist.recv(buf, src=src)
         except Exception as e:
-            raise peer_failed(src, "the coordinator receiving results from", e) from e
-        out.append(box[0])
-    return out
+            raise peer_failed(src, "the coordinator receiving the artifact's tensors from", e) from e
+    return buf.cpu().view(dtype).reshape(shape)
 
 
 def all_gather_objects(obj: Any, ctx: DistContext) -> list[Any]:

@@ -32,32 +32,6 @@ def score(fp_model: Optional[nn.Module], q_model: nn.Module, family: ModelFamily
 
 
 @torch.no_grad()
-def output_norms(q_model: nn.Module, family: ModelFamily, task: Task, batches: list[Batch]) -> tuple[list[float], float]:
-    """What `q_model` computes, run end to end on `batches`: every layer's sum over the real
-    tokens of ||h||^2, and the sum of squares of the task's scored output. The parallel
-    coordinator compares them with the sums the ranks measured through the stream
-    (engine.parallel.Probes): a module's state lost or mixed up in the assembly changes them."""
-    config = family.config(q_model)
-    sums: list[float] = []
-    out_sq = 0.0
-    for batch in batches:
-        m = batch.attention_mask.unsqueeze(-1).float()
-        h = family.embed(family.embeddings(q_model), batch)
-        context = family.layer_context(config, h, batch)
-        norms = []
-        for layer in family.layers(q_model):
-            h = family.run_layer(layer, h, context)
-            norms.append(((h**2) * m).sum().item())
-        sums = norms if not sums else [a + b for a, b in zip(sums, norms)]
-        # The scored output from the last layer's h, as the last stage computes it (engine/stage.py),
-        # not a second forward pass.
-        norm = family.final_norm(q_model)
-        logits = family.head(q_model, h if norm is None else norm(h))
-        out_sq += (task.reduce(batch, h, logits).float() ** 2).sum().item()
-    return sums, out_sq
-
-
-@torch.no_grad()
 def layer_errors(fp_model: nn.Module, q_model: nn.Module, family: ModelFamily, batches: list[Batch]) -> list[float]:
     """Relative error ||h_q - h_fp||^2 / ||h_fp||^2 of every layer's output (real tokens only),
     with each model run end to end: the quantized layer k sees the quantized layers before it,

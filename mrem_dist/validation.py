@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -38,16 +39,42 @@ def headline_metric(metrics: dict[str, float]) -> str:
     raise ValueError(f"no headline metric among {sorted(metrics)}")
 
 
+@dataclass
+class Structure:
+    """What check_model found in a model, or in the modules a rank holds (the parallel coordinator
+    adds up its stages'): the failures and how many quantized weights were checked."""
+
+    failures: list[str] = field(default_factory=list)
+    checked: int = 0
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "Structure":
+        return cls(check_model(model), sum(1 for _ in _quantized(model)))
+
+    def __add__(self, other: "Structure") -> "Structure":
+        return Structure(self.failures + other.failures, self.checked + other.checked)
+
+
+def _quantized(model: nn.Module):
+    """The quantized Linear / Embedding modules of `model` that hold their weight (on a rank of
+    MREM-P, the others' weights are not there)."""
+    for name, module in model.named_modules():
+        if isinstance(module, (QuantLinear, QuantEmbedding)) and module.weight_quantizer is not None and \
+                module.weight.numel() and not module.weight.is_meta:
+            yield name, module
+
+
 @torch.no_grad()
 def check_model(model: nn.Module) -> list[str]:
-    """Structural checks; returns the failures (empty when the model is sound)."""
+    """Structural checks; returns the failures (empty when the model is sound). Tensors that are not
+    held (empty or on the meta device: another rank's modules) are skipped."""
     failures = []
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta or not t.numel():
+            continue
         if t.is_floating_point() and not torch.isfinite(t).all():
             failures.append(f"{name} has NaN/inf values")
-    for name, module in model.named_modules():
-        if not isinstance(module, (QuantLinear, QuantEmbedding)) or module.weight_quantizer is None:
-            continue
+    for name, module in _quantized(model):
         wq = module.weight_quantizer
         codes = wq.codes(module.weight)
         lo, hi = int(codes.min()), int(codes.max())
@@ -65,14 +92,15 @@ def check_model(model: nn.Module) -> list[str]:
 
 
 def validate_result(
-    model: nn.Module,
+    structure: Structure,
     fp_metrics: dict[str, float],
     q_metrics: dict[str, float],
     module_errors: list[float],
     max_drop: Optional[float],
 ) -> dict:
-    """The report's `validation` section: {passed, checks, failures}."""
-    failures = check_model(model)
+    """The report's `validation` section: {passed, checks, failures}. `structure`: Structure.of the
+    final model (or its stages' added up)."""
+    failures = list(structure.failures)
     for which, metrics in (("full-precision", fp_metrics), ("quantized", q_metrics)):
         for key, value in metrics.items():
             if value is None or not math.isfinite(value):
@@ -96,6 +124,6 @@ def validate_result(
         "headline_metric": name,
         "relative_drop": drop,
         "max_drop": max_drop,
-        "checked_quantized_tensors": sum(isinstance(m, (QuantLinear, QuantEmbedding)) and m.weight_quantizer is not None for m in model.modules()),
+        "checked_quantized_tensors": structure.checked,
         "failures": failures,
     }

@@ -48,3 +48,37 @@ def run_ranks_unsupervised(fn, world_size: int, timeout: float, *args) -> list[i
         else:
             codes.append(p.exitcode)
     return codes
+
+
+def capture_states(out_dir, rank: int) -> None:
+    """In a rank's process, before the run: save the trained state of the modules it sends (a
+    stage leader's) to <out_dir>/state<rank>.pt, where gathered_state finds it. No process of a
+    multi-rank run holds the whole model; the test puts it together from the leaders'."""
+    from pathlib import Path
+
+    import torch
+
+    from mrem_dist.drivers import parallel
+
+    original = parallel.owned_state
+
+    def saving(model, owner, held):
+        state = original(model, owner, held)
+        torch.save(state, Path(out_dir) / f"state{rank}.pt")
+        return state
+
+    parallel.owned_state = saving
+
+
+def gathered_state(out_dir) -> dict:
+    """The whole model's state from the leaders' (capture_states), as one process's state_dict."""
+    from pathlib import Path
+
+    import torch
+
+    state = {}
+    for f in sorted(Path(out_dir).glob("state*.pt")):
+        for name, t in torch.load(f).items():
+            assert name not in state or torch.equal(state[name], t), name  # a tied tensor: the same from both
+            state[name] = t
+    return state

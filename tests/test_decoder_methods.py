@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_helpers import run_ranks
+from dist_helpers import gathered_state, run_ranks
 from test_pipeline import _cfg
 from mrem_dist.preflight import InputError
 from mrem_dist.runner import execute
@@ -92,13 +92,13 @@ def _partition_bytes(model_dir: str, modules: int, ranks: int) -> list[int]:
 
 
 def _job(rank, model_dir, text, run_dir, out_dir, overrides):
+    from dist_helpers import capture_states
     from mrem_dist.runner import execute
 
+    capture_states(out_dir, rank)
     result = execute(_cfg(run_dir, f"model.path={model_dir}", *_data(*text), *overrides))
     if result is not None:
-        report, qmodel = result
-        torch.save(qmodel.state_dict(), Path(out_dir) / "state.pt")
-        (Path(out_dir) / "report.json").write_text(json.dumps(report))
+        (Path(out_dir) / "report.json").write_text(json.dumps(result[0]))
 
 
 @pytest.mark.dist
@@ -118,7 +118,7 @@ def test_mrem_p_on_a_decoder_over_ranks_is_bit_identical_to_one_process(tmp_path
     assert [r["load"] for r in ranks_report] == ["sharded"] * ranks
     assert [r["full_precision_bytes"] for r in ranks_report] == _partition_bytes(tiny_llama_dir, 3, ranks)
     single, qmodel = execute(_cfg(tmp_path / "single", f"model.path={tiny_llama_dir}", *_data(*wiki_like_txt), *overrides))
-    parallel_state, state = torch.load(out / "state.pt"), qmodel.state_dict()
+    parallel_state, state = gathered_state(out), qmodel.state_dict()
     assert parallel_state.keys() == state.keys()
     for k in state:
         assert torch.equal(parallel_state[k], state[k]), k

@@ -1,7 +1,7 @@
 """Decoder LLMs through the family protocol (tiny random configs, seconds each): Llama, Qwen2 (q/k/v
 biases), Mistral (sliding-window attention) and GPT-2 (Conv1D projections, learned positions) run
 piece by piece exactly as Hugging Face runs them whole; every projection is quantized; a tied
-embedding / LM head survives release, assembly and export as one tensor; perplexity and the
+embedding / LM head survives release and the streamed export as one tensor; perplexity and the
 agreement metrics equal their definitions computed by hand; groups of input columns."""
 
 import copy
@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mrem_dist.artifact import export_quantized
+from mrem_dist.artifact.export import mrem_shard, write_mrem
+from mrem_dist.artifact.shard import Manifest
 from mrem_dist.data import Batch
-from mrem_dist.drivers.parallel import assemble
 from mrem_dist.engine import partition
 from mrem_dist.engine.gptq import gptq_model
 from mrem_dist.quant.gptq import GptqOptions
-from mrem_dist.engine.records import RankPayload
-from mrem_dist.engine.shard import owned_state, release_unowned, tensor_owner
+from mrem_dist.engine.shard import holds, release_unowned, tensor_owner
 from mrem_dist.engine.stage import Stage
 from mrem_dist.models import CausalLM, family_for
 from mrem_dist.models.tasks import PerplexityState
@@ -111,8 +111,14 @@ def test_the_final_norm_and_the_lm_head_belong_to_the_last_module():
 
 
 @pytest.mark.parametrize("kind", ("llama", "gpt2"))
-def test_tied_embeddings_survive_release_and_assembly_and_are_stored_once(kind, tmp_path):
+def test_tied_embeddings_survive_release_and_the_streamed_export_byte_for_byte(kind, tmp_path):
+    """Two ranks' shards of a model with a tied embedding / LM head, merged from their manifests and
+    written tensor by tensor (what an MREM-P coordinator does), give the artifact one process writes
+    from the whole model, byte for byte; the tied table is stored once and re-tied on load."""
     import mrem_dist
+    from transformers import AutoTokenizer
+
+    from conftest import minilm_dir
 
     model = build_decoder(kind)
     family = family_for(model.config.model_type)
@@ -120,37 +126,35 @@ def test_tied_embeddings_survive_release_and_assembly_and_are_stored_once(kind, 
     assert model.lm_head.weight is embed
     specs = partition(model, family, 2)
     owner = tensor_owner(model, family, specs)
-    parts = []
+    shards = {}
     for rank in (0, 1):
         shard = copy.deepcopy(model)
         release_unowned(shard, owner, {rank})
         assert shard.lm_head.weight is family.word_embeddings(shard).weight
         assert shard.lm_head.weight.numel() == VOCAB * 32  # both end modules keep the tied table
         q = quantize_model(shard, family, W4G16, layers=set(specs[rank].layers), embeddings=rank == 0)
-        parts.append(RankPayload(rank, owned_state(q, owner, {rank}), [], {}, {}, {}))
-    whole = assemble(copy.deepcopy(model), family, W4G16, specs, parts)
-    assert whole.lm_head.weight is family.word_embeddings(whole).weight
-    batch = _batch()
+        shards[rank] = mrem_shard(q, holds(q, owner, {rank}))
+    embed_name = next(n for n, t in model.state_dict(keep_vars=True).items() if t is embed)
+    assert all(embed_name in s.tensors for s in shards.values())  # sent by both, written once
+    merged = Manifest.merge({rank: s.manifest(rank) for rank, s in shards.items()})
+    stream = [item for s in shards.values() for item in s.tensors.items()]
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    write_mrem(tmp_path / "streamed", merged, stream, model, tokenizer, W4G16, "causal_lm")
     single = quantize_model(copy.deepcopy(model), family, W4G16)
-    with torch.no_grad():
-        torch.testing.assert_close(family.forward(whole, batch), family.forward(single, batch), rtol=0, atol=0)
-
-    from transformers import AutoTokenizer
-
-    from conftest import minilm_dir
-
-    out = tmp_path / "artifact"
-    export_quantized(whole, AutoTokenizer.from_pretrained(minilm_dir()), W4G16, "causal_lm", out)
+    export_quantized(single, tokenizer, W4G16, "causal_lm", tmp_path / "whole")
+    for name in ("model.safetensors", "quantization.json"):
+        assert (tmp_path / "streamed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
     from safetensors import safe_open
 
-    with safe_open(str(out / "model.safetensors"), "pt") as f:
+    with safe_open(str(tmp_path / "streamed" / "model.safetensors"), "pt") as f:
         names = set(f.keys())
     assert "lm_head.weight" not in names  # stored once, under the embedding's name, re-tied on load
-    art = mrem_dist.load_quantized(out)
+    art = mrem_dist.load_quantized(tmp_path / "streamed")
     assert art.task.kind == "causal_lm" and art.meta.scheme.w_group_size == 16
     assert art.model.lm_head.weight is family.word_embeddings(art.model).weight
+    batch = _batch()
     with torch.no_grad():
-        torch.testing.assert_close(family.forward(art.model, batch), family.forward(whole, batch))
+        torch.testing.assert_close(family.forward(art.model, batch), family.forward(single, batch))
 
 
 def test_perplexity_and_agreement_equal_their_definitions_by_hand():

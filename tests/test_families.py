@@ -11,10 +11,11 @@ from transformers.pytorch_utils import Conv1D
 
 from conftest import build_tiny
 from mrem_dist.data import Batch, fidelity_metrics
-from mrem_dist.drivers.parallel import assemble
+from mrem_dist.artifact import ArtifactError
+from mrem_dist.artifact.export import mrem_shard
+from mrem_dist.artifact.shard import Manifest
 from mrem_dist.engine import partition
-from mrem_dist.engine.records import RankPayload
-from mrem_dist.engine.shard import owned_state, release_unowned, tensor_owner
+from mrem_dist.engine.shard import holds, release_unowned, tensor_owner
 from mrem_dist.models import FAMILIES, EvalSet, SequenceClassification
 from mrem_dist.models.tasks import ClassificationState, FidelityState
 from mrem_dist.quantize import quantize_model
@@ -59,7 +60,7 @@ def _tied_classifier():
     return model
 
 
-def test_a_tied_tensor_is_held_by_both_end_modules_and_assembles():
+def test_a_tied_tensor_is_held_by_both_end_modules_and_both_must_agree():
     model = _tied_classifier()
     specs = partition(model, BERT, 2)
     owner = tensor_owner(model, BERT, specs)
@@ -72,17 +73,18 @@ def test_a_tied_tensor_is_held_by_both_end_modules_and_assembles():
     assert first.bert.encoder.layer[3].output.dense.weight.numel() == 0
     assert last.bert.encoder.layer[0].output.dense.weight.numel() == 0
     scheme = QuantScheme(e_bits=None, a_bits=None)
-    parts = []
-    for rank, shard in ((0, first), (1, last)):  # what each rank quantizes and sends
+    shards = []
+    for rank, shard in ((0, first), (1, last)):  # what each rank quantizes and exports
         q = quantize_model(copy.deepcopy(shard), BERT, scheme, layers=set(specs[rank].layers), embeddings=rank == 0)
-        parts.append(RankPayload(rank, owned_state(q, owner, {rank}), [], {}, {}, {}))
-    assert "classifier.weight" in parts[0].state and "bert.embeddings.position_embeddings.weight" in parts[1].state
-    whole = assemble(copy.deepcopy(model), BERT, scheme, specs, parts)
-    torch.testing.assert_close(whole.classifier.weight, model.classifier.weight)
+        shards.append(mrem_shard(q, holds(q, owner, {rank})))
+    stored = "bert.embeddings.position_embeddings.weight"  # the first name: the classifier is its alias
+    assert all(stored in s.tensors and s.tied == {"classifier.weight": stored} for s in shards)
+    merged = Manifest.merge({rank: s.manifest(rank) for rank, s in enumerate(shards)})
+    assert merged.ranks[stored] == 0 and merged.tied == {"classifier.weight": stored}
     # The same tensor sent twice with different values is refused, naming both ranks.
-    parts[1].state["classifier.weight"] = parts[1].state["classifier.weight"] + 1.0
-    with pytest.raises(RuntimeError, match="classifier.weight was sent by both rank 0 and rank 1"):
-        assemble(copy.deepcopy(model), BERT, scheme, specs, parts)
+    shards[1].tensors[stored] = shards[1].tensors[stored] + 1.0
+    with pytest.raises(ArtifactError, match=f"{stored} was sent by both rank 0 and rank 1, with different values"):
+        Manifest.merge({rank: s.manifest(rank) for rank, s in enumerate(shards)})
 
 
 def test_the_classification_head_is_charged_per_sequence():

@@ -94,11 +94,12 @@ def _single(tmp: Path, model_dir: str, data: tuple, name: str) -> str:
 
 
 def _rank_job(rank: int, model_dir: str, data: tuple, run_dir: str, out: str) -> None:
+    from dist_helpers import capture_states, gathered_state
     from mrem_dist.runner import execute
 
-    result = execute(_cfg(run_dir, *_overrides(model_dir, data, "mrem_p")))
-    if result is not None:
-        Path(out).write_text(state_hash(result[1].state_dict()))
+    capture_states(Path(out).parent, rank)  # the leaders' trained states, put together below
+    if execute(_cfg(run_dir, *_overrides(model_dir, data, "mrem_p"))) is not None:
+        Path(out).write_text(state_hash(gathered_state(Path(out).parent)))
 
 
 def _hashes(tmp: Path, model_dir: str, data: tuple) -> dict[str, str]:

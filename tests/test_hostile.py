@@ -150,17 +150,18 @@ def test_a_nan_metric_fails_validation_and_the_report_is_still_written(tmp_path,
 
 
 def test_a_failed_export_keeps_the_report(tmp_path, monkeypatch, tiny_encoder_dir, sst_like_csv):
-    import mrem_dist.context as context
+    import mrem_dist.artifact.export as export
 
     def full_disk(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(context, "export_quantized", full_disk)
+    monkeypatch.setattr(export, "write_tensors", full_disk)  # the tensor file of the artifact
     cfg = _cfg(tmp_path / "run", f"model.path={tiny_encoder_dir}", *_small_data(*sst_like_csv))
     with pytest.raises(OSError, match="No space left"):
         run(cfg)
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["validation"]["passed"] and "No space left on device" in report["artifacts"]["mrem"]["error"]
+    assert [p.name for p in (tmp_path / "run").iterdir() if "model" in p.name] == []  # no half-written folder
 
 
 def test_reports_are_as_readable_as_the_artifact(tmp_path, tiny_encoder_dir, sst_like_csv):

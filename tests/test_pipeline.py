@@ -176,29 +176,27 @@ def test_validation_failure_writes_the_report_and_raises(tmp_path, tiny_encoder_
     assert validation["passed"] is False and validation["max_drop"] == 0.0 and validation["relative_drop"] > 0
 
 
-def test_an_assembly_that_mixes_up_a_module_fails_validation_and_writes_no_artifact(tmp_path, tiny_encoder_dir,
-                                                                                       sst_like_csv, monkeypatch):
-    # The coordinator builds the model from the ranks' states alone: a state changed on the way
-    # (here layer 2's value projection, as if another rank's tensor had been taken) must be caught
-    # by comparing what the assembled model computes with what the ranks measured.
+def test_a_tensor_no_stage_holds_fails_validation_and_writes_no_artifact(tmp_path, tiny_encoder_dir, sst_like_csv,
+                                                                          monkeypatch):
+    # The coordinator writes the model from what the stages declare they hold: a tensor of the
+    # model no stage declares (here layer 2's value projection, as if its module had been lost on
+    # the way) must fail validation, naming it, and leave no artifact.
     from mrem_dist.drivers import parallel
     from mrem_dist.validation import ValidationFailed
 
-    sent = parallel.owned_state
+    sent = parallel.gather_to_main
 
-    def mixed_up(model, owner, held):
-        state = sent(model, owner, held)
-        key = next(k for k in state if k.endswith("layer.2.attention.self.value.weight"))
-        state[key] = state[key].flip(0)
-        return state
+    def losing(payload, dist, layout):
+        payload.covers = [n for n in payload.covers if not n.endswith("layer.2.attention.self.value.weight")]
+        return sent(payload, dist, layout)
 
-    monkeypatch.setattr(parallel, "owned_state", mixed_up)
+    monkeypatch.setattr(parallel, "gather_to_main", losing)
     cfg = _cfg(tmp_path, f"model.path={tiny_encoder_dir}", "quant=w4a8", "method=mrem_p", "method.steps=2",
                *_small_data(*sst_like_csv))
-    with pytest.raises(ValidationFailed, match="does not compute the layer outputs the ranks measured"):
+    with pytest.raises(ValidationFailed, match=r"no rank sent 1 of the model's tensors \(e\.g\. [a-z.]*layer\.2\.attention"
+                                               r"\.self\.value\.weight, owned by module 2\)"):
         run(cfg)
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert report["reconstruction"]["assembly_relative_difference"] > 1e-3
+    assert not json.loads((tmp_path / "report.json").read_text())["validation"]["passed"]
     assert not (tmp_path / "model").exists()
 
 

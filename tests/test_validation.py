@@ -8,7 +8,7 @@ from conftest import build_tiny
 from mrem_dist.scheme import QuantScheme
 from mrem_dist.models import FAMILIES
 from mrem_dist.quantize import quantize_model
-from mrem_dist.validation import check_model, headline_metric, validate_result
+from mrem_dist.validation import Structure, check_model, headline_metric, validate_result
 
 
 @pytest.fixture()
@@ -39,9 +39,9 @@ def test_non_positive_step_size_is_named(qmodel):
 def test_metric_drop_beyond_max_drop_fails(qmodel):
     fp, q = {"accuracy": 0.90}, {"accuracy": 0.85, "fidelity_cosine": 0.9}
     assert headline_metric(q) == "accuracy"
-    ok = validate_result(qmodel, fp, q, [0.1, 0.2], max_drop=0.1)
+    ok = validate_result(Structure.of(qmodel), fp, q, [0.1, 0.2], max_drop=0.1)
     assert ok["passed"] and ok["relative_drop"] == pytest.approx(0.05 / 0.90)
-    bad = validate_result(qmodel, fp, q, [0.1, float("nan")], max_drop=0.01)
+    bad = validate_result(Structure.of(qmodel), fp, q, [0.1, float("nan")], max_drop=0.01)
     assert not bad["passed"]
     assert any("modules [1] ended with a non-finite reconstruction error" in f for f in bad["failures"])
     assert any("accuracy dropped by 5.56%" in f for f in bad["failures"])

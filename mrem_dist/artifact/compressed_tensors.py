@@ -37,7 +37,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +47,7 @@ from mrem_dist.quant import QuantEmbedding, QuantLinear
 from mrem_dist.scheme import QuantScheme
 
 from .schema import ArtifactError, sha256_file
-from .tensorfile import save_tensors
+from .shard import Manifest, Shard, write_tensors
 
 FORMAT = "compressed-tensors"
 TENSORS = "model.safetensors"
@@ -177,14 +177,17 @@ def quantization_config(group: dict, ignore: list[str], fmt: str) -> dict:
     }
 
 
+def _format(scheme: QuantScheme) -> str:
+    """int-quantized (int8 codes as the weight) for 8-bit weights with activations, else pack-quantized."""
+    return "int-quantized" if scheme.w_bits == 8 and scheme.a_bits is not None else "pack-quantized"
+
+
 @torch.no_grad()
-def export_compressed_tensors(model: nn.Module, tokenizer: Any, scheme: QuantScheme, kind: str, family: str,
-                              path: str | os.PathLike, source: str | None = None, dtype: str | None = None) -> dict:
-    """Write `model` (fake-quantized, mrem-dist modules inside) as a compressed-tensors folder at
-    `path` (written under a temporary name, renamed at the end). `dtype` (float16 / bfloat16): cast
-    the unquantized tensors and the scales to it (config.json's dtype too); None keeps the model's
-    own dtype, so that the folder computes exactly what mrem-dist evaluated. Returns what the report
-    records."""
+def ct_shard(model: nn.Module, scheme: QuantScheme, family: str, dtype: str | None = None,
+             held: Callable[[str], bool] | None = None) -> Shard:
+    """The compressed-tensors part of `model` (the whole of it, or the state names `held` keeps: a
+    rank's own modules): its tensors in the format's layout and, per quantized Linear, its
+    (weights, input_activations) arguments. `dtype`: see export_compressed_tensors."""
     from .export import untied_state
 
     problems = unsupported(scheme, family)
@@ -192,44 +195,64 @@ def export_compressed_tensors(model: nn.Module, tokenizer: Any, scheme: QuantSch
         problems.append("quantized word embeddings: set quant.e_bits=null")
     if problems:
         raise ArtifactError("cannot export compressed-tensors: " + "; ".join(problems))
-    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.weight_quantizer is not None}
-    if not quantized:
-        raise ArtifactError("the model has no quantized Linear layers: nothing to export as compressed-tensors")
+    state, tied = untied_state(model, held)
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.weight_quantizer is not None
+                 and f"{n}.weight" in state}
     # The dtype the model runs in (its unquantized parameters'): QuantLinear keeps float32 latent biases.
     runs_in = next((p.dtype for n, p in model.named_parameters()
                     if not any(n.startswith(q + ".") for q in quantized)), torch.float32)
-    target = getattr(torch, dtype) if dtype else None
-    dense_8bit = scheme.w_bits == 8 and scheme.a_bits is not None
-    fmt = "int-quantized" if dense_8bit else "pack-quantized"
-    state, tied = untied_state(model)
-    tensors: dict[str, Tensor] = {}
-    group = None
-    for key, value in state.items():
-        if not any(key.startswith(n + ".") for n in quantized):
-            tensors[key] = value
+    dense_8bit = _format(scheme) == "int-quantized"
+    tensors = {key: value for key, value in state.items() if not any(key.startswith(n + ".") for n in quantized)}
+    modules = {}
     for name, module in quantized.items():
-        t, args = _linear_tensors(name, module, dense_8bit, runs_in)
+        t, modules[name] = _linear_tensors(name, module, dense_8bit, runs_in)
         tensors.update(t)
-        if group is not None and args != group:
+    if dtype:
+        target = getattr(torch, dtype)
+        tensors = {k: v.to(target) if v.is_floating_point() else v for k, v in tensors.items()}
+    return Shard(tensors, modules, tied)
+
+
+def write_compressed_tensors(path: str | os.PathLike, manifest: Manifest, stream: Iterable[tuple[str, Tensor]],
+                             model: nn.Module, tokenizer: Any, scheme: QuantScheme, kind: str,
+                             source: str | None = None, dtype: str | None = None) -> dict:
+    """Write the compressed-tensors folder of `manifest` (one shard's, or the ranks' merged) at
+    `path` (under a temporary name, renamed at the end), its tensors from `stream`. `model`: any
+    model of the architecture (its class and config). Returns what the report records."""
+    if not manifest.modules:
+        raise ArtifactError("the model has no quantized Linear layers: nothing to export as compressed-tensors")
+    groups = iter(manifest.modules.items())
+    _, group = next(groups)
+    for name, args in groups:
+        if args != group:
             raise ArtifactError(f"{name} is quantized with another scheme than the Linears before it: one scheme per "
                                 "model is exported as compressed-tensors")
-        group = args
-    if target is not None:
-        tensors = {k: v.to(target) if v.is_floating_point() else v for k, v in tensors.items()}
+    fmt = _format(scheme)
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
-    if target is not None:
+    if dtype:
         config.dtype = dtype
-    config.quantization_config = quantization_config(group, _ignored_linears(model, config, quantized), fmt)
+    config.quantization_config = quantization_config(group, _ignored_linears(model, config, manifest.modules), fmt)
     path = Path(path)
     with atomic_dir(path, "directory for the compressed-tensors export") as tmp:
-        save_tensors(tensors, tmp / TENSORS, metadata={"format": "pt"})
+        digest = write_tensors(tmp / TENSORS, manifest, stream, metadata={"format": "pt"})
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         provenance = {"format": FORMAT, "kind": kind, "source": source, "quant": dataclasses.asdict(scheme),
-                      "tied": tied, "sha256": {TENSORS: sha256_file(tmp / TENSORS)}}
+                      "tied": dict(manifest.tied), "sha256": {TENSORS: digest}}
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=1) + "\n")
     return {"path": str(path), "format": fmt, "bytes": (path / TENSORS).stat().st_size}
+
+
+def export_compressed_tensors(model: nn.Module, tokenizer: Any, scheme: QuantScheme, kind: str, family: str,
+                              path: str | os.PathLike, source: str | None = None, dtype: str | None = None) -> dict:
+    """Write `model` (fake-quantized, mrem-dist modules inside) as a compressed-tensors folder at
+    `path`. `dtype` (float16 / bfloat16): cast the unquantized tensors and the scales to it
+    (config.json's dtype too); None keeps the model's own dtype, so that the folder computes exactly
+    what mrem-dist evaluated. Returns what the report records."""
+    shard = ct_shard(model, scheme, family, dtype)
+    return write_compressed_tensors(path, shard.manifest(), shard.tensors.items(), model, tokenizer, scheme, kind,
+                                    source, dtype)
 
 
 @dataclass

@@ -25,7 +25,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -42,7 +42,7 @@ from mrem_dist.scheme import QuantScheme
 from .pack import pack_codes, unpack_codes
 from .schema import (FORMAT, VERSION, ArtifactError, ArtifactMeta, ModuleEntry, read_meta, sha256_file, write_manifest,
                      write_meta)
-from .tensorfile import save_tensors
+from .shard import Manifest, Shard, write_tensors
 
 TENSORS = "model.safetensors"
 
@@ -53,12 +53,15 @@ def _quantized_modules(model: nn.Module):
             yield name, module
 
 
-def untied_state(model: nn.Module) -> tuple[dict, dict[str, str]]:
+def untied_state(model: nn.Module, held: Optional[Callable[[str], bool]] = None) -> tuple[dict, dict[str, str]]:
     """The state to store, each tensor once: a tensor under several names (tied weights) is kept
-    under its first name; the others are returned as {alias: kept name}, re-tied on load."""
+    under its first name; the others are returned as {alias: kept name}, re-tied on load. `held`:
+    keep only the names it accepts (a rank's own modules; a tied tensor's names are held together)."""
     state, first, tied = {}, {}, {}
     quantized = {f"{name}.weight" for name, _ in _quantized_modules(model)}
     for name, t in model.state_dict(keep_vars=True).items():
+        if held is not None and not held(name):
+            continue
         if id(t) in first:
             if name in quantized or first[id(t)] in quantized:
                 raise ArtifactError(f"{name} is tied to {first[id(t)]} and one of them is quantized: tied quantized "
@@ -77,17 +80,15 @@ def _retie(model: nn.Module, tied: dict[str, str]) -> None:
 
 
 @torch.no_grad()
-def export_quantized(
-    model: nn.Module, tokenizer: Any, scheme: QuantScheme, kind: str, path: str | os.PathLike, source: str | None = None
-) -> dict:
-    """Write `model` (fake-quantized, mrem-dist modules inside) to the directory `path`. `kind`:
-    its task's kind (Task.kind). Returns the metadata written to quantization.json (with the file
-    sizes). `source`: the full-precision model it was quantized from (recorded so that
-    `mrem_dist.evaluate` can compare against it)."""
-    path = Path(path)
-    state, tied = untied_state(model)
+def mrem_shard(model: nn.Module, held: Optional[Callable[[str], bool]] = None) -> Shard:
+    """The mrem format's part of `model` (the whole of it, or the state names `held` keeps: a
+    rank's own modules): the state to store with each quantized weight as its packed codes, and
+    each quantized module's ModuleEntry."""
+    state, tied = untied_state(model, held)
     modules = {}
     for name, module in _quantized_modules(model):
+        if f"{name}.weight" not in state:
+            continue
         wq = module.weight_quantizer
         codes = wq.codes(module.weight)
         del state[f"{name}.weight"]
@@ -97,15 +98,38 @@ def export_quantized(
             "linear" if isinstance(module, QuantLinear) else "embedding", wq.bits, wq.symmetric, wq.ternary,
             wq.granularity, int(wq.scale.shape[0]), list(module.weight.shape),
             str(module.weight.dtype).removeprefix("torch."), 0 if outliers is None else int(outliers.numel()))
+    return Shard(state, modules, tied)
+
+
+def write_mrem(path: str | os.PathLike, manifest: Manifest, stream: Iterable[tuple[str, torch.Tensor]], model: nn.Module,
+               tokenizer: Any, scheme: QuantScheme, kind: str, source: str | None = None) -> dict:
+    """Write the mrem artifact of `manifest` (one shard's, or the ranks' merged) to the directory
+    `path`, its tensors from `stream`. `model`: any model of the architecture (its config is
+    written, its module order orders quantization.json). Returns the metadata written to
+    quantization.json (with the file sizes)."""
+    path = Path(path)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    modules = dict(sorted(manifest.modules.items(), key=lambda kv: order.get(kv[0], len(order))))
     with atomic_dir(path, "directory for the artifact") as tmp:
-        save_tensors(state, tmp / TENSORS, metadata={"format": FORMAT, "version": str(VERSION)})
+        digest = write_tensors(tmp / TENSORS, manifest, stream, metadata={"format": FORMAT, "version": str(VERSION)})
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        meta = ArtifactMeta(kind, model.config.model_type, scheme, modules, source, {TENSORS: sha256_file(tmp / TENSORS)},
-                            tied=tied)
+        meta = ArtifactMeta(kind, model.config.model_type, scheme, modules, source, {TENSORS: digest},
+                            tied=dict(manifest.tied))
         write_meta(tmp, meta)
         write_manifest(tmp)
     return {**meta.to_json(), "bytes": {TENSORS: (path / TENSORS).stat().st_size}}
+
+
+def export_quantized(
+    model: nn.Module, tokenizer: Any, scheme: QuantScheme, kind: str, path: str | os.PathLike, source: str | None = None
+) -> dict:
+    """Write `model` (fake-quantized, mrem-dist modules inside) to the directory `path`. `kind`:
+    its task's kind (Task.kind). Returns the metadata written to quantization.json (with the file
+    sizes). `source`: the full-precision model it was quantized from (recorded so that
+    `mrem_dist.evaluate` can compare against it)."""
+    shard = mrem_shard(model)
+    return write_mrem(path, shard.manifest(), shard.tensors.items(), model, tokenizer, scheme, kind, source)
 
 
 @dataclass

@@ -7,12 +7,16 @@ quantize what is left (method.init=gptq: GPTQ down the pipeline, each rank its o
 calibrate the static activation ranges through the stream, score the initial quantized model
 against full precision through the stream (the last stage keeps the metric state), train
 (engine.parallel), score the final model against full precision through the stream again (both
-passes also probe the layer errors, the last one takes the assembly check's sums), then the stage
-leader sends its modules' state, records and metric states to rank 0. Rank 0, the coordinator,
-builds the model's structure from its config (no weights: no rank ever reloads the full-precision
-model), assembles the whole quantized model from what every stage sent (a missing tensor is an
-error), checks that it computes what the ranks measured (every layer's output and the scored output
-on the check batch), validates it and writes the report and the artifact. Only rank 0 writes.
+passes also probe the layer errors). Then each stage leader validates its own modules
+(validation.check_model) and makes its shard of every export format (artifact/shard.py: packed
+codes, scales, the rest of its state, as the files store them), all stages at once, and sends rank
+0 its records, metric states, findings and the shards' manifests (names, dtypes, shapes, SHA-256;
+no tensor). Rank 0, the coordinator, builds the model's structure on the meta device from its
+config (no rank ever reloads the full-precision model), checks that every tensor of the model is
+held by a stage, validates, and writes the report; then it lays each file out from the merged
+manifests and asks the leaders for their tensors one rank at a time, writing each as it arrives,
+checked against its sender's hash on arrival and once more in the finished file: no process holds
+the whole quantized model. Only rank 0 writes.
 
 A single process (no launcher) runs the same code with world size 1: its one rank trains every
 module in lockstep.
@@ -21,43 +25,41 @@ module in lockstep.
 from __future__ import annotations
 
 import copy
-import dataclasses
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from mrem_dist.config import RunConfig
+from mrem_dist.artifact.formats import ExportInfo
+from mrem_dist.artifact.shard import Manifest, Shard, state_digest, tensor_sha256
+from mrem_dist.config import RunConfig, export_formats
 from mrem_dist.context import RunContext
-from mrem_dist.distributed import gather_to_main, init_distributed, teardown_distributed
+from mrem_dist.distributed import (DistContext, gather_to_main, init_distributed, recv_bytes, recv_object, send_bytes,
+                                   send_object, teardown_distributed)
 from mrem_dist.engine import ModuleSpec, epoch_order
 from mrem_dist.engine.checkpoint import Preempted, StopSignal
 from mrem_dist.engine.gptq import gptq_options
 from mrem_dist.engine.parallel import RankPipeline
 from mrem_dist.engine.records import ModuleRecord, RankPayload
-from mrem_dist.engine.shard import holders, owned_state, release_unowned, tensor_owner
+from mrem_dist.engine.shard import holders, holds, owned_state, release_unowned, tensor_owner
 from mrem_dist.layout import ParallelLayout
 from mrem_dist.log import get_logger
-from mrem_dist.models import ModelFamily
 from mrem_dist.models.loading import can_load_sharded, load_skeleton
-from mrem_dist.models.sharded import materialize, materialized_bytes, replace_tensors
+from mrem_dist.models.sharded import materialize, materialized_bytes
 from mrem_dist.quantize import needs_calibration, quantize_model
-from mrem_dist.scheme import QuantScheme
-from mrem_dist.scoring import output_norms
+from mrem_dist.validation import Structure
 
 log = get_logger(__name__)
 
-# Relative difference allowed between the output sums the ranks measured through the stream and
-# the ones the coordinator measures on the assembled model (same arithmetic, other order).
-ASSEMBLY_TOLERANCE = 1e-3
-# The evaluation batches the layer errors are probed on (before and after training), and the ones
-# the assembly check reruns on the coordinator, the whole model in one process: one batch finds a
-# lost or mixed-up module as surely as more, and it is serial time on rank 0.
-PROBE_BATCHES, CHECK_BATCHES = 4, 1
+# The evaluation batches the layer errors are probed on, before and after training.
+PROBE_BATCHES = 4
 
 
-def run_parallel(cfg: RunConfig) -> Optional[tuple[dict, torch.nn.Module]]:
+def run_parallel(cfg: RunConfig) -> Optional[tuple[dict, Optional[torch.nn.Module]]]:
     """Join the process group the launcher described (none for a single process) and run this
-    rank's share. Returns (report, assembled quantized model) on rank 0, None elsewhere."""
+    rank's share. Returns on rank 0 (report, the quantized model) in a single process, (report,
+    None) on several ranks (no process holds the whole model: it is the artifact, and the report's
+    reconstruction.state_sha256 digests its state); None on the other ranks."""
     dist = init_distributed(cfg.device, cfg.timeout_s)
     try:
         with StopSignal() as stop:
@@ -72,7 +74,7 @@ def run_parallel(cfg: RunConfig) -> Optional[tuple[dict, torch.nn.Module]]:
         teardown_distributed()
 
 
-def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, torch.nn.Module]]:
+def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, Optional[torch.nn.Module]]]:
     cfg, timer, dist = ctx.cfg, ctx.timer, ctx.dist
     if cfg.method.modules:  # fail before loading anything (modules=0 needs the layer count)
         ParallelLayout.build(dist.rank, dist.world_size, cfg.method.modules, cfg.method.replicas)
@@ -123,7 +125,7 @@ def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, torch.n
 
     init_metric = task.metric(evalset)
     with timer("evaluate"):  # and the layer errors' probe before training, in the same pass
-        before = pipe.evaluate(evalset.batches, scored, init_metric, probe=PROBE_BATCHES)
+        probed_before = pipe.evaluate(evalset.batches, scored, init_metric, probe=PROBE_BATCHES)
     # Taken before a checkpoint is loaded: a resumed run returns to the same initial state.
     initial = pipe.initial_states()
     order = list(epoch_order(len(calib), settings.steps, cfg.seed))
@@ -132,8 +134,8 @@ def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, torch.n
         results, decisions, stats = pipe.train(calib, order, settings, ctx.data.holdout, initial, checkpoint, stop)
         del initial
     final_metric = task.metric(evalset)
-    with timer("evaluate"):  # the final model against full precision, stage by stage; probes and the check's sums
-        after = pipe.evaluate(evalset.batches, scored, final_metric, probe=PROBE_BATCHES, check=CHECK_BATCHES)
+    with timer("evaluate"):  # the final model against full precision, stage by stage, and its probes
+        probed_after = pipe.evaluate(evalset.batches, scored, final_metric, probe=PROBE_BATCHES)
 
     modules = [
         ModuleRecord(res.index, [spec.start, spec.stop], settings.steps, before, after, round(res.seconds, 3),
@@ -143,22 +145,34 @@ def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, torch.n
     held_fp = {"load": "sharded" if sharded else "whole", "full_precision_bytes": fp_bytes}
     last, leader = layout.is_last_stage, layout.is_leader
     # A replica's modules are its leader's, value for value: only the leader sends them.
-    payload = RankPayload(layout.rank, owned_state(qmodel, owner, held) if leader else {}, modules if leader else [],
-                          {**stats.as_dict(), **held_fp, "stage": layout.stage, "replica": layout.replica},
-                          before.layers, after.layers, init_metric if last else None, final_metric if last else None,
-                          after.check, after.output_sq, dict(timer.seconds), list(timer.spans))
-    # Nothing of the shard is needed any more (the coordinator builds the model from the payloads).
+    shards, structure, digests, covers = {}, Structure(), {}, []
+    with timer("pack"):  # this stage's share of the validation and of the export, at the same time as the others'
+        if leader:
+            info, mine = ctx.export_info(), holds(qmodel, owner, held)
+            shards = {fmt: info.shard(fmt, qmodel, mine) for fmt in export_formats(cfg.export)}
+            structure = Structure.of(qmodel)
+            digests = {name: tensor_sha256(t) for name, t in owned_state(qmodel, owner, held).items()}
+            covers = list(filter(holds(model, owner, held), model.state_dict()))
+    payload = RankPayload(
+        layout.rank, {fmt: shard.manifest(layout.rank) for fmt, shard in shards.items()}, structure, digests, covers,
+        modules if leader else [], {**stats.as_dict(), **held_fp, "stage": layout.stage, "replica": layout.replica},
+        probed_before, probed_after, init_metric if last else None, final_metric if last else None,
+        dict(timer.seconds), list(timer.spans))
+    whole = qmodel if dist.world_size == 1 else None  # one process: the model is whole here, the caller gets it
+    # Nothing else of the model is needed any more: the shards hold what the files will.
     del pipe, qmodel, model
     loaded.model = None
     with timer("gather"):
         parts = gather_to_main(payload, dist, layout)
     if parts is None:
+        if leader:
+            serve_shards(shards, dist)
         log.info("rank %d: sent modules %s to the coordinator", layout.rank, sorted(held))
         return None
-    result = _coordinate(ctx, layout, specs, parts)
+    report = _coordinate(ctx, layout, specs, parts, shards)
     if checkpoint is not None:  # the artifact and report are written: nothing left to resume
         checkpoint.remove()
-    return result
+    return report, whole
 
 
 def _sharded_load(cfg: RunConfig, world_size: int) -> bool:
@@ -174,27 +188,18 @@ def _sharded_load(cfg: RunConfig, world_size: int) -> bool:
     return True
 
 
-def _coordinate(ctx: RunContext, layout: ParallelLayout, specs: list[ModuleSpec],
-                parts: list[RankPayload]) -> tuple[dict, torch.nn.Module]:
-    cfg, timer, loaded, evalset = ctx.cfg, ctx.timer, ctx.loaded, ctx.data.evalset
-    family = loaded.family
+def _coordinate(ctx: RunContext, layout: ParallelLayout, specs: list[ModuleSpec], parts: list[RankPayload],
+                shards: dict[str, Shard]) -> dict:
+    cfg, timer, loaded = ctx.cfg, ctx.timer, ctx.loaded
     with timer("assemble"):
-        structure = load_skeleton(cfg.model.path, cfg.model.kind, ctx.dtype).model
-        qmodel = assemble(structure, family, ctx.scheme, specs, parts).to(ctx.device)
-        for p in parts:
-            p.state = {}  # the assembled model holds these tensors now
-    with timer("evaluate"):  # the assembly check, on the batches the ranks measured it on
-        norms, out_sq = output_norms(qmodel, family, loaded.task, evalset.batches[:CHECK_BATCHES])
+        # The model's structure from its config, on the meta device (no weights): its names, its
+        # class and config for the files.
+        skeleton = load_skeleton(cfg.model.path, cfg.model.kind, ctx.dtype).model
+        final = StreamedModel(parts, shards, skeleton, ctx.export_info(), ctx.dist)
+        failures = final.coverage(tensor_owner(skeleton, loaded.family, specs))
+        digests = {name: d for p in parts for name, d in p.digests.items()}
     # The last stage's replicas scored disjoint batches: their sums and metric states add up.
     lasts = [p for p in parts if p.final_metric is not None]
-    measured = [*_merge_check(parts), sum(p.output_sq for p in lasts)]
-    failures = []
-    mismatch = max((abs(a - b) / max(abs(b), 1e-12) for a, b in zip([*norms, out_sq], measured)), default=0.0)
-    if len(norms) + 1 != len(measured) or mismatch > ASSEMBLY_TOLERANCE:
-        failures.append(
-            f"the assembled model does not compute the layer outputs the ranks measured (relative difference "
-            f"{mismatch:.2e} > {ASSEMBLY_TOLERANCE}): a module's state was lost or mixed up in transfer"
-        )
     metrics = _merge_metrics([p.final_metric for p in lasts]).compute()
     _, init_metrics = _merge_metrics([p.init_metric for p in lasts]).compute()
     before, after = _merge_layers(parts, "layers_before"), _merge_layers(parts, "layers_after")
@@ -210,55 +215,76 @@ def _coordinate(ctx: RunContext, layout: ParallelLayout, specs: list[ModuleSpec]
             "queue": cfg.method.queue,
             "modules": sorted((m.as_dict() for p in parts for m in p.modules), key=lambda m: m["index"]),
             "ranks": [dict(p.stats, timings_s=p.timings_s) for p in parts],
-            "assembly_relative_difference": mismatch,
+            "state_sha256": state_digest(digests),
         },
         "layer_error": {"before": before, "after": after},
         "rank_spans": {p.rank: p.spans for p in parts if p.rank != layout.rank},
     }
-    return ctx.finish(qmodel, metrics, extra, failures), qmodel
+    return ctx.finish(final, metrics, extra, failures)
 
 
-def assemble(structure: torch.nn.Module, family: ModelFamily, scheme: QuantScheme, specs: list[ModuleSpec],
-             parts: list[RankPayload]) -> torch.nn.Module:
-    """The whole quantized model, built in place in `structure` (consumed: a skeleton from
-    load_skeleton, or any model of the architecture; its values do not matter) from the state every
-    stage leader sent. Every tensor must come from a rank that holds it; a tensor held by two (tied
-    weights) must arrive with the same value from both."""
-    merged: dict[str, torch.Tensor] = {}
-    source: dict[str, int] = {}
-    for part in parts:
-        for key, value in part.state.items():
-            if key in merged and not torch.equal(merged[key], value):
-                raise RuntimeError(f"assembly: {key} was sent by both rank {source[key]} and rank {part.rank}, "
-                                   "with different values")
-            merged[key], source[key] = value, part.rank
-    # The structure's tensors take the values sent (shared, not copied; ties kept), so that the
-    # quantizers below start from real weights; one the ranks did not send (a weight whose shape
-    # outlier splitting changed, or a missing one, reported below) gets zeros of its shape.
-    family.normalize_projections(structure)
+def serve_shards(shards: dict[str, Shard], dist: DistContext) -> None:
+    """A stage leader's side of the streamed export: send the coordinator the tensors it asks for,
+    format by format (StreamedModel._stream), until it says it is done."""
+    while (request := recv_object(0, dist, "waiting for the coordinator's export requests from")) is not None:
+        fmt, names = request
+        for name in names:
+            send_bytes(shards[fmt].tensors[name], 0, dist)
 
-    def value(names: list[str], t: torch.Tensor, is_param: bool) -> Optional[torch.Tensor]:
-        sent = next((merged[n] for n in names if n in merged), None)
-        if sent is not None and sent.shape == t.shape:
-            return sent
-        return torch.zeros(t.shape, dtype=t.dtype) if t.is_meta else None
 
-    replace_tensors(structure, value)
-    # Only the structure matters here (every scale is overwritten by the ranks' state), so the
-    # initial clip is min-max: the MSE search would be minutes of wasted work on a large model.
-    qmodel = quantize_model(structure, family, dataclasses.replace(scheme, w_clip="minmax"), learnable=True)
-    expected = set(qmodel.state_dict())
-    missing, unexpected = sorted(expected - set(merged)), sorted(set(merged) - expected)
-    if missing or unexpected:
-        owner = tensor_owner(qmodel, family, specs)
-        detail = (f"missing {len(missing)} (e.g. {missing[0]}, owned by module {owner(missing[0])})" if missing else "") + (
-            f" unexpected {len(unexpected)} (e.g. {unexpected[0]})" if unexpected else "")
-        raise RuntimeError(f"assembly of the quantized model failed: {detail.strip()}; every rank must run the same "
-                           "model, quantization and partition settings")
-    qmodel.load_state_dict(merged, strict=True)
-    qmodel.requires_grad_(False)
-    log.info("assembled the quantized model from %d ranks (%d tensors)", len(parts), len(merged))
-    return qmodel
+@dataclass
+class StreamedModel:
+    """The final model of an MREM-P run on the coordinator (RunContext.finish's FinalModel): the
+    stage leaders' shards of every export format, known by their manifests; rank 0's own in
+    memory, every other leader's requested tensor by tensor while the files are written, so that
+    no process holds the whole quantized model. Names two ranks hold (a tied tensor) come from the
+    lower rank only."""
+
+    parts: list[RankPayload]
+    own: dict[str, Shard]  # this process's shards, by format
+    skeleton: torch.nn.Module  # the model on the meta device: its config, class and names
+    info: ExportInfo
+    dist: DistContext
+    _busy: Optional[int] = None  # a rank whose stream was broken off: it cannot take a request any more
+
+    def coverage(self, owner) -> list[str]:
+        """The assembly's failures: a tensor of the model no stage holds."""
+        covered = {name for p in self.parts for name in p.covers}
+        missing = [name for name in self.skeleton.state_dict() if name not in covered]
+        if not missing:
+            return []
+        return [f"no rank sent {len(missing)} of the model's tensors (e.g. {missing[0]}, owned by module "
+                f"{owner(missing[0])}): every rank must run the same model, quantization and partition settings"]
+
+    def structure(self) -> Structure:
+        return sum((p.structure for p in self.parts), Structure())
+
+    def write(self, fmt: str, path) -> int:
+        merged = Manifest.merge({p.rank: p.manifests[fmt] for p in self._leaders()})
+        return self.info.write(fmt, path, merged, self._stream(fmt, merged), self.skeleton)
+
+    def _leaders(self) -> list[RankPayload]:
+        return [p for p in self.parts if p.stats["replica"] == 0]
+
+    def _stream(self, fmt: str, merged: Manifest):
+        me = self.dist.rank
+        own = self.own[fmt].tensors
+        yield from ((name, own[name]) for name in own if merged.ranks[name] == me)
+        for p in self._leaders():
+            if p.rank == me:
+                continue
+            names = [name for name in p.manifests[fmt].specs if merged.ranks[name] == p.rank]
+            self._busy = p.rank
+            send_object((fmt, names), p.rank, self.dist, "asking for the artifact's tensors")
+            for name in names:
+                spec = merged.specs[name]
+                yield name, recv_bytes(spec.dtype, spec.shape, p.rank, self.dist)
+            self._busy = None
+
+    def done(self) -> None:
+        for p in self._leaders():
+            if p.rank not in (self.dist.rank, self._busy):
+                send_object(None, p.rank, self.dist, "closing the export with")
 
 
 def _merge_metrics(states: list):
@@ -282,8 +308,3 @@ def _summed(parts: list[RankPayload], key: str) -> dict[int, tuple[float, ...]]:
 def _merge_layers(parts: list[RankPayload], key: str) -> list[float]:
     """Every layer's relative error ||h_q - h||^2 / ||h||^2 from the ranks' probe sums `key`."""
     return [num / max(den, 1e-30) for num, den, _ in _summed(parts, key).values()]
-
-
-def _merge_check(parts: list[RankPayload]) -> list[float]:
-    """Every layer's ||h_q||^2 on the check batches, from the ranks that ran them."""
-    return [qq for (qq,) in _summed(parts, "check").values()]

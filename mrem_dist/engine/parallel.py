@@ -31,7 +31,7 @@ modules, it keeps the better one, and the kept state's outputs feed the next mod
 The same relay carries the passes without training: calibration of the static activation ranges,
 the evaluation of the initial and the final quantized model against full precision (the last stage
 updates the task's streaming metric state), which also takes, on its first batches, the per-layer
-error probes and the sums the coordinator's assembly check compares (Probes).
+error probes.
 
 Data-parallel replicas (layout.replicas > 1): the replicas of a stage hold the same modules and
 split the work. A training step's batch is cut into row shares (layout.rows), replica k trains on
@@ -84,18 +84,6 @@ Inputs = tuple[Optional[Tensor], Optional[Tensor]]
 Decision = tuple[float, float, str]
 # A probe's per-layer sums: layer -> (||h_q - h||^2, ||h||^2, ||h_q||^2) over the real tokens.
 Probed = dict[int, tuple[float, float, float]]
-
-
-@dataclass
-class Probes:
-    """What an evaluation pass measures on the way, over the real tokens of this rank's layers:
-    the layer errors' sums on the probe batches, and on the check batches what the coordinator's
-    assembled model must reproduce (scoring.output_norms): every layer's ||h_q||^2 and, on the
-    last stage, the sum of squares of the scored output (None on the other stages)."""
-
-    layers: Probed
-    check: dict[int, float]
-    output_sq: Optional[float]
 
 
 @dataclass
@@ -260,32 +248,25 @@ class RankPipeline:
                 stack.enter_context(calibrating(stu))
             self.relay(batches, list(range(len(batches))), teacher=False)
 
-    def evaluate(self, batches: list[Batch], reduce: Callable[[Batch, StageOutput], Tensor], state, probe: int = 0,
-                 check: int = 0) -> Probes:
+    def evaluate(self, batches: list[Batch], reduce: Callable[[Batch, StageOutput], Tensor], state,
+                 probe: int = 0) -> Probed:
         """Run the full-precision and the quantized chain on the evaluation batches; the last stage
         updates the streaming metric `state` with both models' outputs (`reduce`d) batch by batch.
-        The same pass (no relay of its own) takes the Probes of the first `probe` and the first
-        `check` batches."""
+        The same pass (no relay of its own) probes the layer errors of this rank's layers on the
+        first `probe` batches: returns their sums over the real tokens."""
         last = len(self.students) - 1
-        sums = Probes({}, {}, 0.0 if self.is_last else None)
+        sums: Probed = {}
 
         def visit(i, k, batch, t_out, s_out):
-            scored = reduce(batch, s_out) if self.is_last and k == last else None
-            if scored is not None:
-                state.update(reduce(batch, t_out), scored, batch)
-                if i < check:
-                    sums.output_sq += (scored.float() ** 2).sum().item()
-            if i >= max(probe, check):
+            if self.is_last and k == last:
+                state.update(reduce(batch, t_out), reduce(batch, s_out), batch)
+            if i >= probe:
                 return
             m = batch.attention_mask.unsqueeze(-1).float()
             for layer, h_q, h in zip(self.held[k].layers, s_out.hidden, t_out.hidden):
-                qq = ((h_q**2) * m).sum().item()
-                if i < probe:
-                    num, den, sq = sums.layers.get(layer, (0.0, 0.0, 0.0))
-                    sums.layers[layer] = (num + (((h_q - h) ** 2) * m).sum().item(), den + ((h**2) * m).sum().item(),
-                                          sq + qq)
-                if i < check:
-                    sums.check[layer] = sums.check.get(layer, 0.0) + qq
+                num, den, sq = sums.get(layer, (0.0, 0.0, 0.0))
+                sums[layer] = (num + (((h_q - h) ** 2) * m).sum().item(), den + ((h**2) * m).sum().item(),
+                               sq + ((h_q**2) * m).sum().item())
 
         self.relay(batches, self.layout.batches(len(batches)), teacher=True, lam=0.0, visit=visit)
         return sums

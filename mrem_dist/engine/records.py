@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from mrem_dist.validation import Structure
 
 
 # What a module keeps after training: its trained state, or its initial one when the trained state is
@@ -49,20 +49,23 @@ class ModuleRecord:
 
 @dataclass
 class RankPayload:
-    """What a stage leader of MREM-P sends the coordinator: the trained modules' state and records,
-    the per-layer sums its probes measured, and the streaming metric states of the initial and of
-    the final quantized model (the last stage's; None elsewhere). Metric states, sums and module
-    states, never model outputs."""
+    """What a stage leader of MREM-P sends the coordinator: the manifests of its modules' shards of
+    the export (no tensor: those follow one at a time as the coordinator writes the files), what
+    validation found in its modules, the digests of their trained state, their records, the
+    per-layer sums its probes measured, and the streaming metric states of the initial and of the
+    final quantized model (the last stage's; None elsewhere). Metric states, sums and manifests,
+    never model outputs or weights."""
 
     rank: int
-    state: dict  # qualified name -> tensor (CPU) of every tensor this rank's modules hold
+    manifests: dict  # export format -> artifact.shard.Manifest of this rank's modules
+    structure: Structure  # validation.check_model on this rank's modules
+    digests: dict[str, str]  # qualified name -> SHA-256 of every tensor of its modules' quantized state
+    covers: list[str]  # the full-precision model's state names its modules hold
     modules: list[ModuleRecord]
     stats: dict  # RankStats.as_dict()
     layers_before: dict[int, tuple]  # layer -> sums of (||h_q - h||^2, ||h||^2, ||h_q||^2): engine.parallel.Probes
     layers_after: dict[int, tuple]
     init_metric: object = None  # the task's metric state (models/tasks.py) on the last stage
     final_metric: object = None  # the same, of the final model
-    check: dict = field(default_factory=dict)  # the assembly check's batches: layer -> ||h_q||^2 of the final model
-    output_sq: Optional[float] = None  # the same batches, the last stage: sum of squares of the scored output
     timings_s: dict = field(default_factory=dict)
     spans: list = field(default_factory=list)  # Timer.spans: the rank's phases up to the gather

@@ -3,8 +3,9 @@
 Ownership follows MREM's convention: the embeddings belong to the first module, a layer to the
 module that holds it, everything else (pooler, classifier, final norm, LM head) to the last module.
 A tensor reachable under several names (a word embedding tied to the LM head: one Parameter) is
-owned by every module that holds one of its names, so both end ranks keep it; the assembly takes
-each name from a rank that owns it, and a name sent twice with different values is an error.
+owned by every module that holds one of its names, so both end ranks keep it; the streamed export
+takes each name from the lowest rank that holds it, and a name two ranks hold with different values
+is an error (artifact/shard.py).
 """
 
 from __future__ import annotations
@@ -69,7 +70,14 @@ def release_unowned(model: nn.Module, owner: Owner, held: set[int]) -> int:
     return freed
 
 
-def owned_state(model: nn.Module, owner: Owner, held: set[int]) -> dict[str, Tensor]:
-    """The state_dict entries held by the modules in `held`, detached and on the CPU (to be sent)."""
+def holds(model: nn.Module, owner: Owner, held: set[int]) -> Callable[[str], bool]:
+    """Whether a state_dict name of `model` is held by the modules in `held` (a tied tensor's names:
+    by all of their modules)."""
     by_name = holders(model, owner)
-    return {k: v.detach().cpu() for k, v in model.state_dict(keep_vars=True).items() if by_name.get(k, {owner(k)}) & held}
+    return lambda name: bool(by_name.get(name, {owner(name)}) & held)
+
+
+def owned_state(model: nn.Module, owner: Owner, held: set[int]) -> dict[str, Tensor]:
+    """The state_dict entries held by the modules in `held`, detached and on the CPU."""
+    mine = holds(model, owner, held)
+    return {k: v.detach().cpu() for k, v in model.state_dict(keep_vars=True).items() if mine(k)}
