@@ -20,7 +20,8 @@ from typing import Any, Callable, Optional, Protocol
 
 import torch
 
-from mrem_dist.artifact.formats import ExportInfo
+from mrem_dist.artifact.formats import make_shard, write_format
+from mrem_dist.artifact.shard import ExportInfo
 from mrem_dist.config import EXPORT_DIRS, RECONSTRUCTION_METHODS, MethodConfig, export_formats
 from mrem_dist.distributed import DistContext, all_gather_objects, resolve_device
 from mrem_dist.engine import ReconSettings, partition
@@ -294,8 +295,8 @@ class WholeModel:
         return Structure.of(self.model)
 
     def write(self, fmt: str, path: Path) -> int:
-        shard = self.info.shard(fmt, self.model)
-        return self.info.write(fmt, path, shard.manifest(), shard.tensors.items(), self.model)
+        shard = make_shard(self.info, fmt, self.model)
+        return write_format(self.info, fmt, path, shard.manifest(), shard.tensors.items(), self.model)
 
     def done(self) -> None:
         pass

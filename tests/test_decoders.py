@@ -13,7 +13,7 @@ from torch import nn
 
 from mrem_dist.artifact import export_quantized
 from mrem_dist.artifact.export import mrem_shard, write_mrem
-from mrem_dist.artifact.shard import Manifest
+from mrem_dist.artifact.shard import ExportInfo, Manifest
 from mrem_dist.data import Batch
 from mrem_dist.engine import partition
 from mrem_dist.engine.gptq import gptq_model
@@ -139,7 +139,7 @@ def test_tied_embeddings_survive_release_and_the_streamed_export_byte_for_byte(k
     merged = Manifest.merge({rank: s.manifest(rank) for rank, s in shards.items()})
     stream = [item for s in shards.values() for item in s.tensors.items()]
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
-    write_mrem(tmp_path / "streamed", merged, stream, model, tokenizer, W4G16, "causal_lm")
+    write_mrem(tmp_path / "streamed", merged, stream, model, ExportInfo(tokenizer, W4G16, "causal_lm", family.name))
     single = quantize_model(copy.deepcopy(model), family, W4G16)
     export_quantized(single, tokenizer, W4G16, "causal_lm", tmp_path / "whole")
     for name in ("model.safetensors", "quantization.json"):

@@ -47,7 +47,7 @@ from mrem_dist.quant import QuantEmbedding, QuantLinear
 from mrem_dist.scheme import QuantScheme
 
 from .schema import ArtifactError, sha256_file
-from .shard import Manifest, Shard, write_tensors
+from .shard import ExportInfo, Manifest, Shard, write_tensors
 
 FORMAT = "compressed-tensors"
 TENSORS = "model.safetensors"
@@ -214,8 +214,7 @@ def ct_shard(model: nn.Module, scheme: QuantScheme, family: str, dtype: str | No
 
 
 def write_compressed_tensors(path: str | os.PathLike, manifest: Manifest, stream: Iterable[tuple[str, Tensor]],
-                             model: nn.Module, tokenizer: Any, scheme: QuantScheme, kind: str,
-                             source: str | None = None, dtype: str | None = None) -> dict:
+                             model: nn.Module, info: ExportInfo) -> dict:
     """Write the compressed-tensors folder of `manifest` (one shard's, or the ranks' merged) at
     `path` (under a temporary name, renamed at the end), its tensors from `stream`. `model`: any
     model of the architecture (its class and config). Returns what the report records."""
@@ -227,18 +226,18 @@ def write_compressed_tensors(path: str | os.PathLike, manifest: Manifest, stream
         if args != group:
             raise ArtifactError(f"{name} is quantized with another scheme than the Linears before it: one scheme per "
                                 "model is exported as compressed-tensors")
-    fmt = _format(scheme)
+    fmt = _format(info.scheme)
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
-    if dtype:
-        config.dtype = dtype
+    if info.dtype:
+        config.dtype = info.dtype
     config.quantization_config = quantization_config(group, _ignored_linears(model, config, manifest.modules), fmt)
     path = Path(path)
     with atomic_dir(path, "directory for the compressed-tensors export") as tmp:
         digest = write_tensors(tmp / TENSORS, manifest, stream, metadata={"format": "pt"})
         config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        provenance = {"format": FORMAT, "kind": kind, "source": source, "quant": dataclasses.asdict(scheme),
+        info.tokenizer.save_pretrained(tmp)
+        provenance = {"format": FORMAT, "kind": info.kind, "source": info.source, "quant": dataclasses.asdict(info.scheme),
                       "tied": dict(manifest.tied), "sha256": {TENSORS: digest}}
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=1) + "\n")
     return {"path": str(path), "format": fmt, "bytes": (path / TENSORS).stat().st_size}
@@ -251,8 +250,8 @@ def export_compressed_tensors(model: nn.Module, tokenizer: Any, scheme: QuantSch
     (config.json's dtype too); None keeps the model's own dtype, so that the folder computes exactly
     what mrem-dist evaluated. Returns what the report records."""
     shard = ct_shard(model, scheme, family, dtype)
-    return write_compressed_tensors(path, shard.manifest(), shard.tensors.items(), model, tokenizer, scheme, kind,
-                                    source, dtype)
+    return write_compressed_tensors(path, shard.manifest(), shard.tensors.items(), model,
+                                    ExportInfo(tokenizer, scheme, kind, family, source, dtype))
 
 
 @dataclass

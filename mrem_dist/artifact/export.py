@@ -42,7 +42,7 @@ from mrem_dist.scheme import QuantScheme
 from .pack import pack_codes, unpack_codes
 from .schema import (FORMAT, VERSION, ArtifactError, ArtifactMeta, ModuleEntry, read_meta, sha256_file, write_manifest,
                      write_meta)
-from .shard import Manifest, Shard, write_tensors
+from .shard import ExportInfo, Manifest, Shard, write_tensors
 
 TENSORS = "model.safetensors"
 
@@ -102,7 +102,7 @@ def mrem_shard(model: nn.Module, held: Optional[Callable[[str], bool]] = None) -
 
 
 def write_mrem(path: str | os.PathLike, manifest: Manifest, stream: Iterable[tuple[str, torch.Tensor]], model: nn.Module,
-               tokenizer: Any, scheme: QuantScheme, kind: str, source: str | None = None) -> dict:
+               info: ExportInfo) -> dict:
     """Write the mrem artifact of `manifest` (one shard's, or the ranks' merged) to the directory
     `path`, its tensors from `stream`. `model`: any model of the architecture (its config is
     written, its module order orders quantization.json). Returns the metadata written to
@@ -113,8 +113,8 @@ def write_mrem(path: str | os.PathLike, manifest: Manifest, stream: Iterable[tup
     with atomic_dir(path, "directory for the artifact") as tmp:
         digest = write_tensors(tmp / TENSORS, manifest, stream, metadata={"format": FORMAT, "version": str(VERSION)})
         model.config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        meta = ArtifactMeta(kind, model.config.model_type, scheme, modules, source, {TENSORS: digest},
+        info.tokenizer.save_pretrained(tmp)
+        meta = ArtifactMeta(info.kind, model.config.model_type, info.scheme, modules, info.source, {TENSORS: digest},
                             tied=dict(manifest.tied))
         write_meta(tmp, meta)
         write_manifest(tmp)
@@ -129,7 +129,8 @@ def export_quantized(
     sizes). `source`: the full-precision model it was quantized from (recorded so that
     `mrem_dist.evaluate` can compare against it)."""
     shard = mrem_shard(model)
-    return write_mrem(path, shard.manifest(), shard.tensors.items(), model, tokenizer, scheme, kind, source)
+    info = ExportInfo(tokenizer, scheme, kind, model.config.model_type, source)
+    return write_mrem(path, shard.manifest(), shard.tensors.items(), model, info)
 
 
 @dataclass

@@ -24,6 +24,18 @@ from .schema import ArtifactError
 from .tensorfile import TensorFileWriter, TensorSpec
 
 
+@dataclass(frozen=True)
+class ExportInfo:
+    """What every export format records beside the tensors, the same for every shard of a run."""
+
+    tokenizer: Any
+    scheme: Any  # the QuantScheme
+    kind: str  # Task.kind
+    family: str  # ModelFamily.name
+    source: Optional[str] = None  # the full-precision model (what mrem_dist.evaluate compares against)
+    dtype: Optional[str] = None  # compressed-tensors: cast the unquantized tensors and scales to it
+
+
 def tensor_sha256(t: torch.Tensor) -> str:
     """The SHA-256 of a tensor's bytes as a safetensors file stores them."""
     return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()

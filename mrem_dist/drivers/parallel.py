@@ -30,8 +30,8 @@ from typing import Optional
 
 import torch
 
-from mrem_dist.artifact.formats import ExportInfo
-from mrem_dist.artifact.shard import Manifest, Shard, state_digest, tensor_sha256
+from mrem_dist.artifact.formats import make_shard, write_format
+from mrem_dist.artifact.shard import ExportInfo, Manifest, Shard, state_digest, tensor_sha256
 from mrem_dist.config import RunConfig, export_formats
 from mrem_dist.context import RunContext
 from mrem_dist.distributed import (DistContext, gather_to_main, init_distributed, recv_bytes, recv_object, send_bytes,
@@ -149,7 +149,7 @@ def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, Optiona
     with timer("pack"):  # this stage's share of the validation and of the export, at the same time as the others'
         if leader:
             info, mine = ctx.export_info(), holds(qmodel, owner, held)
-            shards = {fmt: info.shard(fmt, qmodel, mine) for fmt in export_formats(cfg.export)}
+            shards = {fmt: make_shard(info, fmt, qmodel, mine) for fmt in export_formats(cfg.export)}
             structure = Structure.of(qmodel)
             digests = {name: tensor_sha256(t) for name, t in owned_state(qmodel, owner, held).items()}
             covers = list(filter(holds(model, owner, held), model.state_dict()))
@@ -261,7 +261,7 @@ class StreamedModel:
 
     def write(self, fmt: str, path) -> int:
         merged = Manifest.merge({p.rank: p.manifests[fmt] for p in self._leaders()})
-        return self.info.write(fmt, path, merged, self._stream(fmt, merged), self.skeleton)
+        return write_format(self.info, fmt, path, merged, self._stream(fmt, merged), self.skeleton)
 
     def _leaders(self) -> list[RankPayload]:
         return [p for p in self.parts if p.stats["replica"] == 0]
