@@ -53,7 +53,7 @@ def cell(name: str, method: str, ranks: int, args, data: list[str], run_dir: Pat
         "cell": name, "method": method, "ranks": ranks, "replicas": rec.get("replicas", 1), "wall_s": round(wall, 1),
         "train_s": round(max(r["train_seconds"] for r in ranks_info), 1),
         "peak_rss_gb": [r["peak_rss_gb"] for r in ranks_info],
-        # Rank 0's whole-process peak, the coordinator's assembly and export included.
+        # Rank 0's whole-process peak, the coordinator's streamed export included.
         "coordinator_peak_rss_gb": report["peak_memory_gb"]["rss"],
         "load": [r.get("load", "whole") for r in ranks_info],
         "full_precision_bytes": [r.get("full_precision_bytes") for r in ranks_info],
@@ -121,7 +121,7 @@ def main() -> None:
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "timeline"}), flush=True)
     base, one = rows[0], rows[1]
     table = ["| cell | wall s | training s | speed-up vs MREM-S (wall / training) | peak RSS GB per rank "
-             "| vs one process | rank 0 with assembly and export | FP MB held per rank | blocked per rank |",
+             "| vs one process | rank 0 with the export | FP MB held per rank | blocked per rank |",
              "|" + "---|" * 9]
     for r in rows:
         fp_mb = ", ".join("?" if b is None else f"{b / 1e6:.0f}" for b in r["full_precision_bytes"])
