@@ -225,7 +225,7 @@ def test_lam_one_on_three_ranks_equals_sequential_lkd(tmp_path, tiny_encoder_dir
 def test_modules_that_training_made_worse_keep_their_initial_state_on_two_ranks(tmp_path, tiny_encoder_dir,
                                                                                 sst_like_csv):
     # A planted learning rate that diverges (10 on weights of scale 0.02): both modules end worse on
-    # the held-out samples, so the assembled model is the initial quantized one, bit for bit (the
+    # the held-out samples, so the final model is the initial quantized one, bit for bit (the
     # reference: the same run at lr 0, whose weights never move).
     out = tmp_path / "out"
     out.mkdir()

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save, save_file
 
-from mrem_dist.artifact.tensorfile import DTYPES, TensorFileWriter, TensorSpec, save_tensors
+from mrem_dist.artifact.shard import Shard, write_tensors
+from mrem_dist.artifact.tensorfile import DTYPES, TensorFileWriter, TensorSpec
 
 
 def _mixed() -> dict[str, torch.Tensor]:
@@ -39,7 +40,8 @@ def test_a_file_written_tensor_by_tensor_is_save_files_byte_for_byte(tmp_path):
 def test_the_metadata_keys_are_written_in_a_stable_order(tmp_path):
     tensors = {"w": torch.ones(2, 2)}
     meta = {"version": "1", "format": "mrem-dist-quantized"}
-    save_tensors(tensors, tmp_path / "a.safetensors", meta)
+    shard = Shard(tensors)  # the exporters' path: a shard's manifest and its tensors
+    write_tensors(tmp_path / "a.safetensors", shard.manifest(), shard.tensors.items(), meta)
     data = (tmp_path / "a.safetensors").read_bytes()
     n = struct.unpack("<Q", data[:8])[0]
     assert data[8:8 + n].startswith(b'{"__metadata__":{"format":"mrem-dist-quantized","version":"1"},')

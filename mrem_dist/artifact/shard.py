@@ -20,6 +20,8 @@ from typing import Any, Iterable, Mapping, Optional
 
 import torch
 
+from mrem_dist.scheme import QuantScheme
+
 from .schema import ArtifactError
 from .tensorfile import TensorFileWriter, TensorSpec
 
@@ -29,7 +31,7 @@ class ExportInfo:
     """What every export format records beside the tensors, the same for every shard of a run."""
 
     tokenizer: Any
-    scheme: Any  # the QuantScheme
+    scheme: QuantScheme
     kind: str  # Task.kind
     family: str  # ModelFamily.name
     source: Optional[str] = None  # the full-precision model (what mrem_dist.evaluate compares against)

@@ -121,10 +121,3 @@ class TensorFileWriter:
         else:
             self.file.close()
 
-
-def save_tensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
-                 metadata: Optional[Mapping[str, str]] = None) -> None:
-    """safetensors.torch.save_file's file, with the metadata's keys in a stable order."""
-    with TensorFileWriter(path, {n: TensorSpec.of(t) for n, t in tensors.items()}, metadata) as out:
-        for name, t in tensors.items():
-            out.write(name, t)

@@ -41,7 +41,7 @@ from mrem_dist.engine.checkpoint import Preempted, StopSignal
 from mrem_dist.engine.gptq import gptq_options
 from mrem_dist.engine.parallel import RankPipeline
 from mrem_dist.engine.records import ModuleRecord, RankPayload
-from mrem_dist.engine.shard import holders, holds, owned_state, release_unowned, tensor_owner
+from mrem_dist.engine.shard import Owner, holders, holds, owned_state, release_unowned, tensor_owner
 from mrem_dist.layout import ParallelLayout
 from mrem_dist.log import get_logger
 from mrem_dist.models.loading import can_load_sharded, load_skeleton
@@ -247,7 +247,7 @@ class StreamedModel:
     dist: DistContext
     _busy: Optional[int] = None  # a rank whose stream was broken off: it cannot take a request any more
 
-    def coverage(self, owner) -> list[str]:
+    def coverage(self, owner: Owner) -> list[str]:
         """The assembly's failures: a tensor of the model no stage holds."""
         covered = {name for p in self.parts for name in p.covers}
         missing = [name for name in self.skeleton.state_dict() if name not in covered]

@@ -63,7 +63,7 @@ class RankPayload:
     covers: list[str]  # the full-precision model's state names its modules hold
     modules: list[ModuleRecord]
     stats: dict  # RankStats.as_dict()
-    layers_before: dict[int, tuple]  # layer -> sums of (||h_q - h||^2, ||h||^2, ||h_q||^2): engine.parallel.Probes
+    layers_before: dict[int, tuple]  # layer -> sums of (||h_q - h||^2, ||h||^2, ||h_q||^2): engine.parallel.Probed
     layers_after: dict[int, tuple]
     init_metric: object = None  # the task's metric state (models/tasks.py) on the last stage
     final_metric: object = None  # the same, of the final model
