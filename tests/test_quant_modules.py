@@ -306,6 +306,48 @@ def test_quant_linear_w8a8_close_and_trainable(ocs_ratio, quant_aware, a_mode):
     assert lin.weight.grad is None  # the FP Linear is untouched
 
 
+@pytest.mark.parametrize("case", ["w3_asym_g8", "w4_row_bias", "w2_ternary", "w2_full", "w4_ocs_a8", "w3_outliers",
+                                  "w4_bf16"])
+def test_training_recomputes_the_fake_quantized_weight_with_the_same_gradients(case):
+    """With gradients on, QuantLinear recomputes its fake-quantized weight in the backward pass
+    instead of keeping it (and the codes it came from): outputs and every gradient are those of
+    autograd keeping them all (`_linear`), bit for bit, in every weight grid and with OCS, outlier
+    columns, a bias and bfloat16 inputs."""
+    wq = {"w3_asym_g8": lambda: WeightQuantizer(3, symmetric=False, granularity="input_group", groups=8),
+          "w2_ternary": lambda: WeightQuantizer(2, grid="ternary"),
+          "w2_full": lambda: WeightQuantizer(2, grid="full")}.get(case, lambda: WeightQuantizer(4))()
+    ql = QuantLinear(_linear(), wq, ActQuantizer(8, mode="dynamic") if case == "w4_ocs_a8" else None,
+                     ocs_ratio=0.1 if case == "w4_ocs_a8" else 0.0)
+    if case != "w4_row_bias":
+        ql.bias = None
+    if case == "w3_outliers":
+        ql.set_outliers(torch.tensor([5, 9]))
+    dtype = torch.bfloat16 if case == "w4_bf16" else torch.float32
+    x = torch.randn(3, 5, 32)
+
+    weight_sized = []  # tensors of the weight's size that the graph keeps, other than the weight itself
+
+    def keep(t):
+        if t.numel() == ql.weight.numel() and t.untyped_storage().data_ptr() != ql.weight.untyped_storage().data_ptr():
+            weight_sized.append(t.shape)
+        return t
+
+    def run(forward):
+        ql.zero_grad(set_to_none=True)
+        weight_sized.clear()
+        xi = x.to(dtype).requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            y = forward(xi)
+        (y.float() * torch.linspace(-1, 1, y.shape[-1])).square().sum().backward()
+        return [y.detach(), xi.grad, *(p.grad for p in ql.parameters())], len(weight_sized)
+
+    (kept, n_kept), (recomputed, n_recomputed) = run(lambda xi: ql._linear(ql.inputs(xi))), run(ql)
+    assert n_kept >= 1 and n_recomputed == 0
+    assert all(g is not None for g in kept[1:]) and len(kept) >= 3  # output, input, weight (, scale, ...)
+    for a, b in zip(kept, recomputed):
+        assert torch.equal(a, b)
+
+
 def test_quant_linear_ocs_quant_aware_uses_quantizer_step():
     lin = _linear()
     ql = QuantLinear(lin, WeightQuantizer(4), None, ocs_ratio=0.05)

@@ -24,7 +24,6 @@ module in lockstep.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Optional
 
@@ -46,7 +45,7 @@ from mrem_dist.layout import ParallelLayout
 from mrem_dist.log import get_logger
 from mrem_dist.models.loading import can_load_sharded, load_skeleton
 from mrem_dist.models.sharded import materialize, materialized_bytes
-from mrem_dist.quantize import needs_calibration, quantize_model
+from mrem_dist.quantize import needs_calibration, quantized_copy
 from mrem_dist.validation import Structure
 
 log = get_logger(__name__)
@@ -105,7 +104,7 @@ def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, Optiona
     checkpoint = ctx.checkpointer(layout, model)
     with timer("quantize"):
         layers = {i for s in specs if s.index in held for i in s.layers}
-        qmodel = quantize_model(copy.deepcopy(model), family, ctx.scheme, learnable=True, layers=layers,
+        qmodel = quantized_copy(model, family, ctx.scheme, learnable=True, layers=layers,
                                 embeddings=specs[0].index in held)
     kept = sum(p.numel() for p in model.parameters())
     log.info("%s holds %s: %.1fM of %.1fM full-precision parameters", layout.describe(),

@@ -69,7 +69,7 @@ from .checkpoint import Checkpointer, Preempted, StopSignal
 from .gptq import gptq_layers
 from .partition import ModuleSpec
 from .reconstruct import (ModuleResult, ModuleTrainer, Progress, ReconSettings, check_lam, log_kept, mix_inputs,
-                          reconstruction_loss, snapshot)
+                          reconstruction_loss, load_snapshot, snapshot)
 from .records import keep_trained
 from .stage import Stage, StageOutput
 from .stream import StreamReceiver, StreamSender
@@ -439,7 +439,7 @@ class RankPipeline:
         trained = snapshot(stu)
         runs = {}  # state -> (error, the next module's inputs); only module outputs are kept
         for name, state in (("initial", initial), ("trained", trained)):
-            stu.load_state_dict(state)
+            load_snapshot(stu, state)
             total, outs = 0.0, []
             for (fp, q), b in zip(inputs, holdout):
                 # The teacher runs again for each state: keeping its every-layer outputs over the
@@ -450,6 +450,6 @@ class RankPipeline:
             runs[name] = (total / len(holdout), outs)
         before, after = runs["initial"][0], runs["trained"][0]
         kept = "trained" if keep_trained(before, after, settings.never_worse) else "initial"
-        stu.load_state_dict(trained if kept == "trained" else initial)
+        load_snapshot(stu, trained if kept == "trained" else initial)
         log_kept(self.held[k], before, after, kept)
         return (before, after, kept), runs[kept][1]

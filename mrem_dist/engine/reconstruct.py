@@ -371,9 +371,26 @@ def module_error(student: Stage, teacher: Stage, feed: Feed, lam: float, loss: s
     return total / max(n, 1)
 
 
+def frozen_keys(stage: Stage) -> set[str]:
+    """The state entries of a stage that training never changes and snapshots leave out: the
+    tables of its unquantized embeddings (trainable_groups trains no nn.Embedding). A decoder's
+    word embedding is a fifth of SmolLM2, shared with the full-precision model (quantized_copy):
+    a snapshot would be its one other copy."""
+    return {f"{name}.weight" if name else "weight" for name, m in stage.named_modules() if type(m) is nn.Embedding}
+
+
 def snapshot(stage: Stage) -> dict[str, torch.Tensor]:
-    """A copy of a stage's state (its weights, step sizes and buffers) to return to."""
-    return {k: v.detach().clone() for k, v in stage.state_dict().items()}
+    """A copy of a stage's state (its weights, step sizes and buffers) to return to (`load_snapshot`)."""
+    frozen = frozen_keys(stage)
+    return {k: v.detach().clone() for k, v in stage.state_dict().items() if k not in frozen}
+
+
+def load_snapshot(stage: Stage, state: dict[str, torch.Tensor]) -> None:
+    """Load a `snapshot` back: every entry but the frozen ones, which have not changed."""
+    missing, unexpected = stage.load_state_dict(state, strict=False)
+    if unexpected or set(missing) != frozen_keys(stage):
+        raise RuntimeError(f"{stage.spec.describe()}: the state to restore does not match the module (missing "
+                           f"{sorted(set(missing) - frozen_keys(stage))[:4]}, unexpected {unexpected[:4]})")
 
 
 def log_kept(spec, before: float, after: float, kept: str) -> None:

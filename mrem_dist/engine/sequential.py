@@ -27,7 +27,7 @@ from .cache import ActivationStore, choose_cache
 from .checkpoint import Checkpointer, Preempted, StopSignal
 from .partition import ModuleSpec
 from .reconstruct import (Feed, ModuleTrainer, ReconSettings, check_lam, log_kept, mix_inputs, module_error,
-                          reconstruct_module, snapshot)
+                          load_snapshot, reconstruct_module, snapshot)
 from .records import ModuleRecord, keep_trained
 from .stage import Stage
 
@@ -171,7 +171,7 @@ class _SequentialRun:
         after = self._error(student, teacher)
         kept = "trained" if keep_trained(before, after, settings.never_worse) else "initial"
         if kept == "initial":
-            student.load_state_dict(initial)
+            load_snapshot(student, initial)
         log.info("%s: trained in %.1fs", spec.describe(), res.seconds)
         log_kept(spec, before, after, kept)
         record = ModuleRecord(spec.index, [spec.start, spec.stop], settings.steps, before, after, round(res.seconds, 3),

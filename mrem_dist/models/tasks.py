@@ -174,6 +174,10 @@ class SequenceClassification(Task):
         return FidelityState()  # unlabeled text: how closely the logits follow full precision
 
 
+# Most logits PerplexityState.update turns into float32 temporaries at a time (16 MB each).
+_CHUNK_ELEMENTS = 2**22
+
+
 @dataclass
 class PerplexityState:
     """Sums over every predicted token (position t predicts token t+1 of its window): negative
@@ -188,18 +192,34 @@ class PerplexityState:
     compared: bool = False
 
     def update(self, fp_out: Optional[Tensor], q_out: Tensor, batch: Batch) -> None:
-        targets = batch.input_ids[:, 1:].reshape(-1)
-        q = _check_finite(q_out, "quantized")[:, :-1].float().reshape(targets.numel(), -1)
-        q_logp = torch.log_softmax(q, -1)
-        self.nll_q += -q_logp.gather(1, targets.unsqueeze(1)).sum().item()
+        _check_finite(q_out, "quantized")
         if fp_out is not None:
-            fp = _check_finite(fp_out, "full-precision")[:, :-1].float().reshape(targets.numel(), -1)
-            fp_logp = torch.log_softmax(fp, -1)
-            self.nll_fp += -fp_logp.gather(1, targets.unsqueeze(1)).sum().item()
-            self.kl += (fp_logp.exp() * (fp_logp - q_logp)).sum().item()
-            self.agree += int((fp.argmax(-1) == q.argmax(-1)).sum())
-            self.compared = True
-        self.tokens += targets.numel()
+            _check_finite(fp_out, "full-precision")
+        # A few positions at a time: a 49K-way vocabulary makes every [tokens, vocab] float32
+        # temporary (the log-softmaxes, the KL terms) as large as the logits, and the last stage
+        # held some seven of them at once. The log-likelihoods are gathered per position and summed
+        # once, as over the whole batch; the KL is summed per chunk.
+        chunk = max(1, _CHUNK_ELEMENTS // q_out.shape[-1])
+        nll_q, nll_fp = [], []
+        for row in range(q_out.shape[0]):
+            for lo in range(0, q_out.shape[1] - 1, chunk):
+                hi = min(lo + chunk, q_out.shape[1] - 1)
+                targets = batch.input_ids[row, lo + 1:hi + 1].unsqueeze(1)
+                q = q_out[row, lo:hi].float()
+                q_logp = torch.log_softmax(q, -1)
+                nll_q.append(q_logp.gather(1, targets))
+                if fp_out is not None:
+                    fp = fp_out[row, lo:hi].float()
+                    fp_logp = torch.log_softmax(fp, -1)
+                    nll_fp.append(fp_logp.gather(1, targets))
+                    self.kl += (fp_logp.exp() * (fp_logp - q_logp)).sum().item()
+                    self.agree += int((fp.argmax(-1) == q.argmax(-1)).sum())
+        if nll_q:  # windows of one token predict nothing
+            self.nll_q += -torch.cat(nll_q).sum().item()
+        if nll_fp:
+            self.nll_fp += -torch.cat(nll_fp).sum().item()
+        self.compared = self.compared or fp_out is not None
+        self.tokens += q_out.shape[0] * (q_out.shape[1] - 1)
 
     def merge(self, other: "PerplexityState") -> "PerplexityState":
         self.nll_fp, self.nll_q, self.kl = self.nll_fp + other.nll_fp, self.nll_q + other.nll_q, self.kl + other.kl

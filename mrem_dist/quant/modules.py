@@ -9,16 +9,28 @@ forward casts the quantized weight to the input's dtype.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import partial
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .ocs import ocs_split, ocs_split_quant_aware
 from .quantizers import ActQuantizer, WeightQuantizer, expand_to_rows
 
 __all__ = ["QuantLinear", "QuantEmbedding", "iter_quantizers", "calibrating"]
+
+
+_MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+
+
+def _keep_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _MATMULS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_KEEP_MATMULS = partial(create_selective_checkpoint_contexts, _keep_matmuls)
 
 
 class QuantLinear(nn.Module):
@@ -99,11 +111,26 @@ class QuantLinear(nn.Module):
         """Number of input columns added by OCS."""
         return self.weight.shape[1] - self.in_features
 
-    def forward(self, x: Tensor) -> Tensor:
+    def inputs(self, x: Tensor) -> Tensor:
+        """What the weight multiplies: x fake-quantized, with OCS's split columns duplicated."""
         if self.act_quantizer is not None:
             x = self.act_quantizer(x)
         if self.in_index is not None:
             x = x.index_select(-1, self.in_index)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.inputs(x)
+        if torch.is_grad_enabled() and self.weight_quantizer is not None:
+            # Training: autograd would keep three weight-sized tensors per layer for the backward
+            # pass (the codes before and after the clamp, the fake-quantized weight), 3x the
+            # module's weights for every step; recomputing them from (weight, scale) in the
+            # backward pass costs one fake quantization. The matmuls' outputs are kept (no matmul
+            # is run twice); the gradients are the same, bit for bit (tests/test_quant_modules.py).
+            return checkpoint(self._linear, x, use_reentrant=False, context_fn=_KEEP_MATMULS)
+        return self._linear(x)
+
+    def _linear(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.effective_weight().to(x.dtype), bias)
 
