@@ -19,6 +19,7 @@ MREM-P run's. The 2-rank cell's timeline is drawn (results/scaling_timeline.png)
 
     python benchmarks/scaling.py                 # SmolLM2, 6 modules, 20 steps (about 30 minutes on 2 cores)
     python benchmarks/scaling.py --quick         # a smoke run on a tiny random decoder (seconds)
+    python benchmarks/scaling.py --cells p2,s1 --out benchmarks/results/scaling_repeat   # a repeat of two cells
 """
 
 from __future__ import annotations
@@ -30,8 +31,18 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+import torch
+
 from common import RESULTS, launch, write_results
 
+# id -> (name, method, ranks, extra overrides)
+CELLS = {
+    "s1": ("MREM-S, 1 process", "mrem_s", 1, []),
+    "p1": ("MREM-P, 1 process", "mrem_p", 1, []),
+    "p2": ("MREM-P, 2 ranks", "mrem_p", 2, []),
+    "p3": ("MREM-P, 3 ranks", "mrem_p", 3, []),
+    "r2": ("MREM-P, 2 replicas of 1 stage", "mrem_p", 2, ["method.replicas=2"]),
+}
 PHASES = ("load", "quantize", "calibrate", "evaluate", "reconstruct", "pack", "gather", "assemble", "validate", "write")
 
 
@@ -98,7 +109,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--quant", default="w3a16_g64")
     p.add_argument("--out", default=None)
+    p.add_argument("--cells", default=",".join(CELLS), help=f"which cells, in this order (of {', '.join(CELLS)}); "
+                   "the speed-ups need s1, the memory ratios p1, the timeline p2")
     args = p.parse_args()
+    chosen = args.cells.split(",")
+    if not chosen or any(c not in CELLS for c in chosen):
+        p.error(f"--cells takes a comma-separated list of {', '.join(CELLS)}, got {args.cells!r}")
     out = Path(args.out or RESULTS / ("quick/scaling" if args.quick else "scaling"))
     with tempfile.TemporaryDirectory() as tmp:
         if args.quick:
@@ -112,14 +128,15 @@ def main() -> None:
         else:
             data = ["model=smollm2", "data=wiki", "data.calib_samples=32", "data.seq_len=256", "data.eval_samples=16",
                     "data.batch_size=2"]
-        cells = [("MREM-S, 1 process", "mrem_s", 1, []), ("MREM-P, 1 process", "mrem_p", 1, []),
-                 ("MREM-P, 2 ranks", "mrem_p", 2, []), ("MREM-P, 3 ranks", "mrem_p", 3, []),
-                 ("MREM-P, 2 replicas of 1 stage", "mrem_p", 2, ["method.replicas=2"])]
         rows = []
-        for name, method, ranks, extra in cells:
-            rows.append(cell(name, method, ranks, args, data, Path(tmp) / f"run{len(rows)}", extra))
+        for key in chosen:
+            name, method, ranks, extra = CELLS[key]
+            rows.append({"id": key, **cell(name, method, ranks, args, data, Path(tmp) / f"run{len(rows)}", extra)})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "timeline"}), flush=True)
-    base, one = rows[0], rows[1]
+    by_id = {r["id"]: r for r in rows}
+    nothing = {"wall_s": float("nan"), "train_s": float("nan"), "peak_rss_gb": [float("nan")],
+               "coordinator_peak_rss_gb": float("nan")}  # a baseline not run: its ratios print as nan
+    base, one = by_id.get("s1", nothing), by_id.get("p1", nothing)
     table = ["| cell | wall s | training s | speed-up vs MREM-S (wall / training) | peak RSS GB per rank "
              "| vs one process | rank 0 with the export | FP MB held per rank | blocked per rank |",
              "|" + "---|" * 9]
@@ -147,14 +164,15 @@ def main() -> None:
     for r in rows:
         for rank, ps in r["peak_rss_at_phase_end_gb"].items():
             table.append(f"| {r['cell']} | {rank} | " + " | ".join(f"{ps[p]:.2f}" if p in ps else "" for p in PHASES) + " |")
-    two = next(r for r in rows if r["ranks"] == 2 and r["replicas"] == 1)
-    picture = out.with_name(out.name + "_timeline.png")
     out.parent.mkdir(parents=True, exist_ok=True)
-    draw_timeline(two, picture)
-    table += ["", f"![timeline]({picture.name})"]
+    if "p2" in by_id:
+        picture = out.with_name(out.name + "_timeline.png")
+        draw_timeline(by_id["p2"], picture)
+        table += ["", f"![timeline]({picture.name})"]
     header = (f"{'tiny random decoder (--quick)' if args.quick else 'SmolLM2-135M-Instruct, wiki text, 32 x 256 calibration'}, "
               f"{args.quant}, {args.modules} modules, {args.steps} steps, RTN start, one thread per rank; "
-              f"{os.cpu_count()} CPU cores (a cell with more ranks than cores measures memory, not speed).")
+              f"{os.cpu_count()} CPU cores, {torch.backends.cpu.get_cpu_capability()} kernels (a cell with more ranks "
+              "than cores measures memory, not speed; float results differ between AVX2 and AVX-512 machines).")
     write_results(out, "scaling.py", header, rows, table)
 
 

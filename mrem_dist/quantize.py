@@ -96,7 +96,7 @@ def quantize_model(
     layers: Optional[Collection[int]] = None,
     embeddings: bool = True,
 ) -> nn.Module:
-    """Quantize `model` in place (callers deep-copy first when they keep the FP model).
+    """Quantize `model` in place (callers keeping the FP model quantize `copy_to_quantize(model, ...)`).
 
     Projections that are not nn.Linear are first normalized into nn.Linear by the family (a layer
     with none left is an error). `layers` (indices) and `embeddings` restrict it to a partition:
@@ -130,28 +130,20 @@ def quantize_model(
     return model
 
 
-def quantized_copy(
-    model: nn.Module,
-    family: ModelFamily,
-    scheme: QuantScheme,
-    learnable: bool = True,
-    layers: Optional[Collection[int]] = None,
-    embeddings: bool = True,
-) -> nn.Module:
-    """`quantize_model` of a copy of `model` (arguments as there) that shares with `model` the large
-    tensors the quantized model keeps in full precision and never trains: the word embeddings when
-    the scheme leaves them unquantized (e_bits=None, the W-A16 schemes) and the output head (an LM
-    head, tied to them or not). A decoder's 49K x 576 embedding is a fifth of SmolLM2: one copy
-    less on the ranks that hold it. Nothing writes into them (training, GPTQ and the export read
-    them), so the full-precision model stays what was loaded."""
+def copy_to_quantize(model: nn.Module, family: ModelFamily, scheme: QuantScheme) -> nn.Module:
+    """A deep copy of `model` for `quantize_model`, sharing with `model` the large tensors the
+    quantized model keeps in full precision and never trains: the word embeddings when the scheme
+    leaves them unquantized (e_bits=None, the W-A16 schemes) and the output head (an LM head, tied
+    to them or not). A decoder's 49K x 576 embedding is a fifth of SmolLM2: one copy less on the
+    ranks that hold it. Nothing writes into them (training, GPTQ and the export read them), so the
+    full-precision model stays what was loaded."""
     shared = []
     if scheme.e_bits is None:
         shared.append(family.word_embeddings(model).weight)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and isinstance(getattr(head, "weight", None), torch.Tensor):
         shared.append(head.weight)
-    return quantize_model(copy.deepcopy(model, memo={id(t): t for t in shared}), family, scheme, learnable, layers,
-                          embeddings)
+    return copy.deepcopy(model, memo={id(t): t for t in shared})
 
 
 @torch.no_grad()

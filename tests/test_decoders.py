@@ -19,11 +19,13 @@ from mrem_dist.engine import partition
 from mrem_dist.engine.gptq import gptq_model
 from mrem_dist.quant.gptq import GptqOptions
 from mrem_dist.engine.shard import holds, release_unowned, tensor_owner
+from mrem_dist.engine.reconstruct import ModuleTrainer, ReconSettings, frozen_keys, load_snapshot, snapshot
 from mrem_dist.engine.stage import Stage
 from mrem_dist.models import CausalLM, family_for
+from mrem_dist.models import tasks
 from mrem_dist.models.tasks import PerplexityState
 from mrem_dist.quant import QuantLinear, WeightQuantizer
-from mrem_dist.quantize import quantize_model
+from mrem_dist.quantize import copy_to_quantize, quantize_model
 from mrem_dist.scheme import QuantScheme
 
 VOCAB = 120
@@ -157,7 +159,12 @@ def test_tied_embeddings_survive_release_and_the_streamed_export_byte_for_byte(k
         torch.testing.assert_close(family.forward(art.model, batch), family.forward(single, batch))
 
 
-def test_perplexity_and_agreement_equal_their_definitions_by_hand():
+@pytest.mark.parametrize("positions", [None, 3])
+def test_perplexity_and_agreement_equal_their_definitions_by_hand(positions, monkeypatch):
+    """None: every position of a window at once; 3: three positions at a time (a 49K vocabulary's
+    chunks), the same sums."""
+    if positions:
+        monkeypatch.setattr(tasks, "_CHUNK_ELEMENTS", positions * VOCAB)
     torch.manual_seed(0)
     batches = [_batch(3, 9, seed=s) for s in (1, 2)]
     fp = [torch.randn(3, 9, VOCAB) * 2 for _ in batches]
@@ -186,6 +193,37 @@ def test_perplexity_and_agreement_equal_their_definitions_by_hand():
     alone = PerplexityState()
     alone.update(None, q[0], batches[0])
     assert alone.compute()[0] is None and set(alone.compute()[1]) == {"perplexity"}
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_the_copy_to_quantize_shares_only_the_unquantized_embeddings_and_head(kind):
+    """W-A16: the quantized copy's word embeddings and LM head (tied in Llama, not in Qwen2) are the
+    full-precision model's tensors, not copies; training the first module leaves them as loaded,
+    its snapshot leaves them out and restores the rest exactly. A quantized embedding (e_bits) is
+    the copy's own."""
+    model = build_decoder(kind).requires_grad_(False)
+    family = family_for(kind)
+    emb, head = family.word_embeddings(model).weight, model.get_output_embeddings().weight
+    loaded = emb.clone()
+    q = quantize_model(copy_to_quantize(model, family, W4G16), family, W4G16)
+    assert family.word_embeddings(q).weight is emb and q.get_output_embeddings().weight is head
+    assert not any(p is m for p in q.parameters() for m in model.parameters() if p is not emb and p is not head)
+    spec = partition(model, family, 2)[0]
+    student, teacher = Stage(q, family, spec), Stage(model, family, spec)
+    assert frozen_keys(student) == {"embeddings.weight"}
+    initial = snapshot(student)
+    assert "embeddings.weight" not in initial and len(initial) > 1
+    trainer = ModuleTrainer(student, teacher, ReconSettings(steps=2), progress=False)
+    for t in range(2):
+        trainer.train_step(t, _batch(seed=t), None, None)
+    assert torch.equal(emb, loaded) and not emb.requires_grad
+    trained = q.model.layers[0].self_attn.q_proj.weight
+    assert not torch.equal(trained, initial["layers.0.self_attn.q_proj.weight"])
+    load_snapshot(student, initial)
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in initial.items())
+    e8 = QuantScheme(w_bits=4, e_bits=8)
+    own = quantize_model(copy_to_quantize(model, family, e8), family, e8)
+    assert family.word_embeddings(own).weight is not emb
 
 
 def test_the_causal_lm_task_scores_logits_of_every_token():

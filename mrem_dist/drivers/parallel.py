@@ -45,7 +45,7 @@ from mrem_dist.layout import ParallelLayout
 from mrem_dist.log import get_logger
 from mrem_dist.models.loading import can_load_sharded, load_skeleton
 from mrem_dist.models.sharded import materialize, materialized_bytes
-from mrem_dist.quantize import needs_calibration, quantized_copy
+from mrem_dist.quantize import copy_to_quantize, needs_calibration, quantize_model
 from mrem_dist.validation import Structure
 
 log = get_logger(__name__)
@@ -104,8 +104,8 @@ def _run_rank(ctx: RunContext, stop: StopSignal) -> Optional[tuple[dict, Optiona
     checkpoint = ctx.checkpointer(layout, model)
     with timer("quantize"):
         layers = {i for s in specs if s.index in held for i in s.layers}
-        qmodel = quantized_copy(model, family, ctx.scheme, learnable=True, layers=layers,
-                                embeddings=specs[0].index in held)
+        qmodel = quantize_model(copy_to_quantize(model, family, ctx.scheme), family, ctx.scheme, learnable=True,
+                                layers=layers, embeddings=specs[0].index in held)
     kept = sum(p.numel() for p in model.parameters())
     log.info("%s holds %s: %.1fM of %.1fM full-precision parameters", layout.describe(),
              "; ".join(s.describe() for s in specs if s.index in held), kept / 1e6, loaded.num_parameters / 1e6)

@@ -15,7 +15,7 @@ from mrem_dist.engine.gptq import gptq_model, gptq_options
 from mrem_dist.engine.sequential import EngineOptions, reconstruct_sequential
 from mrem_dist.layout import ParallelLayout
 from mrem_dist.log import get_logger
-from mrem_dist.quantize import calibrate_activations, needs_calibration, quantized_copy
+from mrem_dist.quantize import calibrate_activations, copy_to_quantize, needs_calibration, quantize_model
 from mrem_dist.scoring import layer_errors, run_batch, score
 
 log = get_logger(__name__)
@@ -31,7 +31,7 @@ def run_single(ctx: RunContext) -> tuple[dict, torch.nn.Module]:
     # Building the quantized copy validates the scheme against the real shapes (group counts,
     # OCS) before any long forward pass; so does the partition.
     with timer("quantize"):
-        qmodel = quantized_copy(model, family, ctx.scheme, learnable=reconstruct)
+        qmodel = quantize_model(copy_to_quantize(model, family, ctx.scheme), family, ctx.scheme, learnable=reconstruct)
         specs = ctx.partition(model) if reconstruct else []
     extra: dict = {}
     if cfg.method.name == "gptq" or cfg.method.init == "gptq":

@@ -374,7 +374,7 @@ def module_error(student: Stage, teacher: Stage, feed: Feed, lam: float, loss: s
 def frozen_keys(stage: Stage) -> set[str]:
     """The state entries of a stage that training never changes and snapshots leave out: the
     tables of its unquantized embeddings (trainable_groups trains no nn.Embedding). A decoder's
-    word embedding is a fifth of SmolLM2, shared with the full-precision model (quantized_copy):
+    word embedding is a fifth of SmolLM2, shared with the full-precision model (copy_to_quantize):
     a snapshot would be its one other copy."""
     return {f"{name}.weight" if name else "weight" for name, m in stage.named_modules() if type(m) is nn.Embedding}
 

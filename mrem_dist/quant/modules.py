@@ -122,9 +122,9 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.inputs(x)
         if torch.is_grad_enabled() and self.weight_quantizer is not None:
-            # Training: autograd would keep three weight-sized tensors per layer for the backward
-            # pass (the codes before and after the clamp, the fake-quantized weight), 3x the
-            # module's weights for every step; recomputing them from (weight, scale) in the
+            # Training: autograd would keep three weight-sized tensors per projection for the
+            # backward pass (the codes before and after the clamp, the fake-quantized weight), 3x
+            # the module's weights for every step; recomputing them from (weight, scale) in the
             # backward pass costs one fake quantization. The matmuls' outputs are kept (no matmul
             # is run twice); the gradients are the same, bit for bit (tests/test_quant_modules.py).
             return checkpoint(self._linear, x, use_reentrant=False, context_fn=_KEEP_MATMULS)
