@@ -4,6 +4,7 @@ real file), and the error paths of the conversion and the cache (fast, with a ti
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import sys
@@ -244,3 +245,53 @@ def test_a_download_with_the_wrong_sha256_is_refused(tmp_path, monkeypatch, fake
         g.smollm2_path(tmp_path)
     models = tmp_path / "models"
     assert not (models / g.SMOLLM2_NAME).exists() and _leftovers(models) == [] and fake_load == []
+
+
+def _tiny_gguf_model(gguf_file):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from conftest import minilm_dir
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval(), AutoTokenizer.from_pretrained(minilm_dir())
+
+
+def _convert_on_rank(rank: int, root: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        g._load_gguf = _tiny_gguf_model
+        g.convert_gguf(_fake_gguf(Path(root) / f"m{rank}.gguf"), Path(root) / f"out{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.dist
+def test_a_rank_other_than_0_writes_a_complete_folder(tmp_path):
+    """The first use of a built-in decoder under torchrun converts on whichever rank gets the lock:
+    transformers' save_pretrained writes nothing on a rank > 0 of a process group, our writer does."""
+    from transformers import AutoModelForCausalLM
+
+    from dist_helpers import run_ranks
+
+    run_ranks(_convert_on_rank, 2, str(tmp_path))
+    for rank in (0, 1):
+        out = tmp_path / f"out{rank}"
+        assert g.check_converted(out, full=True) is None
+        assert {"config.json", "model.safetensors", "generation_config.json"} <= set(g.read_manifest(out)["files"])
+        model = AutoModelForCausalLM.from_pretrained(out)
+        ref, _ = _tiny_gguf_model(None)
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+        for (name, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):
+            assert torch.equal(a, b), name
+
+
+def test_a_manifest_without_config_or_weights_is_an_incomplete_conversion(tmp_path, fake_load):
+    out = g.convert_gguf(_fake_gguf(tmp_path / "m.gguf"), tmp_path / "out")
+    manifest = g.read_manifest(out)
+    del manifest["files"]["config.json"], manifest["files"]["model.safetensors"]
+    (out / g.MANIFEST).write_text(json.dumps(manifest))
+    assert "records no config.json and no model.safetensors: an incomplete conversion" in g.check_converted(out)

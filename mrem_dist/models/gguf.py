@@ -1,7 +1,7 @@
 """A real decoder LLM without the Hugging Face hub: GGUF files converted to plain fp32 folders.
 
 `convert_gguf` reads a GGUF checkpoint with transformers (which needs the `gguf` and `accelerate`
-packages), dequantizes it to float32 and writes an ordinary `save_pretrained` folder (config,
+packages), dequantizes it to float32 and writes an ordinary Hugging Face folder (config,
 safetensors weights, tokenizer) plus a checksum manifest, `mrem_gguf_manifest.json`.
 
 `smollm2_path` gives such a folder for SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0; Llama
@@ -62,6 +62,7 @@ from mrem_dist.log import get_logger
 log = get_logger(__name__)
 
 MANIFEST = "mrem_gguf_manifest.json"
+CONFIG, WEIGHTS = "config.json", "model.safetensors"  # what every conversion must hold besides the tokenizer
 _MANIFEST_FORMAT = 1
 _GGUF_MAGIC = b"GGUF"
 
@@ -142,6 +143,9 @@ def check_converted(folder: Path, *, full: bool = False, source_sha256: str | No
     files = manifest.get("files")
     if manifest.get("format") != _MANIFEST_FORMAT or not isinstance(files, dict) or not files:
         return f"{folder}/{MANIFEST} is not a format-{_MANIFEST_FORMAT} manifest"
+    missing = [name for name in (CONFIG, WEIGHTS) if name not in files]
+    if missing:
+        return f"{folder}/{MANIFEST} records no {' and no '.join(missing)}: an incomplete conversion"
     if source_sha256 is not None and (manifest.get("source") or {}).get("sha256") != source_sha256:
         return f"{folder} was converted from another file (source SHA-256 {(manifest.get('source') or {}).get('sha256')})"
     for name, entry in files.items():
@@ -247,7 +251,7 @@ def _load_gguf(gguf_file: Path):
 
 
 def _make_plain(model) -> None:
-    """Drop what is left of the GGUF quantizer (save_pretrained refuses a model that has one) and
+    """Drop what is left of the GGUF quantizer (the saved config would name it, and loaders refuse it) and
     check that every parameter really is a dense float32 tensor."""
     import torch
 
@@ -263,6 +267,31 @@ def _make_plain(model) -> None:
             f"transformers left {len(packed)} GGUF tensors packed instead of dequantizing them (first: {packed[0]}); "
             "this transformers version is not supported here: pip install 'transformers>=4.50'"
         )
+
+
+def _save_plain(model, tokenizer, folder: Path) -> None:
+    """What save_pretrained would write: config.json (and generation_config.json), the weights in
+    one float32 model.safetensors (a tied tensor once, under its first name: the embedding, not
+    the LM head) and the tokenizer files.
+
+    Not model.save_pretrained: transformers (5.2x) silently writes nothing from it on a rank other
+    than 0 of an initialized torch.distributed group, and a built-in decoder's first use is often
+    every rank of a torchrun job at once (the rank that gets the lock converts), or one rank per
+    node where each node has its own cache."""
+    from safetensors.torch import save_file
+
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(folder)
+    tensors, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if where not in seen:
+            seen.add(where)
+            tensors[name] = tensor.contiguous()
+    save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
+    tokenizer.save_pretrained(folder)
 
 
 def _check_target(out_dir: Path) -> None:
@@ -341,8 +370,7 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
                 "delete it / fetch it again"
             ) from e
         _make_plain(model)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        _save_plain(model, tokenizer, tmp)
         del model
         _write_manifest(tmp, gguf_file, source_sha256)
         _finish_tree(tmp)
