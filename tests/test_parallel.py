@@ -357,3 +357,36 @@ def test_replicas_resume_from_their_leaders_checkpoints(tmp_path, tiny_encoder_d
     run_ranks(_job, 2, tiny_encoder_dir, sst_like_csv, str(tmp_path / "run3"), str(straight),
               [*overrides[:3], "checkpoint.dir=null"], -1)
     _assert_same_state(gathered_state(resumed), gathered_state(straight))
+
+
+def _signalled_job(rank: int, model_dir: str, data: tuple, run_dir: str, out_dir: str) -> None:
+    import os
+    import signal
+
+    from mrem_dist.engine import reconstruct as R
+    from mrem_dist.engine.checkpoint import Preempted
+    from mrem_dist.runner import execute
+
+    original = R.ModuleTrainer.train_step
+
+    def signalled(self, t, *a, **k):
+        if rank == 0 and t == 0 and self.student.spec.index == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, t, *a, **k)
+
+    R.ModuleTrainer.train_step = signalled
+    cfg = _cfg(run_dir, f"model.path={model_dir}", *COMMON, "method.modules=2", *_small_data(*data),
+               f"checkpoint.dir={Path(out_dir) / 'ckpt'}", "checkpoint.every=0")
+    try:
+        execute(cfg)
+    except Preempted as e:
+        (Path(out_dir) / f"{rank}.stopped").write_text(str(e))
+
+
+def test_a_stop_signal_in_the_first_step_stops_every_rank_after_the_second(tmp_path, tiny_encoder_dir, sst_like_csv):
+    # Rank 0's first message goes out before it trains that step (the pipeline fill), without the
+    # stop flag: a signal during the first step is honoured one step later, on every rank alike.
+    run_ranks(_signalled_job, 2, tiny_encoder_dir, sst_like_csv, str(tmp_path / "run"), str(tmp_path))
+    for rank in (0, 1):
+        assert f"rank {rank} stopped after step 2 of 8" in (tmp_path / f"{rank}.stopped").read_text()
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*/stage*/*.ckpt")) == ["step00000002.ckpt"] * 2

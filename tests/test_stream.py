@@ -1,6 +1,8 @@
 """Boundary-activation streams between real processes (gloo): values arrive intact and in order
 through a chain of ranks, with and without the student tensor, and a desync is an error."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -59,3 +61,36 @@ def test_out_of_step_stream_is_an_error(tmp_path):
         run_ranks(_chain, 3, str(tmp_path), 2, True)
     # The receiving rank names the mismatch (its peers may be terminated before they notice).
     assert "out of step: expected step 1 (batch 0), received step 0 (batch 0)" in (tmp_path / "2.err").read_text()
+
+
+def _answers(rank: int, out_dir: str, wrong: bool) -> None:
+    from mrem_dist.distributed import init_distributed, teardown_distributed
+    from mrem_dist.engine.stream import StreamReceiver, StreamSender
+
+    ctx = init_distributed("cpu", timeout_s=30)
+    try:
+        if rank == 0:
+            send = StreamSender(1, depth=1)  # a full queue waits for the answer to be read too
+            send.send(0, 0, torch.ones(1, 2, 3))
+            send.send_answer(1, True, ctx.device)
+            send.send_answer(2, False, ctx.device)
+            send.flush()
+        else:
+            recv = StreamReceiver(0, ctx.device)
+            got = [recv.recv(0, 0)[0].sum().item(), recv.recv_answer(1)]
+            try:
+                got.append(recv.recv(2, 2) if wrong else recv.recv_answer(2))
+            except RuntimeError as e:
+                got.append(str(e))
+            (Path(out_dir) / "1.txt").write_text(repr(got))
+    finally:
+        teardown_distributed()
+
+
+@pytest.mark.parametrize("wrong", [False, True], ids=["in-step", "an-answer-where-tensors-were-due"])
+def test_an_answer_is_a_message_of_its_own_and_checked_like_one(tmp_path, wrong):
+    run_ranks(_answers, 2, str(tmp_path), wrong)
+    got = eval((tmp_path / "1.txt").read_text())
+    assert got[:2] == [6.0, True]
+    assert got[2] == ("stream from rank 0 is out of step: expected step 2 (batch 2), received step 2 (batch -1); "
+                      "both ranks must use the same data, seed and steps" if wrong else False)

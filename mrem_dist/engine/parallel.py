@@ -24,9 +24,13 @@ trains its modules' last D steps one module after another, each followed by its 
 its own finished outputs on. The wall time grows from about T steps to T + (stages - 1) x D; D = T
 with lam=zero is MREM-S.
 
-After the training steps, down the pipeline (`_settle`), every module gets the never-worse check:
-measured on held-out batches in its trained and its initial state, both fed by the kept upstream
-modules, it keeps the better one, and the kept state's outputs feed the next module.
+After the training steps every module gets the never-worse check (`_settle`): measured on
+held-out batches in its trained and its initial state, both fed by the kept upstream modules, it
+keeps the better one, and the kept state's outputs feed the next module. Without a finish phase
+every rank checks at once, on the outputs the previous rank's modules give when all of them are
+kept trained, and the ranks then confirm down the pipeline that those were the kept ones (a
+module kept initial makes the ranks after it check again on its outputs: the same decisions as
+one module after the other, bit for bit).
 
 The same relay carries the passes without training: calibration of the static activation ranges,
 the evaluation of the initial and the final quantized model against full precision (the last stage
@@ -56,6 +60,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from mrem_dist.data import Batch
 from mrem_dist.distributed import stage_group
@@ -69,7 +74,7 @@ from .checkpoint import Checkpointer, Preempted, StopSignal
 from .gptq import gptq_layers
 from .partition import ModuleSpec
 from .reconstruct import (ModuleResult, ModuleTrainer, Progress, ReconSettings, check_lam, log_kept, mix_inputs,
-                          reconstruction_loss, load_snapshot, snapshot)
+                          reconstruction_loss, load_snapshot, release_freed_memory, snapshot)
 from .records import keep_trained
 from .stage import Stage, StageOutput
 from .stream import StreamReceiver, StreamSender
@@ -218,6 +223,7 @@ class RankPipeline:
                 fp = t_out.hidden[-1] if teacher else None
                 q = s_out.hidden[-1]
             self._send(i, fp, q)
+            release_freed_memory()
         self.flush()
 
     def gptq(self, q_model: nn.Module, family: ModelFamily, batches: list[Batch], options: GptqOptions) -> None:
@@ -321,10 +327,19 @@ class RankPipeline:
         start = time.perf_counter()
         results: list[ModuleResult] = []
         try:
+            # The pipeline fill: the next rank's first step waits for this rank's first message,
+            # the outputs of its modules' forward passes before any update. They go out before
+            # this rank trains that step (one forward pass without gradients more), so the next
+            # rank waits for the forward passes only, not for the whole step. A stop signal during
+            # that step is honoured after the next one (its message has gone without the flag).
+            early = first < finish_from and self.sender is not None
+            if early:
+                pending = self._recv(order[first])
+                self._send(order[first], *self._outputs(trainers, first, self._share(batches[order[first]]), *pending, use_q))
             for t in range(first, finish_from):
                 i = order[t]
                 batch = self._share(batches[i])
-                fp, q = self._recv(i)
+                fp, q = pending if early and t == first else self._recv(i)
                 for trainer in trainers:
                     target, out = trainer.train_step(t, batch, fp, q)
                     fp, q = target.hidden[-1], (out.hidden[-1].detach() if use_q else None)
@@ -333,7 +348,10 @@ class RankPipeline:
                                 **({f"m{n}": x for n, x in zip(names, losses)} if len(names) > 1 else {}))
                 stopping = self._agree(self.receiver.stop_requested if self.receiver is not None
                                        else stop is not None and stop.received is not None)
-                self._send(i, fp, q, stop=stopping)
+                if early and t == first:
+                    stopping = False  # this step's message went out already, without the flag
+                else:
+                    self._send(i, fp, q, stop=stopping)
                 # The end of a parallel phase followed by a finish phase is always checkpointed: a
                 # rank lost in the finish phase resumes there (no checkpoint is taken in it).
                 if checkpoint is not None and (stopping or checkpoint.due(t + 1, settings.steps)
@@ -357,6 +375,7 @@ class RankPipeline:
             recv = (self.receiver.blocked_seconds if self.receiver else 0.0) - recv0
             send = (self.sender.blocked_seconds if self.sender else 0.0) - send0
             results = [tr.finish(recv + send) for tr in trainers]
+        release_freed_memory()  # training's gradients and activations, before the passes after it
         rss, cuda = peak_memory_gb(self.device)
         stats = RankStats(self.rank, [s.index for s in self.held], seconds, recv, send, rss, cuda, first)
         log.info(
@@ -364,6 +383,15 @@ class RankPipeline:
             self.rank, stats.modules, seconds, 100 * stats.blocked_fraction, recv, send,
         )
         return results, decisions, stats
+
+    @staticmethod
+    def _outputs(trainers: list[ModuleTrainer], t: int, batch: Batch, fp: Optional[Tensor], q: Optional[Tensor],
+                 use_q: bool) -> tuple[Tensor, Optional[Tensor]]:
+        """What this rank sends for step t, without training: its modules' chained forward passes."""
+        for trainer in trainers:
+            target, out = trainer.outputs(t, batch, fp, q)
+            fp, q = target.hidden[-1], (out.hidden[-1] if use_q else None)
+        return fp, q
 
     def _progress(self, doing: str, total: int, settings: ReconSettings) -> Progress:
         """The rank's progress display over `total` steps (a bar on a terminal, else a line every
@@ -391,6 +419,8 @@ class RankPipeline:
         if not holdout:
             raise ValueError("no held-out calibration batches to measure the modules on: set data.holdout_samples >= 1")
         lam, base = check_lam(settings), self.seq
+        if not window:
+            return self._check_pipelined(holdout, initial, lam, settings)
         progress = self._progress("finishing ", len(window) * len(trainers), settings) if window else None
         train_in: dict[int, Inputs] = {}  # batch index -> the module's inputs (a batch seen twice: the same)
         held_in: list[Inputs] = []
@@ -423,6 +453,79 @@ class RankPipeline:
         return decisions
 
     @torch.no_grad()
+    def _check_pipelined(self, holdout: list[Batch], initial: list[dict[str, Tensor]], lam: float,
+                         settings: ReconSettings) -> list[Decision]:
+        """The never-worse check of `_settle` without a finish phase, on every rank at once: the
+        same decisions and kept outputs as one module after the other down the pipeline.
+
+        A rank measures its modules on what the previous rank sends first, its outputs with every
+        module trained (what the check usually keeps). Batch by batch, each module's teacher runs
+        once and its student in both states (the initial one by `functional_call`: nothing is
+        loaded or copied); the trained outputs feed the next module and go to the next rank at
+        once, which so starts after one batch, not after this rank's whole check. Then the previous
+        rank answers whether those outputs stand (it kept every module trained, on inputs that
+        stood). When they do, it decides module by module up to the first one that keeps its
+        initial state; when none does, it answers yes. Otherwise it checks the modules after that
+        one (all of them when the previous rank answered no and sent its kept outputs) one after
+        another (`_keep_better`), answers no and sends its own kept outputs.
+
+        Messages on both links: the n held-out batches' trained outputs, the answer, the n kept
+        outputs after a no (their numbers skipped after a yes)."""
+        base, n = self.seq, len(holdout)
+        errors = [[0.0, 0.0] for _ in self.students]  # per module, summed over the batches: initial, trained
+        received: list[Inputs] = []
+        for h, b in enumerate(holdout):
+            self.seq = base + h
+            fp, q = self._recv(h)
+            received.append((fp, q))
+            for k in range(len(self.students)):
+                fp, ((error_initial, _), (error_trained, q)) = self._measure(k, b, fp, q, initial[k], lam, settings)
+                errors[k][0] += error_initial
+                errors[k][1] += error_trained
+            self._send(h, fp, q)
+        # Decide module by module while the inputs stand: the check's one decision per module, in order.
+        stands = self.receiver is None or self.receiver.recv_answer(base + n)
+        decisions: list[Decision] = []
+        for k, (before, after) in enumerate(errors if stands else []):
+            before, after = before / n, after / n
+            kept = "trained" if keep_trained(before, after, settings.never_worse) else "initial"
+            if kept == "initial":
+                load_snapshot(self.students[k], initial[k])
+            log_kept(self.held[k], before, after, kept)
+            decisions.append((before, after, kept))
+            if kept == "initial":
+                break  # the modules after it were measured on outputs it no longer gives
+        answer = [kept for *_, kept in decisions] == ["trained"] * len(errors)
+        if self.sender is not None:
+            self.sender.send_answer(base + n, answer, self.device)
+        if not answer:
+            inputs = received
+            if not stands:
+                inputs = []
+                for h in range(n):
+                    self.seq = base + n + 1 + h
+                    inputs.append(self._recv(h))
+            for k in range(len(decisions)):  # the decided modules, in the state each keeps
+                inputs = self._checked_outputs(k, holdout, inputs, lam)
+            for k in range(len(decisions), len(errors)):
+                decision, inputs = self._keep_better(k, holdout, inputs, initial[k], lam, settings)
+                decisions.append(decision)
+            for h, (fp, q) in enumerate(inputs):
+                self.seq = base + n + 1 + h
+                self._send(h, fp, q)
+        self.seq = base + 2 * n + 1  # the same on every rank, whatever was answered
+        self.flush()
+        return decisions
+
+    @torch.no_grad()
+    def _checked_outputs(self, k: int, holdout: list[Batch], inputs: list[Inputs], lam: float) -> list[Inputs]:
+        """Module k's teacher outputs and its student's, as it is now, on the held-out batches at
+        the check's input mix (what `_keep_better` passes on for the state it keeps)."""
+        tch, stu = self.teachers[k], self.students[k]
+        return [(tch(fp, b, logits=False).hidden[-1], stu(mix_inputs(lam, fp, q), b, logits=False).hidden[-1])
+                for (fp, q), b in zip(inputs, holdout)]
+
+    @torch.no_grad()
     def _final_outputs(self, k: int, batch: Batch, inputs: Inputs) -> tuple[Tensor, Tensor]:
         """Module k's teacher output and its student's on the quantized chain, as the final model
         runs it (and as the sequential engine caches it for the next module)."""
@@ -434,22 +537,31 @@ class RankPipeline:
     def _keep_better(self, k: int, holdout: list[Batch], inputs: list[Inputs], initial: dict[str, Tensor], lam: float,
                      settings: ReconSettings) -> tuple[Decision, list[Inputs]]:
         """The never-worse check of module k (see _settle): its decision and the kept state's
-        outputs on the held-out batches."""
-        tch, stu = self.teachers[k], self.students[k]
-        trained = snapshot(stu)
-        runs = {}  # state -> (error, the next module's inputs); only module outputs are kept
-        for name, state in (("initial", initial), ("trained", trained)):
-            load_snapshot(stu, state)
-            total, outs = 0.0, []
-            for (fp, q), b in zip(inputs, holdout):
-                # The teacher runs again for each state: keeping its every-layer outputs over the
-                # held-out batches would hold layers-per-module times the boundary activations.
-                t, o = tch(fp, b, logits=False), stu(mix_inputs(lam, fp, q), b, logits=False)
-                total += reconstruction_loss(o, t, b.attention_mask, settings.loss, 0.0).item()
-                outs.append((t.hidden[-1], o.hidden[-1]))
-            runs[name] = (total / len(holdout), outs)
-        before, after = runs["initial"][0], runs["trained"][0]
+        outputs on the held-out batches (only module outputs are kept)."""
+        errors, outs = [0.0, 0.0], ([], [])  # initial, trained
+        for (fp, q), b in zip(inputs, holdout):
+            t, measured = self._measure(k, b, fp, q, initial, lam, settings)
+            for j, (error, o) in enumerate(measured):
+                errors[j] += error
+                outs[j].append((t, o))
+        before, after = errors[0] / len(holdout), errors[1] / len(holdout)
         kept = "trained" if keep_trained(before, after, settings.never_worse) else "initial"
-        load_snapshot(stu, trained if kept == "trained" else initial)
+        if kept == "initial":
+            load_snapshot(self.students[k], initial)
         log_kept(self.held[k], before, after, kept)
-        return (before, after, kept), runs[kept][1]
+        return (before, after, kept), outs[kept == "trained"]
+
+    def _measure(self, k: int, b: Batch, fp: Optional[Tensor], q: Optional[Tensor], initial: dict[str, Tensor],
+                 lam: float, settings: ReconSettings) -> tuple[Tensor, tuple[tuple[float, Tensor], tuple[float, Tensor]]]:
+        """Module k on one held-out batch at the check's input mix: the teacher's output, and the
+        student's (error, output) in its initial and in its trained state. The teacher runs once;
+        the initial state is run by `functional_call` (nothing is loaded or copied)."""
+        tch, stu = self.teachers[k], self.students[k]
+        x, t = mix_inputs(lam, fp, q), tch(fp, b, logits=False)
+        before = functional_call(stu, initial, (x, b), {"logits": False}, strict=False, tie_weights=False)
+        after = stu(x, b, logits=False)
+
+        def error(o: StageOutput) -> float:
+            return reconstruction_loss(o, t, b.attention_mask, settings.loss, 0.0).item()
+
+        return t.hidden[-1], ((error(before), before.hidden[-1]), (error(after), after.hidden[-1]))

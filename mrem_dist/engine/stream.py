@@ -4,8 +4,10 @@ One message per step: a small int64 header (sequence number, batch index, shape,
 follow) and then the tensors, sent with non-blocking point-to-point ops. Every rank builds the
 same calibration batches from the same seed, so only hidden states travel; the header lets the
 receiver check that both sides are at the same message and batch (a desync is an error, never
-silently wrong training). The sender keeps at most `depth` messages in flight: the bounded queue
-that lets an upstream rank run ahead of its consumer without unbounded memory.
+silently wrong training). A message may instead carry one yes/no and no tensors (`send_answer`,
+`recv_answer`: the pipelined never-worse check's "my outputs stand"). The sender keeps at most
+`depth` messages in flight: the bounded queue that lets an upstream rank run ahead of its
+consumer without unbounded memory.
 
 A failed send or receive (the peer died, or did not answer within the process group's timeout)
 is re-raised as a `PeerError` naming the peer rank.
@@ -25,6 +27,7 @@ from mrem_dist.distributed import peer_failed
 
 _HEADER = 6  # sequence number, batch index, batch, seq, hidden, flags
 _TEACHER, _STUDENT, _STOP = 1, 2, 4  # _STOP: the sender stops after this step (a stop signal)
+_ANSWER, _YES = 8, 16  # a message without tensors that answers yes (_YES set) or no
 
 
 class StreamSender:
@@ -43,14 +46,25 @@ class StreamSender:
             raise ValueError("nothing to send: give the teacher tensor, the student tensor or both")
         if teacher is not None and student is not None and student.shape != teacher.shape:
             raise ValueError(f"student shape {tuple(student.shape)} != teacher shape {tuple(teacher.shape)}")
+        self._wait_room()
+        b, s, h = ref.shape
+        flags = (_TEACHER if teacher is not None else 0) | (_STUDENT if student is not None else 0) | (_STOP if stop else 0)
+        header = torch.tensor([seq, batch_index, b, s, h, flags], dtype=torch.int64)
+        self._post((header.to(ref.device),) + tuple(x.detach().contiguous() for x in (teacher, student) if x is not None))
+
+    def send_answer(self, seq: int, yes: bool, device: torch.device) -> None:
+        """A message of one yes/no instead of tensors (StreamReceiver.recv_answer)."""
+        self._wait_room()
+        self._post((torch.tensor([seq, -1, 0, 0, 0, _ANSWER | (_YES if yes else 0)], dtype=torch.int64, device=device),))
+
+    def _wait_room(self) -> None:
+        """Wait while the queue is full (counted as blocked)."""
         start = time.perf_counter()
         while len(self._inflight) >= self.depth:
             self._wait_oldest()
         self.blocked_seconds += time.perf_counter() - start
-        b, s, h = ref.shape
-        flags = (_TEACHER if teacher is not None else 0) | (_STUDENT if student is not None else 0) | (_STOP if stop else 0)
-        header = torch.tensor([seq, batch_index, b, s, h, flags], dtype=torch.int64)
-        tensors = (header.to(ref.device),) + tuple(x.detach().contiguous() for x in (teacher, student) if x is not None)
+
+    def _post(self, tensors: tuple[Tensor, ...]) -> None:
         try:
             works = [dist.isend(t, self.dst) for t in tensors]
         except Exception as e:
@@ -82,15 +96,10 @@ class StreamReceiver:
         """Block until message `seq` arrives; returns (teacher or None, student or None)."""
         start = time.perf_counter()
         try:
-            header = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
-            self._recv(header)
-            got_seq, got_batch, b, s, h, flags = (int(x) for x in header.tolist())
+            b, s, h, flags = self._header(seq, batch_index)
+            if flags & _ANSWER:
+                raise RuntimeError(f"stream from rank {self.src} is out of step: message {seq} is an answer, not tensors")
             self.stop_requested = bool(flags & _STOP)
-            if (got_seq, got_batch) != (seq, batch_index):
-                raise RuntimeError(
-                    f"stream from rank {self.src} is out of step: expected step {seq} (batch {batch_index}), "
-                    f"received step {got_seq} (batch {got_batch}); both ranks must use the same data, seed and steps"
-                )
             out = []
             for bit in (_TEACHER, _STUDENT):
                 t = None
@@ -101,6 +110,29 @@ class StreamReceiver:
         finally:
             self.blocked_seconds += time.perf_counter() - start
         return out[0], out[1]
+
+    def recv_answer(self, seq: int) -> bool:
+        """Block until message `seq`, a StreamSender.send_answer, arrives; returns its yes/no."""
+        start = time.perf_counter()
+        try:
+            flags = self._header(seq, -1)[3]
+        finally:
+            self.blocked_seconds += time.perf_counter() - start
+        if not flags & _ANSWER:
+            raise RuntimeError(f"stream from rank {self.src} is out of step: message {seq} carries tensors, not an answer")
+        return bool(flags & _YES)
+
+    def _header(self, seq: int, batch_index: int) -> tuple[int, int, int, int]:
+        """Message `seq`'s header, checked: (batch, seq, hidden, flags)."""
+        header = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
+        self._recv(header)
+        got_seq, got_batch, b, s, h, flags = (int(x) for x in header.tolist())
+        if (got_seq, got_batch) != (seq, batch_index):
+            raise RuntimeError(
+                f"stream from rank {self.src} is out of step: expected step {seq} (batch {batch_index}), "
+                f"received step {got_seq} (batch {got_batch}); both ranks must use the same data, seed and steps"
+            )
+        return b, s, h, flags
 
     def _recv(self, t: Tensor) -> None:
         try:
