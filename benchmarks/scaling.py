@@ -73,8 +73,19 @@ def cell(name: str, method: str, ranks: int, args, data: list[str], run_dir: Pat
         "blocked_s": {str(r): round(v, 2) for r, v in sorted(blocked.items())},
         "peak_rss_at_phase_end_gb": {str(r): ps for r, ps in sorted(peaks.items())},
         "perplexity": report["metrics"]["quantized"]["perplexity"],
+        # The never-worse check's reverts: a module kept initial makes the check serial from it on.
+        "kept_initial": [m["index"] for m in rec["modules"] if m.get("kept") == "initial"],
         "timeline": report["timeline"]["spans"],
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or "unknown CPU"."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown CPU"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
 
 
 def draw_timeline(row: dict, path: Path) -> None:
@@ -138,8 +149,9 @@ def main() -> None:
                "coordinator_peak_rss_gb": float("nan")}  # a baseline not run: its ratios print as nan
     base, one = by_id.get("s1", nothing), by_id.get("p1", nothing)
     table = ["| cell | wall s | training s | speed-up vs MREM-S (wall / training) | peak RSS GB per rank "
-             "| vs one process | rank 0 with the export | FP MB held per rank | blocked per rank |",
-             "|" + "---|" * 9]
+             "| vs one process | rank 0 with the export | FP MB held per rank | blocked per rank | perplexity "
+             "| modules kept initial |",
+             "|" + "---|" * 11]
     for r in rows:
         fp_mb = ", ".join("?" if b is None else f"{b / 1e6:.0f}" for b in r["full_precision_bytes"])
         vs_one = ", ".join(f"{g / one['peak_rss_gb'][0]:.2f}x" for g in r["peak_rss_gb"])
@@ -147,7 +159,8 @@ def main() -> None:
             f"| {r['cell']} | {r['wall_s']} | {r['train_s']} | {base['wall_s'] / r['wall_s']:.2f}x / "
             f"{base['train_s'] / r['train_s']:.2f}x | {', '.join(f'{g:.2f}' for g in r['peak_rss_gb'])} "
             f"| {vs_one} | {r['coordinator_peak_rss_gb'] / one['coordinator_peak_rss_gb']:.2f}x | {fp_mb} "
-            f"| {', '.join(f'{100 * f:.1f}%' for f in r['blocked_fraction'])} |")
+            f"| {', '.join(f'{100 * f:.1f}%' for f in r['blocked_fraction'])} | {r['perplexity']:.2f} "
+            f"| {', '.join(map(str, r['kept_initial'])) or 'none'} |")
     for r in rows:
         if r["replicas"] > 1:  # the same modules and steps as the one-process MREM-P run, half a batch each
             table += ["", f"{r['cell']} against MREM-P in one process (the same work): training throughput "
@@ -171,8 +184,8 @@ def main() -> None:
         table += ["", f"![timeline]({picture.name})"]
     header = (f"{'tiny random decoder (--quick)' if args.quick else 'SmolLM2-135M-Instruct, wiki text, 32 x 256 calibration'}, "
               f"{args.quant}, {args.modules} modules, {args.steps} steps, RTN start, one thread per rank; "
-              f"{os.cpu_count()} CPU cores, {torch.backends.cpu.get_cpu_capability()} kernels (a cell with more ranks "
-              "than cores measures memory, not speed; float results differ between AVX2 and AVX-512 machines).")
+              f"{os.cpu_count()} CPU cores ({cpu_model()}), {torch.backends.cpu.get_cpu_capability()} kernels (a cell "
+              "with more ranks than cores measures memory, not speed; float results differ between CPU kinds).")
     write_results(out, "scaling.py", header, rows, table)
 
 
