@@ -410,6 +410,7 @@ class RankPipeline:
         kept modules before it; with settings.never_worse it keeps the better one. The kept state's
         outputs feed the next module; the rank's last module's go to the next rank. This is what
         MREM-S does module by module: with finish_steps = steps and lam=zero, MREM-S bit for bit.
+        Without finish steps, the ranks of a pipeline check at once instead (`_check_pipelined`).
 
         Messages on both links: the window's batches in step order, then the held-out ones. The
         rank's first module trains on the window's messages as they arrive; a rank needs every
@@ -419,7 +420,7 @@ class RankPipeline:
         if not holdout:
             raise ValueError("no held-out calibration batches to measure the modules on: set data.holdout_samples >= 1")
         lam, base = check_lam(settings), self.seq
-        if not window:
+        if not window and (self.sender is not None or self.receiver is not None):
             return self._check_pipelined(holdout, initial, lam, settings)
         progress = self._progress("finishing ", len(window) * len(trainers), settings) if window else None
         train_in: dict[int, Inputs] = {}  # batch index -> the module's inputs (a batch seen twice: the same)
@@ -455,8 +456,10 @@ class RankPipeline:
     @torch.no_grad()
     def _check_pipelined(self, holdout: list[Batch], initial: list[dict[str, Tensor]], lam: float,
                          settings: ReconSettings) -> list[Decision]:
-        """The never-worse check of `_settle` without a finish phase, on every rank at once: the
-        same decisions and kept outputs as one module after the other down the pipeline.
+        """The never-worse check of `_settle` without a finish phase, on every rank of a pipeline
+        at once: the same decisions and kept outputs as one module after the other down the
+        pipeline. (A single stage has nobody to give outputs early to: it checks one module after
+        another, which never measures a module twice.)
 
         A rank measures its modules on what the previous rank sends first, its outputs with every
         module trained (what the check usually keeps). Batch by batch, each module's teacher runs
