@@ -390,3 +390,46 @@ def test_a_stop_signal_in_the_first_step_stops_every_rank_after_the_second(tmp_p
     for rank in (0, 1):
         assert f"rank {rank} stopped after step 2 of 8" in (tmp_path / f"{rank}.stopped").read_text()
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("*/stage*/*.ckpt")) == ["step00000002.ckpt"] * 2
+
+
+def _plant_module_revert(index: int) -> None:
+    """Module `index`'s never-worse decision keeps its initial state, whichever rank checks it."""
+    from mrem_dist.engine import parallel
+
+    decide, keep = parallel.RankPipeline._decide, parallel.keep_trained
+
+    def planted(self, k, measured, initial, settings):
+        parallel.keep_trained = (lambda *a: False) if self.held[k].index == index else keep
+        try:
+            return decide(self, k, measured, initial, settings)
+        finally:
+            parallel.keep_trained = keep
+
+    parallel.RankPipeline._decide = planted
+
+
+def _reverting_job(rank: int, model_dir: str, data: tuple, run_dir: str, out_dir: str, overrides: list, index: int) -> None:
+    _plant_module_revert(index)
+    _job(rank, model_dir, data, run_dir, out_dir, overrides, -1)
+
+
+def test_a_one_module_rank_whose_inputs_changed_sends_its_outputs_again(tmp_path, tiny_encoder_dir, sst_like_csv,
+                                                                       monkeypatch):
+    # 3 modules on 3 ranks, module 0 planted to keep its initial state: rank 1 has measured and
+    # already sent module 1's outputs on rank 0's trained outputs; told no, it measures again on
+    # the initial module 0's, answers no and sends those, and rank 2 measures module 2 again.
+    overrides = ["method.modules=3", "method.t0=4"]
+    out = tmp_path / "out"
+    out.mkdir()
+    run_ranks(_reverting_job, 3, tiny_encoder_dir, sst_like_csv, str(tmp_path / "run"), str(out), overrides, 0)
+    report = json.loads((out / "report.json").read_text())
+    assert [m["kept"] for m in report["reconstruction"]["modules"]][0] == "initial"
+    from mrem_dist.engine import parallel
+
+    monkeypatch.setattr(parallel.RankPipeline, "_decide", parallel.RankPipeline._decide)  # restored after the test
+    _plant_module_revert(0)
+    single, state = _single(tiny_encoder_dir, sst_like_csv, tmp_path / "single", overrides)
+    _assert_same_state(gathered_state(out), state)
+    decided = [[(m["error_before"], m["error_after"], m["kept"]) for m in r["reconstruction"]["modules"]]
+               for r in (single, report)]
+    assert decided[0] == decided[1]

@@ -55,7 +55,7 @@ import resource
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -87,6 +87,8 @@ Visit = Callable[[int, int, Batch, Optional[StageOutput], StageOutput], None]
 Inputs = tuple[Optional[Tensor], Optional[Tensor]]
 # The never-worse check of one module: (error initial, error trained, "initial" or "trained" kept).
 Decision = tuple[float, float, str]
+# A module measured on the held-out batches: its summed errors (initial, trained) and its outputs in both states.
+Measured = tuple[list[float], tuple[list[Inputs], list[Inputs]]]
 # A probe's per-layer sums: layer -> (||h_q - h||^2, ||h||^2, ||h_q||^2) over the real tokens.
 Probed = dict[int, tuple[float, float, float]]
 
@@ -306,7 +308,8 @@ class RankPipeline:
         With a checkpointer: resume from the latest step every rank has a checkpoint of, and
         checkpoint every `checkpoint.every` steps and at the end of the parallel phase. With a stop
         signal: rank 0 (with replicas: the first stage's, as soon as one of them has it) stops at the
-        step boundary after the signal and tells the next rank in that step's message, which stops
+        step boundary after the signal (after the second step for a signal during the first, whose
+        message went out early) and tells the next rank in that step's message, which stops
         after the same step, and so on down the pipeline: every rank
         checkpoints the same step and raises Preempted. The finish phase is not interrupted (it is
         short; a rank lost in it resumes from the end of the parallel phase)."""
@@ -420,7 +423,7 @@ class RankPipeline:
         if not holdout:
             raise ValueError("no held-out calibration batches to measure the modules on: set data.holdout_samples >= 1")
         lam, base = check_lam(settings), self.seq
-        if not window and (self.sender is not None or self.receiver is not None):
+        if not window:
             return self._check_pipelined(holdout, initial, lam, settings)
         progress = self._progress("finishing ", len(window) * len(trainers), settings) if window else None
         train_in: dict[int, Inputs] = {}  # batch index -> the module's inputs (a batch seen twice: the same)
@@ -456,77 +459,54 @@ class RankPipeline:
     @torch.no_grad()
     def _check_pipelined(self, holdout: list[Batch], initial: list[dict[str, Tensor]], lam: float,
                          settings: ReconSettings) -> list[Decision]:
-        """The never-worse check of `_settle` without a finish phase, on every rank of a pipeline
-        at once: the same decisions and kept outputs as one module after the other down the
-        pipeline. (A single stage has nobody to give outputs early to: it checks one module after
-        another, which never measures a module twice.)
+        """The never-worse check of `_settle` without a finish phase: one module after another on
+        the rank (a module is decided on the kept outputs of the ones before it: measured once),
+        overlapped with the previous and the next rank. Each module is measured batch by batch in
+        both states (the teacher runs once), so its kept outputs are at hand when it is decided.
 
-        A rank measures its modules on what the previous rank sends first, its outputs with every
-        module trained (what the check usually keeps). Batch by batch, each module's teacher runs
-        once and its student in both states (the initial one by `functional_call`: nothing is
-        loaded or copied); the trained outputs feed the next module and go to the next rank at
-        once, which so starts after one batch, not after this rank's whole check. Then the previous
-        rank answers whether those outputs stand (it kept every module trained, on inputs that
-        stood). When they do, it decides module by module up to the first one that keeps its
-        initial state; when none does, it answers yes. Otherwise it checks the modules after that
-        one (all of them when the previous rank answered no and sent its kept outputs) one after
-        another (`_keep_better`), answers no and sends its own kept outputs.
+        The rank's first module measures each batch of what the previous rank sends first as it
+        arrives: that rank's last module sends its trained outputs batch by batch while it is
+        being measured, then answers whether they stand (they do unless that module kept its
+        initial state, or the rank's inputs did not stand and it has one module), and after a no
+        sends its kept outputs, on which the first module is measured again. A pipeline so waits
+        for one module of each rank, not for every module of the ranks before.
 
-        Messages on both links: the n held-out batches' trained outputs, the answer, the n kept
+        Messages on both links: the n held-out batches' first outputs, the answer, the n kept
         outputs after a no (their numbers skipped after a yes)."""
-        base, n = self.seq, len(holdout)
-        errors = [[0.0, 0.0] for _ in self.students]  # per module, summed over the batches: initial, trained
-        received: list[Inputs] = []
-        for h, b in enumerate(holdout):
-            self.seq = base + h
-            fp, q = self._recv(h)
-            received.append((fp, q))
-            for k in range(len(self.students)):
-                fp, ((error_initial, _), (error_trained, q)) = self._measure(k, b, fp, q, initial[k], lam, settings)
-                errors[k][0] += error_initial
-                errors[k][1] += error_trained
-            self._send(h, fp, q)
-        # Decide module by module while the inputs stand: the check's one decision per module, in order.
-        stands = self.receiver is None or self.receiver.recv_answer(base + n)
-        decisions: list[Decision] = []
-        for k, (before, after) in enumerate(errors if stands else []):
-            before, after = before / n, after / n
-            kept = "trained" if keep_trained(before, after, settings.never_worse) else "initial"
-            if kept == "initial":
-                load_snapshot(self.students[k], initial[k])
-            log_kept(self.held[k], before, after, kept)
-            decisions.append((before, after, kept))
-            if kept == "initial":
-                break  # the modules after it were measured on outputs it no longer gives
-        answer = [kept for *_, kept in decisions] == ["trained"] * len(errors)
-        if self.sender is not None:
-            self.sender.send_answer(base + n, answer, self.device)
-        if not answer:
-            inputs = received
-            if not stands:
-                inputs = []
-                for h in range(n):
-                    self.seq = base + n + 1 + h
-                    inputs.append(self._recv(h))
-            for k in range(len(decisions)):  # the decided modules, in the state each keeps
-                inputs = self._checked_outputs(k, holdout, inputs, lam)
-            for k in range(len(decisions), len(errors)):
-                decision, inputs = self._keep_better(k, holdout, inputs, initial[k], lam, settings)
-                decisions.append(decision)
-            for h, (fp, q) in enumerate(inputs):
+        base, n, last = self.seq, len(holdout), len(self.students) - 1
+        send_from = base if self.sender is not None else None  # the last module sends its trained outputs
+
+        def first_outputs() -> Iterator[Inputs]:  # the previous rank's, as the first module needs them
+            for h in range(n):
+                self.seq = base + h
+                yield self._recv(h)
+
+        sent_stand = True  # whether the outputs this rank sends first are measured on the right inputs
+        measured = self._measure_module(0, holdout, first_outputs(), initial[0], lam, settings,
+                                        send_from if last == 0 else None)
+        if self.receiver is not None and not self.receiver.recv_answer(base + n):
+            kept_upstream = []
+            for h in range(n):
                 self.seq = base + n + 1 + h
-                self._send(h, fp, q)
+                kept_upstream.append(self._recv(h))
+            sent_stand = last > 0  # a one-module rank has sent what it measured on the outputs sent first
+            measured = self._measure_module(0, holdout, kept_upstream, initial[0], lam, settings, None)
+        decision, outputs = self._decide(0, measured, initial[0], settings)
+        decisions = [decision]
+        for k in range(1, last + 1):
+            measured = self._measure_module(k, holdout, outputs, initial[k], lam, settings, send_from if k == last else None)
+            decision, outputs = self._decide(k, measured, initial[k], settings)
+            decisions.append(decision)
+        if self.sender is not None:
+            answer = sent_stand and decisions[-1][2] == "trained"
+            self.sender.send_answer(base + n, answer, self.device)
+            if not answer:
+                for h, (fp, q) in enumerate(outputs):
+                    self.seq = base + n + 1 + h
+                    self._send(h, fp, q)
         self.seq = base + 2 * n + 1  # the same on every rank, whatever was answered
         self.flush()
         return decisions
-
-    @torch.no_grad()
-    def _checked_outputs(self, k: int, holdout: list[Batch], inputs: list[Inputs], lam: float) -> list[Inputs]:
-        """Module k's teacher outputs and its student's, as it is now, on the held-out batches at
-        the check's input mix (what `_keep_better` passes on for the state it keeps)."""
-        tch, stu = self.teachers[k], self.students[k]
-        return [(tch(fp, b, logits=False).hidden[-1], stu(mix_inputs(lam, fp, q), b, logits=False).hidden[-1])
-                for (fp, q), b in zip(inputs, holdout)]
 
     @torch.no_grad()
     def _final_outputs(self, k: int, batch: Batch, inputs: Inputs) -> tuple[Tensor, Tensor]:
@@ -541,13 +521,30 @@ class RankPipeline:
                      settings: ReconSettings) -> tuple[Decision, list[Inputs]]:
         """The never-worse check of module k (see _settle): its decision and the kept state's
         outputs on the held-out batches (only module outputs are kept)."""
+        return self._decide(k, self._measure_module(k, holdout, inputs, initial, lam, settings, None), initial, settings)
+
+    def _measure_module(self, k: int, holdout: list[Batch], inputs: Iterable[Inputs], initial: dict[str, Tensor],
+                        lam: float, settings: ReconSettings, send_from: Optional[int]) -> Measured:
+        """Module k on every held-out batch (`_measure`): its errors summed over the batches and its
+        outputs, in the initial and in the trained state. `send_from`: send each batch's trained
+        outputs to the next rank as they are computed, as messages send_from + batch."""
         errors, outs = [0.0, 0.0], ([], [])  # initial, trained
-        for (fp, q), b in zip(inputs, holdout):
-            t, measured = self._measure(k, b, fp, q, initial, lam, settings)
-            for j, (error, o) in enumerate(measured):
+        for h, ((fp, q), b) in enumerate(zip(inputs, holdout)):
+            t, states = self._measure(k, b, fp, q, initial, lam, settings)
+            for j, (error, o) in enumerate(states):
                 errors[j] += error
                 outs[j].append((t, o))
-        before, after = errors[0] / len(holdout), errors[1] / len(holdout)
+            if send_from is not None:
+                self.seq = send_from + h
+                self._send(h, t, states[1][1])
+        return errors, outs
+
+    def _decide(self, k: int, measured: Measured, initial: dict[str, Tensor],
+                settings: ReconSettings) -> tuple[Decision, list[Inputs]]:
+        """Module k's never-worse decision from its measured errors: it returns to its `initial`
+        state when that measured better; returns the decision and the kept state's outputs."""
+        (error_initial, error_trained), outs = measured
+        before, after = error_initial / len(outs[0]), error_trained / len(outs[1])
         kept = "trained" if keep_trained(before, after, settings.never_worse) else "initial"
         if kept == "initial":
             load_snapshot(self.students[k], initial)
