@@ -27,10 +27,9 @@ with lam=zero is MREM-S.
 After the training steps every module gets the never-worse check (`_settle`): measured on
 held-out batches in its trained and its initial state, both fed by the kept upstream modules, it
 keeps the better one, and the kept state's outputs feed the next module. Without a finish phase
-every rank checks at once, on the outputs the previous rank's modules give when all of them are
-kept trained, and the ranks then confirm down the pipeline that those were the kept ones (a
-module kept initial makes the ranks after it check again on its outputs: the same decisions as
-one module after the other, bit for bit).
+the check overlaps across the ranks (`_check_pipelined`): a rank's last module sends its trained
+outputs while it is measured, the next rank's first module is measured on them as they arrive,
+and an answer says whether they stand (else the kept ones follow and are measured again).
 
 The same relay carries the passes without training: calibration of the static activation ranges,
 the evaluation of the initial and the final quantized model against full precision (the last stage
@@ -413,7 +412,7 @@ class RankPipeline:
         kept modules before it; with settings.never_worse it keeps the better one. The kept state's
         outputs feed the next module; the rank's last module's go to the next rank. This is what
         MREM-S does module by module: with finish_steps = steps and lam=zero, MREM-S bit for bit.
-        Without finish steps, the ranks of a pipeline check at once instead (`_check_pipelined`).
+        Without finish steps the ranks overlap their checks instead (`_check_pipelined`).
 
         Messages on both links: the window's batches in step order, then the held-out ones. The
         rank's first module trains on the window's messages as they arrive; a rank needs every
