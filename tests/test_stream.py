@@ -1,5 +1,6 @@
 """Boundary-activation streams between real processes (gloo): values arrive intact and in order
-through a chain of ranks, with and without the student tensor, and a desync is an error."""
+through a chain of ranks, with and without the student tensor, an answer (yes/no, no tensors) is a
+message of its own, and a desync is an error."""
 
 from pathlib import Path
 
