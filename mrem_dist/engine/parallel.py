@@ -406,8 +406,8 @@ class RankPipeline:
     def _settle(self, trainers: list[ModuleTrainer], batches: list[Batch], window: list[int], first: int,
                 holdout: list[Batch], initial: list[dict[str, Tensor]], settings: ReconSettings) -> list[Decision]:
         """Down the pipeline, one module after another: the finish steps (steps first.. on
-        batches[window], none when the window is empty) on the finished outputs of the modules
-        before it, then the never-worse check: the module measured (mean reconstruction loss at
+        batches[window]) on the finished outputs of the modules before it, then the never-worse
+        check: the module measured (mean reconstruction loss at
         `check_lam`) on the held-out batches in its initial and its trained state, both fed by the
         kept modules before it; with settings.never_worse it keeps the better one. The kept state's
         outputs feed the next module; the rank's last module's go to the next rank. This is what
@@ -424,7 +424,7 @@ class RankPipeline:
         lam, base = check_lam(settings), self.seq
         if not window:
             return self._check_pipelined(holdout, initial, lam, settings)
-        progress = self._progress("finishing ", len(window) * len(trainers), settings) if window else None
+        progress = self._progress("finishing ", len(window) * len(trainers), settings)
         train_in: dict[int, Inputs] = {}  # batch index -> the module's inputs (a batch seen twice: the same)
         held_in: list[Inputs] = []
         decisions: list[Decision] = []
@@ -445,8 +445,7 @@ class RankPipeline:
                 decisions.append(decision)
                 train_in = {i: self._final_outputs(k, self._share(batches[i]), x) for i, x in train_in.items()}
         finally:
-            if progress is not None:
-                progress.close()
+            progress.close()
         self.seq = base
         for i in window:
             self._send(i, *train_in[i])

@@ -27,7 +27,8 @@ from mrem_dist.distributed import peer_failed
 
 _HEADER = 6  # sequence number, batch index, batch, seq, hidden, flags
 _TEACHER, _STUDENT, _STOP = 1, 2, 4  # _STOP: the sender stops after this step (a stop signal)
-_ANSWER, _YES = 8, 16  # a message without tensors that answers yes (_YES set) or no
+_YES = 8  # an answer's flag: yes
+_ANSWER = -1  # the batch index of an answer (a message without tensors); a batch index is >= 0
 
 
 class StreamSender:
@@ -55,7 +56,7 @@ class StreamSender:
     def send_answer(self, seq: int, yes: bool, device: torch.device) -> None:
         """A message of one yes/no instead of tensors (StreamReceiver.recv_answer)."""
         self._wait_room()
-        self._post((torch.tensor([seq, -1, 0, 0, 0, _ANSWER | (_YES if yes else 0)], dtype=torch.int64, device=device),))
+        self._post((torch.tensor([seq, _ANSWER, 0, 0, 0, _YES if yes else 0], dtype=torch.int64, device=device),))
 
     def _wait_room(self) -> None:
         """Wait while the queue is full (counted as blocked)."""
@@ -96,9 +97,7 @@ class StreamReceiver:
         """Block until message `seq` arrives; returns (teacher or None, student or None)."""
         start = time.perf_counter()
         try:
-            b, s, h, flags = self._header(seq, batch_index)
-            if flags & _ANSWER:
-                raise RuntimeError(f"stream from rank {self.src} is out of step: message {seq} is an answer, not tensors")
+            b, s, h, flags = self._header(seq, batch_index)  # an answer has batch index _ANSWER: out of step
             self.stop_requested = bool(flags & _STOP)
             out = []
             for bit in (_TEACHER, _STUDENT):
@@ -112,15 +111,13 @@ class StreamReceiver:
         return out[0], out[1]
 
     def recv_answer(self, seq: int) -> bool:
-        """Block until message `seq`, a StreamSender.send_answer, arrives; returns its yes/no."""
+        """Block until message `seq`, a StreamSender.send_answer, arrives; returns its yes/no (a
+        message with tensors has a batch index >= 0: out of step)."""
         start = time.perf_counter()
         try:
-            flags = self._header(seq, -1)[3]
+            return bool(self._header(seq, _ANSWER)[3] & _YES)
         finally:
             self.blocked_seconds += time.perf_counter() - start
-        if not flags & _ANSWER:
-            raise RuntimeError(f"stream from rank {self.src} is out of step: message {seq} carries tensors, not an answer")
-        return bool(flags & _YES)
 
     def _header(self, seq: int, batch_index: int) -> tuple[int, int, int, int]:
         """Message `seq`'s header, checked: (batch, seq, hidden, flags)."""
