@@ -79,6 +79,14 @@ def cell(name: str, method: str, ranks: int, args, data: list[str], run_dir: Pat
     }
 
 
+def model_part(row: dict, rank: str) -> float:
+    """A rank's peak RSS above its RSS at the end of loading (nan where the cell was not run)."""
+    peaks = row.get("peak_rss_at_phase_end_gb", {}).get(rank, {})
+    if "load" not in peaks:
+        return float("nan")
+    return row["peak_rss_gb"][int(rank)] - peaks["load"]
+
+
 def cpu_model() -> str:
     """The CPU's model name (/proc/cpuinfo), or "unknown CPU"."""
     try:
@@ -165,6 +173,17 @@ def main() -> None:
         if r["replicas"] > 1:  # the same modules and steps as the one-process MREM-P run, half a batch each
             table += ["", f"{r['cell']} against MREM-P in one process (the same work): training throughput "
                       f"{one['train_s'] / r['train_s']:.2f}x, whole job {one['wall_s'] / r['wall_s']:.2f}x."]
+    # The runtime every process carries whatever it holds (torch, transformers, the tokenizer, the
+    # text: ~0.65 GB on SmolLM2) is what keeps the ratios above 1/N; what is left is the model's part.
+    table += ["", "Peak RSS above the end of loading (the process with torch, transformers, the tokenizer and the text; "
+              "the weights mapped, not yet read), per rank, against one process's:", "",
+              "| cell | RSS at the end of loading GB | peak above it GB | vs one process |", "|---|---|---|---|"]
+    one_model = model_part(one, "0")
+    for r in rows:
+        floors = [r["peak_rss_at_phase_end_gb"].get(str(k), {}).get("load", float("nan")) for k in range(len(r["peak_rss_gb"]))]
+        above = [model_part(r, str(k)) for k in range(len(r["peak_rss_gb"]))]
+        table.append(f"| {r['cell']} | {', '.join(f'{f:.2f}' for f in floors)} | {', '.join(f'{a:.2f}' for a in above)} "
+                     f"| {', '.join(f'{a / one_model:.2f}x' for a in above)} |")
     table += ["", "Seconds per phase, per rank (blocked: of those, the seconds spent waiting on a peer):", "",
               "| cell | rank | " + " | ".join(PHASES) + " | blocked |", "|" + "---|" * (len(PHASES) + 3)]
     for r in rows:

@@ -26,10 +26,10 @@ from mrem_dist.config import EXPORT_DIRS, RECONSTRUCTION_METHODS, MethodConfig, 
 from mrem_dist.distributed import DistContext, all_gather_objects, resolve_device
 from mrem_dist.engine import ReconSettings, partition
 from mrem_dist.engine.checkpoint import Checkpointer, fingerprint
-from mrem_dist.engine.parallel import peak_memory_gb
 from mrem_dist.inputs import PreparedData, prepare_data
 from mrem_dist.layout import ParallelLayout
 from mrem_dist.log import get_logger
+from mrem_dist.memory import peak_memory_gb, release_freed_memory
 from mrem_dist.models import LoadedModel, load_model
 from mrem_dist.models.loading import load_skeleton
 from mrem_dist.models.gguf import source_note
@@ -59,6 +59,7 @@ class Timer:
             yield
         finally:
             elapsed = time.perf_counter() - start
+            release_freed_memory()  # what the phase freed, before the next one allocates
             # Accumulates: a stage may run in several pieces (evaluate before and after).
             self.seconds[name] = round(self.seconds.get(name, 0.0) + elapsed, 3)
             self.spans.append((name, round(wall, 3), round(wall + elapsed, 3), round(self.blocked() - blocked, 3),

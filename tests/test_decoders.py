@@ -226,6 +226,37 @@ def test_the_copy_to_quantize_shares_only_the_unquantized_embeddings_and_head(ki
     assert family.word_embeddings(own).weight is not emb
 
 
+def test_a_snapshot_takes_the_weights_a_module_starts_from_from_its_teacher():
+    """From an RTN start a latent weight is the full-precision weight: the snapshot is the
+    teacher's tensor (no second copy of the module's weights), the step sizes are copies, and a
+    trained module still returns to its start exactly. A weight that differs from the teacher's
+    (GPTQ's, here a changed one) is copied, so that training cannot change the teacher."""
+    model = build_decoder("llama").requires_grad_(False)
+    family = family_for("llama")
+    q = quantize_model(copy_to_quantize(model, family, W4G16), family, W4G16)
+    spec = partition(model, family, 2)[1]
+    student, teacher = Stage(q, family, spec), Stage(model, family, spec)
+    moved = student.layers[0].mlp.down_proj.weight
+    with torch.no_grad():
+        moved.add_(1e-3)
+    initial = snapshot(student, teacher)
+    fp = teacher.state_dict()
+    shared = {k for k, v in initial.items() if k in fp and v.data_ptr() == fp[k].data_ptr()}
+    moved_key = next(k for k, v in student.state_dict().items() if v.data_ptr() == moved.data_ptr())
+    assert shared == set(fp) - {moved_key} and any(k.endswith("q_proj.weight") for k in shared)
+    assert all(v.data_ptr() != student.state_dict()[k].data_ptr() for k, v in initial.items())
+    before = {k: v.clone() for k, v in fp.items()}
+    trainer = ModuleTrainer(student, teacher, ReconSettings(steps=2), progress=False)
+    x = torch.randn(2, 12, model.config.hidden_size)
+    for t in range(2):
+        trainer.train_step(t, _batch(seed=t), x, x)
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert not torch.equal(student.layers[0].self_attn.q_proj.weight, initial["layers.0.self_attn.q_proj.weight"])
+    load_snapshot(student, initial)
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in initial.items())
+    assert torch.equal(initial[moved_key], fp[moved_key] + 1e-3)
+
+
 def test_the_causal_lm_task_scores_logits_of_every_token():
     model = build_decoder("llama")
     task = CausalLM()

@@ -50,7 +50,6 @@ are a few). The stage leader writes the checkpoints; the other replicas resume f
 
 from __future__ import annotations
 
-import resource
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -65,6 +64,7 @@ from mrem_dist.data import Batch
 from mrem_dist.distributed import stage_group
 from mrem_dist.layout import ParallelLayout
 from mrem_dist.log import get_logger
+from mrem_dist.memory import peak_memory_gb, release_freed_memory
 from mrem_dist.models.families import ModelFamily
 from mrem_dist.quant import calibrating
 from mrem_dist.quant.gptq import GptqOptions
@@ -73,7 +73,7 @@ from .checkpoint import Checkpointer, Preempted, StopSignal
 from .gptq import gptq_layers
 from .partition import ModuleSpec
 from .reconstruct import (ModuleResult, ModuleTrainer, Progress, ReconSettings, check_lam, log_kept, mix_inputs,
-                          reconstruction_loss, load_snapshot, release_freed_memory, snapshot)
+                          reconstruction_loss, load_snapshot, snapshot)
 from .records import keep_trained
 from .stage import Stage, StageOutput
 from .stream import StreamReceiver, StreamSender
@@ -117,12 +117,6 @@ class RankStats:
             "peak_cuda_gb": None if self.peak_cuda_gb is None else round(self.peak_cuda_gb, 3),
             "resumed_from": self.resumed_from,
         }
-
-
-def peak_memory_gb(device: torch.device) -> tuple[float, Optional[float]]:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    cuda = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return rss, cuda
 
 
 class RankPipeline:
@@ -280,7 +274,7 @@ class RankPipeline:
 
     def initial_states(self) -> list[dict[str, Tensor]]:
         """This rank's quantized modules as they are now (before training), to return to."""
-        return [snapshot(stu) for stu in self.students]
+        return [snapshot(stu, tch) for stu, tch in zip(self.students, self.teachers)]
 
     # -- training ------------------------------------------------------------------------------
     def _resume(self, checkpoint: Checkpointer, trainers: list[ModuleTrainer]) -> int:

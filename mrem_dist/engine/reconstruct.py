@@ -8,8 +8,6 @@ MREM-P) is this same loop with different settings.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
 import sys
 import time
@@ -23,6 +21,7 @@ from torch import Tensor, nn
 from mrem_dist.data import Batch
 from mrem_dist.distributed import env_world_size
 from mrem_dist.log import get_logger
+from mrem_dist.memory import release_freed_memory
 from mrem_dist.quant import ActQuantizer, QuantEmbedding, QuantLinear, WeightQuantizer
 from mrem_dist.quant.clipping import SCALE_EPS
 
@@ -294,32 +293,6 @@ class ModuleTrainer:
         return ModuleResult(self.student.spec.index, self.losses, self.lams, seconds, wait_seconds)
 
 
-def _malloc_trim() -> Optional[Callable[[int], int]]:
-    """glibc's malloc_trim, or None where the C library has none (macOS, musl)."""
-    name = ctypes.util.find_library("c")
-    try:
-        trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    except OSError:  # a C library that cannot be opened by name
-        return None
-    if trim is not None:
-        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
-
-
-_MALLOC_TRIM = _malloc_trim()
-
-
-def release_freed_memory() -> None:
-    """Give the pages of freed heap memory back to the OS. A training step frees its activations
-    and gradients in chunks lying between the optimizer state that stays, and glibc keeps such
-    pages resident: on SmolLM2 a rank's heap held 0.3-0.45 GB free at its peak. Trimming after
-    every step lowered the peak RSS by 0.13 GB a rank (2 ranks, 6 steps, sampled beside the run) for
-    about a millisecond; where there is no malloc_trim nothing is released (memory only, results are
-    the same)."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
 class _Updater:
     """An optimizer's update, after `sync` where the stage has data-parallel replicas."""
 
@@ -416,10 +389,25 @@ def frozen_keys(stage: Stage) -> set[str]:
     return {f"{name}.weight" if name else "weight" for name, m in stage.named_modules() if type(m) is nn.Embedding}
 
 
-def snapshot(stage: Stage) -> dict[str, torch.Tensor]:
-    """A copy of a stage's state (its weights, step sizes and buffers) to return to (`load_snapshot`)."""
+def snapshot(stage: Stage, teacher: Optional[Stage] = None) -> dict[str, torch.Tensor]:
+    """A copy of a stage's state (its weights, step sizes and buffers) to return to (`load_snapshot`).
+
+    With its `teacher` (frozen: nothing writes into it), an entry equal to the teacher's entry of
+    the same name (same dtype, device and values) is the teacher's tensor, not a copy: from an RTN
+    start a latent weight is the full-precision weight (a float32 checkpoint), so the snapshot is
+    only the step sizes, not one more copy of the module's weights (0.2 GB a rank on SmolLM2 at 2
+    ranks). A GPTQ start, a bfloat16 checkpoint or OCS change the weights: those entries are copied."""
     frozen = frozen_keys(stage)
-    return {k: v.detach().clone() for k, v in stage.state_dict().items() if k not in frozen}
+    source = teacher.state_dict() if teacher is not None else {}
+
+    def kept(k: str, v: torch.Tensor) -> torch.Tensor:
+        t = source.get(k)
+        if (t is not None and t.dtype == v.dtype and t.shape == v.shape and t.device == v.device
+                and torch.equal(t, v)):
+            return t.detach()
+        return v.detach().clone()
+
+    return {k: kept(k, v) for k, v in stage.state_dict().items() if k not in frozen}
 
 
 def load_snapshot(stage: Stage, state: dict[str, torch.Tensor]) -> None:

@@ -160,7 +160,7 @@ class _SequentialRun:
         # The error before and the initial state are the initial module's: taken before a checkpoint
         # is loaded into it.
         before = self._error(student, teacher)
-        initial = snapshot(student)
+        initial = snapshot(student, teacher)
         trainer = ModuleTrainer(student, teacher, settings)
         if reached:
             checkpoint.load(reached, [trainer], tag)
