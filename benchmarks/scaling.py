@@ -15,7 +15,8 @@ Reported per cell: whole-job wall time and training time (MREM-S: the sum over i
 the slowest rank), their speed-ups against MREM-S, the seconds each rank spent per phase (load,
 quantize, calibrate, evaluate (with the layer probes), reconstruct, pack, gather, assemble, validate, write) and blocked, the
 full-precision bytes each rank held, and each rank's peak RSS as a fraction of the one-process
-MREM-P run's. The 2-rank cell's timeline is drawn (results/scaling_timeline.png).
+MREM-P run's, whole and above the RSS at the end of its loading (the runtime every process carries
+before it reads a weight). The 2-rank cell's timeline is drawn (results/scaling_timeline.png).
 
     python benchmarks/scaling.py                 # SmolLM2, 6 modules, 20 steps (about 30 minutes on 2 cores)
     python benchmarks/scaling.py --quick         # a smoke run on a tiny random decoder (seconds)
