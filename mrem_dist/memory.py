@@ -45,8 +45,9 @@ def release_freed_memory() -> None:
     training step: on SmolLM2 a rank's heap held 0.3-0.45 GB free at its peak, and trimming lowered
     the peak RSS by 0.13 GB a rank (2 ranks, 6 steps, sampled beside the run). At the end of every
     phase (`context.Timer`): the memory a phase freed (tokenizing the text, the evaluation's
-    logits) is not left resident under the next phase's; with both, one-process MREM-P on SmolLM2
-    peaked at 2.56 GB instead of 2.98 (3 steps, with the snapshot sharing the teacher's weights).
+    logits, training's gradients and activations) is not left resident under the next phase's;
+    with it (and the snapshot sharing the teacher's weights) one-process MREM-P on SmolLM2 peaked
+    at 2.60 GB instead of 2.99 (benchmarks/results/scaling.md).
     Where there is no malloc_trim nothing is released (memory only, results are the same)."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)

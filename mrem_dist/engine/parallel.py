@@ -371,7 +371,6 @@ class RankPipeline:
             recv = (self.receiver.blocked_seconds if self.receiver else 0.0) - recv0
             send = (self.sender.blocked_seconds if self.sender else 0.0) - send0
             results = [tr.finish(recv + send) for tr in trainers]
-        release_freed_memory()  # training's gradients and activations, before the passes after it
         rss, cuda = peak_memory_gb(self.device)
         stats = RankStats(self.rank, [s.index for s in self.held], seconds, recv, send, rss, cuda, first)
         log.info(

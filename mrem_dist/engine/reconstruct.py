@@ -390,7 +390,7 @@ def frozen_keys(stage: Stage) -> set[str]:
 
 
 def snapshot(stage: Stage, teacher: Optional[Stage] = None) -> dict[str, torch.Tensor]:
-    """A copy of a stage's state (its weights, step sizes and buffers) to return to (`load_snapshot`).
+    """A stage's state (its weights, step sizes and buffers) as it is now, to return to (`load_snapshot`).
 
     With its `teacher` (frozen: nothing writes into it), an entry equal to the teacher's entry of
     the same name (same dtype, device and values) is the teacher's tensor, not a copy: from an RTN
